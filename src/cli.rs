@@ -1,0 +1,129 @@
+//! The command line (clap definitions only; main.rs wires them up).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "agentmount",
+    version,
+    about = "Mount an AI-agent platform's state (sessions, goals, conversations, attachments) as plain files",
+    after_help = "Examples:\n  agentmount mount ~/agents            # mount the default store\n  agentmount mount --store ~/.trusty-mpm ~/agents\n  agentmount gc --dry-run\n  agentmount fsck --store ./store\n  agentmount unmount ~/agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// The store directory [default: $AGENTMOUNT_STORE, else $XDG_DATA_HOME/agentmount, else ~/.local/share/agentmount]
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Override the sessions file (default: <store>/session-manager/sessions.json)
+    #[arg(long, value_name = "FILE", hide_short_help = true)]
+    pub sessions_file: Option<PathBuf>,
+    /// Override the goals file (default: <store>/sm/goals.json)
+    #[arg(long, value_name = "FILE", hide_short_help = true)]
+    pub goals_file: Option<PathBuf>,
+    /// Override the conversations directory (default: <store>/sm)
+    #[arg(long, value_name = "DIR", hide_short_help = true)]
+    pub conversations_dir: Option<PathBuf>,
+    /// Override the attachments directory (default: <store>/attachments)
+    #[arg(long, value_name = "DIR", hide_short_help = true)]
+    pub attachments_dir: Option<PathBuf>,
+    /// Largest record accepted, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
+    pub max_record_bytes: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount a store; returns once the filesystem is ready (backgrounds unless --foreground)
+    #[command(
+        after_help = "Examples:\n  agentmount mount /tmp/agents\n  agentmount mount --store ~/.trusty-mpm --read-only /mnt/agents\n  agentmount mount --foreground --log-level debug /tmp/agents"
+    )]
+    Mount {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Stay in the foreground and log to stderr
+        #[arg(long, short = 'f')]
+        foreground: bool,
+        /// Refuse every change with EROFS
+        #[arg(long)]
+        read_only: bool,
+        /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root)
+        #[arg(long)]
+        allow_other: bool,
+        /// Owner shown for every file [default: the mounting user]
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Group shown for every file [default: the mounting user's group]
+        #[arg(long)]
+        gid: Option<u32>,
+        /// FUSE worker threads
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Where to mount
+        mountpoint: PathBuf,
+    },
+    /// Unmount a mounted store
+    Unmount { mountpoint: PathBuf },
+    /// Reclaim orphaned attachments and print the report as JSON
+    #[command(
+        after_help = "Examples:\n  agentmount gc --dry-run\n  agentmount gc --store ./store --grace 0"
+    )]
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Keep uncommitted attachments younger than this
+        #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+        grace: u64,
+        /// Report what would be reclaimed; delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Verify a store: files parse, blobs hash to their names, no stray temp files
+    Fsck {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print a mount's .status
+    Status { mountpoint: PathBuf },
+}
+
+impl StoreArgs {
+    pub fn layout(&self) -> crate::store::Layout {
+        let root = self
+            .store
+            .clone()
+            .unwrap_or_else(crate::store::default_store_dir);
+        let mut l = crate::store::Layout::new(root);
+        if let Some(p) = &self.sessions_file {
+            l.sessions = p.clone();
+        }
+        if let Some(p) = &self.goals_file {
+            l.goals = p.clone();
+        }
+        if let Some(p) = &self.conversations_dir {
+            l.conversations = p.clone();
+        }
+        if let Some(p) = &self.attachments_dir {
+            l.manifest = p.join("manifest.json");
+            l.attachments = p.clone();
+        }
+        l
+    }
+
+    pub fn options(&self, read_only: bool) -> crate::store::Options {
+        crate::store::Options {
+            max_record_bytes: self.max_record_bytes,
+            read_only,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! `.errors`: the last refusals as JSON lines (time, path, operation, errno, reason).
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+use serde_json::json;
+
+use crate::error::errno_name;
+
+pub const KEEP: usize = 100;
+
+#[derive(Default)]
+pub struct ErrorLog {
+    lines: Mutex<VecDeque<String>>,
+}
+
+impl ErrorLog {
+    pub fn push(&self, path: &str, op: &str, errno: i32, reason: &str) {
+        tracing::warn!(path, op, errno = errno_name(errno), reason, "refused");
+        let line = json!({
+            "time": chrono::Utc::now().to_rfc3339(),
+            "path": path,
+            "op": op,
+            "errno": errno_name(errno),
+            "reason": reason,
+        })
+        .to_string();
+        let mut l = self.lines.lock();
+        if l.len() == KEEP {
+            l.pop_front();
+        }
+        l.push_back(line);
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let l = self.lines.lock();
+        let mut out = Vec::new();
+        for line in l.iter() {
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+        out
+    }
+
+    pub fn count(&self) -> usize {
+        self.lines.lock().len()
+    }
+}

@@ -1,0 +1,305 @@
+//! The store watcher: inotify on the store's directories. When another process (or we)
+//! replaces a store file, the collection is reloaded and exactly the kernel entries and
+//! inodes that changed are invalidated, so stat/lookup see the change within milliseconds
+//! while attribute TTLs stay long enough for native-speed stat.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+
+use super::inodes::Node;
+use super::invalidate::Inval;
+use super::{ATTACH_DIR, Core, kind_dir_ino};
+use crate::store::Kind;
+use crate::store::atomic::TEMP_MARKER;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Target {
+    Collection(Kind),
+    Conversation(String),
+    Attachments,
+    Dirs,
+}
+
+pub struct Watcher {
+    core: Arc<Core>,
+    inotify: Inotify,
+    watched: HashMap<PathBuf, WatchDescriptor>,
+    by_wd: HashMap<WatchDescriptor, PathBuf>,
+    records: HashMap<Kind, HashMap<String, Arc<[u8]>>>,
+    labels: BTreeMap<String, String>,
+    blobs: HashSet<String>,
+}
+
+impl Watcher {
+    pub fn new(core: Arc<Core>) -> std::io::Result<Watcher> {
+        let inotify = Inotify::init()?;
+        let mut w = Watcher {
+            core,
+            inotify,
+            watched: HashMap::new(),
+            by_wd: HashMap::new(),
+            records: HashMap::new(),
+            labels: BTreeMap::new(),
+            blobs: HashSet::new(),
+        };
+        w.ensure_watches();
+        for k in Kind::ALL {
+            w.records.insert(k, w.snapshot(k));
+        }
+        if let Ok(l) = w.core.store.attachment_listing() {
+            w.labels = l.labels.clone();
+            w.blobs = l.blobs.keys().cloned().collect();
+        }
+        Ok(w)
+    }
+
+    fn snapshot(&self, kind: Kind) -> HashMap<String, Arc<[u8]>> {
+        match self.core.store.list(kind) {
+            Ok(l) => l.records.into_iter().map(|r| (r.id, r.bytes)).collect(),
+            Err(_) => self.records.get(&kind).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Watches every store directory that exists now (the store may be created later).
+    fn ensure_watches(&mut self) {
+        let l = &self.core.store.layout;
+        let cas = self.core.store.attachments.cas_dir();
+        let mut dirs = l.dirs();
+        dirs.push(l.root.clone());
+        dirs.push(cas.clone());
+        if let Ok(rd) = std::fs::read_dir(&cas) {
+            dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+        let mask = WatchMask::CLOSE_WRITE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::ATTRIB
+            | WatchMask::DELETE_SELF;
+        for d in dirs {
+            if self.watched.contains_key(&d) || !d.is_dir() {
+                continue;
+            }
+            match self.inotify.watches().add(&d, mask) {
+                Ok(wd) => {
+                    self.by_wd.insert(wd.clone(), d.clone());
+                    self.watched.insert(d, wd);
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %d.display(), error = %e, "cannot watch store directory; changes there are seen only when the TTL runs out")
+                }
+            }
+        }
+    }
+
+    fn classify(&self, dir: &Path, name: &OsStr, out: &mut HashSet<Target>) {
+        let name = name.to_string_lossy();
+        if name.contains(TEMP_MARKER) {
+            return;
+        }
+        let l = &self.core.store.layout;
+        let is = |p: &Path| {
+            p.parent() == Some(dir)
+                && p.file_name()
+                    .map(|n| n.to_string_lossy() == name)
+                    .unwrap_or(false)
+        };
+        if is(&l.sessions) {
+            out.insert(Target::Collection(Kind::Sessions));
+        }
+        if is(&l.goals) {
+            out.insert(Target::Collection(Kind::Goals));
+        }
+        if dir == l.conversations
+            && let Some(id) = name
+                .strip_prefix("conversation-")
+                .and_then(|n| n.strip_suffix(".json"))
+        {
+            out.insert(Target::Conversation(id.to_string()));
+        }
+        if dir.starts_with(&l.attachments) && !is(&l.manifest) {
+            out.insert(Target::Attachments);
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let events = match self.inotify.read_events_blocking(&mut buf) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "inotify read failed; the watcher stops and changes are seen when the TTL runs out");
+                    return;
+                }
+            };
+            let t0 = Instant::now();
+            let mut targets = HashSet::new();
+            let mut overflow = false;
+            for ev in events {
+                if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                    overflow = true;
+                    continue;
+                }
+                if ev.mask.contains(EventMask::ISDIR) || ev.mask.contains(EventMask::DELETE_SELF) {
+                    targets.insert(Target::Dirs);
+                }
+                if let (Some(dir), Some(name)) = (self.by_wd.get(&ev.wd).cloned(), ev.name) {
+                    self.classify(&dir, name, &mut targets);
+                }
+            }
+            if overflow {
+                self.core.stats.overflows.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("inotify queue overflowed: invalidating every cached entry");
+                self.invalidate_everything();
+                continue;
+            }
+            if targets.remove(&Target::Dirs) {
+                self.watched.retain(|p, _| p.is_dir());
+                self.ensure_watches();
+                targets.extend([
+                    Target::Collection(Kind::Sessions),
+                    Target::Collection(Kind::Goals),
+                    Target::Collection(Kind::Conversations),
+                    Target::Attachments,
+                ]);
+            }
+            if targets.is_empty() {
+                continue;
+            }
+            self.core
+                .stats
+                .external_changes
+                .fetch_add(1, Ordering::Relaxed);
+            let mut invals = Vec::new();
+            for t in targets {
+                self.refresh(t, &mut invals);
+            }
+            for i in invals {
+                self.send(i);
+            }
+            let us = t0.elapsed().as_micros() as u64;
+            self.core.stats.last_latency_us.store(us, Ordering::Relaxed);
+            self.core
+                .stats
+                .max_latency_us
+                .fetch_max(us, Ordering::Relaxed);
+        }
+    }
+
+    fn send(&self, i: Inval) {
+        let ok = self.core.inval.now(i);
+        self.core
+            .stats
+            .invalidations
+            .fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.core
+                .stats
+                .invalidation_errors
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn refresh(&mut self, t: Target, out: &mut Vec<Inval>) {
+        match t {
+            Target::Collection(Kind::Conversations) => {
+                let new = self.snapshot(Kind::Conversations);
+                self.diff(Kind::Conversations, new, out);
+            }
+            Target::Collection(kind) => {
+                let new = self.snapshot(kind);
+                self.diff(kind, new, out);
+            }
+            Target::Conversation(id) => {
+                let mut new = self
+                    .records
+                    .get(&Kind::Conversations)
+                    .cloned()
+                    .unwrap_or_default();
+                match self.core.store.get(Kind::Conversations, &id) {
+                    Ok(Some(v)) => {
+                        new.insert(id, v.bytes);
+                    }
+                    Ok(None) => {
+                        new.remove(&id);
+                    }
+                    Err(_) => return,
+                }
+                self.diff(Kind::Conversations, new, out);
+            }
+            Target::Attachments => {
+                let Ok(l) = self.core.store.attachment_listing() else {
+                    return;
+                };
+                for (label, hex) in &self.labels {
+                    if l.labels.get(label) != Some(hex) {
+                        self.gone(Node::Label(label.clone()), out);
+                    }
+                }
+                for hex in &self.blobs {
+                    if !l.blobs.contains_key(hex) {
+                        self.gone(Node::Blob(hex.clone()), out);
+                        self.gone(Node::Sidecar(hex.clone()), out);
+                    }
+                }
+                for hex in l.blobs.keys() {
+                    if let Some(ino) = self.core.inodes.existing(&Node::Sidecar(hex.clone())) {
+                        out.push(Inval::Inode(ino));
+                    }
+                }
+                self.labels = l.labels.clone();
+                self.blobs = l.blobs.keys().cloned().collect();
+            }
+            Target::Dirs => {}
+        }
+    }
+
+    /// A name that no longer exists (or now means something else): drop the kernel's entry.
+    fn gone(&self, node: Node, out: &mut Vec<Inval>) {
+        if let Some(ino) = self.core.inodes.remove(&node) {
+            out.push(Inval::Inode(ino));
+        }
+        let parent = match &node {
+            Node::Record(k, _) => kind_dir_ino(*k),
+            _ => ATTACH_DIR,
+        };
+        out.push(Inval::Entry(parent, node.name()));
+    }
+
+    fn diff(&mut self, kind: Kind, new: HashMap<String, Arc<[u8]>>, out: &mut Vec<Inval>) {
+        let old = self.records.remove(&kind).unwrap_or_default();
+        for (id, bytes) in &old {
+            match new.get(id) {
+                None => self.gone(Node::Record(kind, id.clone()), out),
+                Some(nb) if nb[..] != bytes[..] => {
+                    if let Some(ino) = self.core.inodes.existing(&Node::Record(kind, id.clone())) {
+                        out.push(Inval::Inode(ino));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        self.records.insert(kind, new);
+    }
+
+    fn invalidate_everything(&mut self) {
+        self.core.store.attachments.invalidate();
+        for (ino, node) in self.core.inodes.all() {
+            self.send(Inval::Inode(ino));
+            if !matches!(node, Node::Root) {
+                self.send(Inval::Entry(node.parent_ino(), node.name()));
+            }
+        }
+        for k in Kind::ALL {
+            let s = self.snapshot(k);
+            self.records.insert(k, s);
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! agentmount: the state of an AI-agent orchestration platform as plain files.
+//!
+//! `store` knows the backing store and needs no mount (the CLI's gc and fsck use it
+//! directly); `fs` is the mounted tree and its thin adapter onto fuser.
+
+pub mod cli;
+pub mod error;
+pub mod fs;
+pub mod mount;
+pub mod store;

@@ -1,0 +1,93 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use agentmount::cli::{Cli, Command};
+use agentmount::store::Store;
+use agentmount::store::gc::GcOptions;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Mount { .. } => agentmount::mount::run_cli(cli.command),
+        Command::Unmount { mountpoint } => agentmount::mount::unmount_cli(&mountpoint),
+        Command::Status { mountpoint } => match std::fs::read_to_string(mountpoint.join(".status"))
+        {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "agentmount: cannot read {}: {e} (is it an agentmount mount?)",
+                    mountpoint.join(".status").display()
+                );
+                ExitCode::from(1)
+            }
+        },
+        Command::Gc {
+            store,
+            grace,
+            dry_run,
+        } => {
+            init_cli_logging();
+            let s = match Store::open(store.layout(), store.options(false)) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            match s.gc(&GcOptions {
+                grace_secs: grace,
+                dry_run,
+            }) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    if r.errors.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Fsck { store } => {
+            init_cli_logging();
+            let s = match Store::open(store.layout(), store.options(false)) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let r = s.fsck();
+            for line in &r.repaired {
+                println!("repaired: {line}");
+            }
+            for line in &r.problems {
+                println!("problem: {line}");
+            }
+            println!(
+                "fsck: {} files checked, {} problems, {} repaired",
+                r.checked_files,
+                r.problems.len(),
+                r.repaired.len()
+            );
+            if r.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn init_cli_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn fail(e: &agentmount::error::StoreError) -> ExitCode {
+    eprintln!("agentmount: {e}");
+    ExitCode::from(1)
+}

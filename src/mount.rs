@@ -1,0 +1,429 @@
+//! `agentmount mount` / `unmount`: checks, daemonizing with a readiness pipe, the session,
+//! its helper threads (invalidation sender, store watcher, signal handler).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use crate::cli::{Command, StoreArgs};
+use crate::fs::fuse::AgentFs;
+use crate::fs::{Core, MountOptions, invalidate, watch};
+use crate::store::Store;
+
+pub struct MountArgs {
+    pub store: StoreArgs,
+    pub foreground: bool,
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub threads: usize,
+    pub log_level: String,
+    pub mountpoint: PathBuf,
+}
+
+pub fn run_cli(cmd: Command) -> ExitCode {
+    let Command::Mount {
+        store,
+        foreground,
+        read_only,
+        allow_other,
+        uid,
+        gid,
+        threads,
+        log_level,
+        mountpoint,
+    } = cmd
+    else {
+        return ExitCode::from(2);
+    };
+    let args = MountArgs {
+        store,
+        foreground,
+        read_only,
+        allow_other,
+        uid,
+        gid,
+        threads,
+        log_level,
+        mountpoint,
+    };
+    if let Err(msg) = preflight(&args) {
+        eprintln!(
+            "agentmount: cannot mount {}: {msg}",
+            args.mountpoint.display()
+        );
+        return ExitCode::from(1);
+    }
+    if args.foreground {
+        return match serve(&args, None) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!(
+                    "agentmount: cannot mount {}: {msg}",
+                    args.mountpoint.display()
+                );
+                ExitCode::from(1)
+            }
+        };
+    }
+    // Fork before any thread exists; the child reports "ok" or the exact failure through
+    // a pipe, so `mount` returns only when the filesystem is ready.
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("agentmount: pipe: {}", std::io::Error::last_os_error());
+        return ExitCode::from(1);
+    }
+    // SAFETY: the descriptors were just created and are owned here alone.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no threads exist yet, so the child may go on running Rust code after fork.
+    match unsafe { libc::fork() } {
+        -1 => {
+            eprintln!("agentmount: fork: {}", std::io::Error::last_os_error());
+            ExitCode::from(1)
+        }
+        0 => {
+            drop(rd);
+            // SAFETY: setsid detaches the child from the terminal's session; no memory involved.
+            unsafe { libc::setsid() };
+            let report = std::cell::RefCell::new(Some(File::from(wr)));
+            match serve(&args, Some(&report)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    if let Some(mut r) = report.borrow_mut().take() {
+                        let _ = r.write_all(format!("error: {msg}").as_bytes());
+                    }
+                    ExitCode::from(1)
+                }
+            }
+        }
+        _child => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = File::from(rd).read_to_string(&mut msg);
+            if msg.trim() == "ok" {
+                ExitCode::SUCCESS
+            } else {
+                let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+                let msg = if msg.is_empty() {
+                    "the mount process exited before it was ready"
+                } else {
+                    msg
+                };
+                eprintln!(
+                    "agentmount: cannot mount {}: {msg}",
+                    args.mountpoint.display()
+                );
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// Checks what can be checked before forking, so the common mistakes get a clear message.
+fn preflight(args: &MountArgs) -> Result<(), String> {
+    let mp = &args.mountpoint;
+    let meta = std::fs::metadata(mp).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "the mountpoint does not exist".to_string(),
+        _ => format!("cannot stat the mountpoint: {e}"),
+    })?;
+    if !meta.is_dir() {
+        return Err("the mountpoint is not a directory".into());
+    }
+    if is_mountpoint(mp) {
+        return Err("something is already mounted there".into());
+    }
+    if std::fs::read_dir(mp)
+        .map_err(|e| format!("cannot read the mountpoint: {e}"))?
+        .next()
+        .is_some()
+    {
+        return Err("the mountpoint is not empty".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse does not exist (load the fuse module: modprobe fuse)".into());
+    }
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if which("fusermount3").is_none() && which("fusermount").is_none() {
+            return Err(
+                "mounting as a non-root user needs fusermount3 (apt-get install fuse3)".into(),
+            );
+        }
+        if args.allow_other {
+            let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+            if !conf.lines().any(|l| l.trim() == "user_allow_other") {
+                return Err(
+                    "--allow-other as a non-root user needs `user_allow_other` in /etc/fuse.conf"
+                        .into(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn is_mountpoint(p: &Path) -> bool {
+    let Ok(canon) = p.canonicalize() else {
+        return false;
+    };
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        let parent = canon.parent().unwrap_or(Path::new("/"));
+        return match (std::fs::metadata(&canon), std::fs::metadata(parent)) {
+            (Ok(a), Ok(b)) => a.dev() != b.dev(),
+            _ => false,
+        };
+    };
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    mi.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(bin))
+            .find(|c| c.is_file())
+    })
+}
+
+fn init_logging(args: &MountArgs, layout_root: &Path) -> Result<Option<PathBuf>, String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
+        .map_err(|e| format!("bad --log-level {:?}: {e}", args.log_level))?;
+    if args.foreground {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+        return Ok(None);
+    }
+    std::fs::create_dir_all(layout_root).map_err(|e| {
+        format!(
+            "cannot create the store directory {}: {e}",
+            layout_root.display()
+        )
+    })?;
+    let path = layout_root.join("agentmount.log");
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
+    let file = Arc::new(file);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(move || LogFile(file.clone()))
+        .try_init();
+    Ok(Some(path))
+}
+
+struct LogFile(Arc<File>);
+
+impl Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Mounts and serves until unmounted. With `report`, says "ok" through it once ready.
+fn serve(
+    args: &MountArgs,
+    report: Option<&std::cell::RefCell<Option<File>>>,
+) -> Result<(), String> {
+    let layout = args.store.layout();
+    let log_path = init_logging(args, &layout.root)?;
+    block_signals();
+    let store = Store::open(layout, args.store.options(args.read_only))
+        .map_err(|e| format!("cannot open the store: {e}"))?;
+    let store = Arc::new(store);
+    let mut opts = MountOptions {
+        read_only: args.read_only,
+        ..Default::default()
+    };
+    if let Some(u) = args.uid {
+        opts.uid = u;
+    }
+    if let Some(g) = args.gid {
+        opts.gid = g;
+    }
+    let core = Core::new(store.clone(), opts);
+    let mut mount_options = vec![
+        MountOption::FSName(format!("agentmount:{}", store.layout.root.display())),
+        MountOption::Subtype("agentmount".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if args.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if args.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(args.threads.max(1));
+    config.clone_fd = args.threads > 1;
+    let mut session = Session::new(AgentFs { core: core.clone() }, &args.mountpoint, &config)
+        .map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    " (permission denied: run as root, or install fuse3 for fusermount3)"
+                }
+                _ => "",
+            };
+            format!("{e}{hint}")
+        })?;
+    let rx = core.inval.connect(session.notifier());
+    {
+        let core = core.clone();
+        std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || invalidate::run_sender(core, rx))
+            .map_err(|e| e.to_string())?;
+    }
+    match watch::Watcher::new(core.clone()) {
+        Ok(w) => {
+            std::thread::Builder::new()
+                .name("watch".into())
+                .spawn(move || w.run())
+                .map_err(|e| e.to_string())?;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the store watcher; external changes are seen when the TTL runs out")
+        }
+    }
+    let mut unmounter = session.unmount_callable();
+    let mp = args.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = wait_signal();
+            tracing::info!(signal = sig, mountpoint = %mp.display(), "signal received: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!(error = %e, "unmount failed");
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), store = %store.layout.root.display(), read_only = args.read_only, log = ?log_path, "mounted");
+    if let Some(r) = report.and_then(|r| r.borrow_mut().take()) {
+        // Closing the pipe (dropping `r`) is what lets the parent return.
+        let mut r = r;
+        let _ = r.write_all(b"ok");
+        drop(r);
+        detach_stdio();
+    }
+    session
+        .run()
+        .map_err(|e| format!("session ended with an error: {e}"))?;
+    tracing::info!("unmounted; exiting");
+    Ok(())
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the termination signals in this thread and every thread it starts, so one
+/// thread can take them with sigwait and unmount cleanly.
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: changes only this thread's signal mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn wait_signal() -> i32 {
+    let set = signal_set();
+    let mut sig = 0;
+    // SAFETY: sigwait writes the signal number into `sig`.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    sig
+}
+
+fn detach_stdio() {
+    if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto the standard descriptors; /dev/null stays open until then.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(null.as_raw_fd(), 2);
+        }
+    }
+}
+
+pub fn unmount_cli(mountpoint: &Path) -> ExitCode {
+    if !is_mountpoint(mountpoint) {
+        eprintln!("agentmount: {} is not mounted", mountpoint.display());
+        return ExitCode::from(1);
+    }
+    // SAFETY: geteuid cannot fail.
+    let r = if unsafe { libc::geteuid() } == 0 {
+        let c = match std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+            Ok(c) => c,
+            Err(_) => {
+                eprintln!("agentmount: bad path");
+                return ExitCode::from(1);
+            }
+        };
+        // SAFETY: the path is NUL-terminated and outlives the call.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().to_string())
+        }
+    } else {
+        let bin = which("fusermount3")
+            .or_else(|| which("fusermount"))
+            .unwrap_or_else(|| PathBuf::from("fusermount3"));
+        match std::process::Command::new(bin)
+            .arg("-u")
+            .arg(mountpoint)
+            .status()
+        {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("fusermount3 -u exited with {s}")),
+            Err(e) => Err(format!("cannot run fusermount3: {e}")),
+        }
+    };
+    match r {
+        Ok(()) => {
+            // The daemon notices and exits; wait briefly so a remount right after works.
+            for _ in 0..100 {
+                if !is_mountpoint(mountpoint) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentmount: cannot unmount {}: {e}", mountpoint.display());
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Atomic replacement of store files and the writer lock.
+//!
+//! Every store file is replaced the same way: a uniquely named temp file beside the target,
+//! fsync, a last check that the target is still the version the change was computed from,
+//! rename over the target, fsync of the directory. Nothing is ever written in place.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, MutexGuard};
+
+use super::fingerprint::{self, Fingerprint};
+use crate::error::{Result, StoreError};
+
+/// Marker in every temp file name of ours: `.<name>.agentmount-tmp.<pid>.<nanos>.<n>`.
+pub const TEMP_MARKER: &str = ".agentmount-tmp.";
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A unique temp path in the same directory as `target` (so rename is atomic).
+pub fn temp_path_for(target: &Path) -> PathBuf {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    dir.join(temp_name(&name))
+}
+
+pub fn temp_name(base: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(".{base}{TEMP_MARKER}{}.{nanos}.{n}", std::process::id())
+}
+
+/// The pid encoded in one of our temp names, if it is one.
+pub fn temp_owner_pid(name: &str) -> Option<i32> {
+    let rest = &name[name.find(TEMP_MARKER)? + TEMP_MARKER.len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for existence; it has no side effects.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Removes temp files of ours in `dir` whose writing process is gone. Returns what it removed.
+pub fn remove_stray_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(StoreError::io(format!("read dir {}", dir.display()), e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = temp_owner_pid(&name)
+            && !pid_alive(pid)
+        {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(format!("remove {}", path.display()), e)),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).map_err(|e| StoreError::io(format!("open {}", dir.display()), e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))
+}
+
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("create {}", dir.display()), e))
+}
+
+/// What `replace_file` found when it came to rename.
+pub enum Replaced {
+    /// The new bytes are in place; the fingerprint is that of the new file.
+    Done(Fingerprint),
+    /// The target no longer had the expected fingerprint: another writer got in. Nothing
+    /// was changed; the caller reloads and redoes its change.
+    Raced,
+}
+
+/// Writes `bytes` to a temp file beside `target`, fsyncs it, and renames it over `target`
+/// if the target's fingerprint is still `expected` (`None` = the target must not exist).
+pub fn replace_file(
+    target: &Path,
+    bytes: &[u8],
+    expected: Option<Fingerprint>,
+) -> Result<Replaced> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    ensure_dir(dir)?;
+    let tmp = temp_path_for(target);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+        f.write_all(bytes)
+            .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
+        f.sync_all()
+            .map_err(|e| StoreError::io(format!("fsync {}", tmp.display()), e))?;
+        // The check before the rename: the narrowest window we can give a writer that does
+        // not take the lock (it can still slip in between this stat and the rename).
+        if fingerprint::stat(target)? != expected {
+            return Ok(Replaced::Raced);
+        }
+        fs::rename(&tmp, target).map_err(|e| {
+            StoreError::io(
+                format!("rename {} -> {}", tmp.display(), target.display()),
+                e,
+            )
+        })?;
+        // fstat of our descriptor after the rename is the fingerprint of the bytes we wrote,
+        // even if another rename replaced the target a moment later.
+        let fp = f
+            .metadata()
+            .map_err(|e| StoreError::io(format!("fstat {}", target.display()), e))?;
+        fsync_dir(dir)?;
+        Ok(Replaced::Done(Fingerprint::of(&fp)))
+    })();
+    if !matches!(result, Ok(Replaced::Done(_))) {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The writer lock: flock(2) on `.agentmount.lock`, shared with other processes, plus an
+/// in-process mutex so threads of one process queue instead of polling each other.
+pub struct WriterLock {
+    path: PathBuf,
+    local: Mutex<()>,
+    timeout: Duration,
+}
+
+pub struct LockGuard<'a> {
+    _local: MutexGuard<'a, ()>,
+    _file: File,
+}
+
+impl WriterLock {
+    pub fn new(path: PathBuf, timeout: Duration) -> Self {
+        WriterLock {
+            path,
+            local: Mutex::new(()),
+            timeout,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the lock, waiting at most the configured timeout (then EAGAIN).
+    pub fn acquire(&self) -> Result<LockGuard<'_>> {
+        let deadline = Instant::now() + self.timeout;
+        let local = self
+            .local
+            .try_lock_until(deadline)
+            .ok_or_else(|| self.timed_out())?;
+        if let Some(dir) = self.path.parent() {
+            ensure_dir(dir)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| StoreError::io(format!("open lock {}", self.path.display()), e))?;
+        let mut pause = Duration::from_micros(100);
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                return Ok(LockGuard {
+                    _local: local,
+                    _file: file,
+                });
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK)
+                && err.raw_os_error() != Some(libc::EINTR)
+            {
+                return Err(StoreError::io(
+                    format!("flock {}", self.path.display()),
+                    err,
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timed_out());
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    fn timed_out(&self) -> StoreError {
+        StoreError::Again(format!(
+            "writer lock {} not taken within {:?}: another writer holds it",
+            self.path.display(),
+            self.timeout
+        ))
+    }
+}

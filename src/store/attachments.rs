@@ -1,0 +1,475 @@
+//! Content-addressed attachments: `sha256/<hex[0..2]>/<hex>` holds the bytes and
+//! `<hex>.json` lash's AttachmentMeta sidecar. Labels (file names) come from the sidecars.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::atomic;
+use super::fingerprint::{self, Fingerprint};
+use crate::error::{Result, StoreError};
+
+pub fn is_hex64(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    const H: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(H[(b >> 4) as usize] as char);
+        s.push(H[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// A sidecar as read from disk: its exact bytes and the fields agentmount uses.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub bytes: Arc<[u8]>,
+    pub value: Value,
+    pub label: Option<String>,
+    pub mtime: SystemTime,
+    pub fp: Fingerprint,
+}
+
+impl Sidecar {
+    /// `image/png`, `text/plain`, … from `{"kind": …, "type": …}`.
+    pub fn media_type(&self) -> String {
+        media_type_string(self.value.get("media_type"))
+    }
+}
+
+pub fn media_type_string(mt: Option<&Value>) -> String {
+    let kind = mt
+        .and_then(|m| m.get("kind"))
+        .and_then(Value::as_str)
+        .unwrap_or("file");
+    let ty = mt
+        .and_then(|m| m.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("application/octet-stream");
+    if kind == "image" {
+        format!("image/{ty}")
+    } else {
+        ty.to_string()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub hex: String,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub sidecar: Option<Arc<Sidecar>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub blobs: BTreeMap<String, Blob>,
+    /// label → hex; when two blobs share a label, the newest sidecar wins.
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct IndexState {
+    root_fp: Option<Fingerprint>,
+    shards: HashMap<String, (Option<Fingerprint>, Vec<Blob>)>,
+    listing: Arc<Listing>,
+    built: bool,
+}
+
+/// The attachment directory's index, refreshed by fingerprinting the shard directories
+/// (every add, remove or rename in a shard changes its mtime/ctime).
+pub struct Attachments {
+    pub dir: PathBuf,
+    state: Mutex<IndexState>,
+}
+
+impl Attachments {
+    pub fn new(dir: PathBuf) -> Self {
+        Attachments {
+            dir,
+            state: Mutex::new(IndexState::default()),
+        }
+    }
+
+    pub fn cas_dir(&self) -> PathBuf {
+        self.dir.join("sha256")
+    }
+
+    pub fn blob_path(&self, hex: &str) -> PathBuf {
+        self.cas_dir().join(&hex[..2]).join(hex)
+    }
+
+    pub fn sidecar_path(&self, hex: &str) -> PathBuf {
+        self.cas_dir().join(&hex[..2]).join(format!("{hex}.json"))
+    }
+
+    /// Forget everything cached (after an inotify overflow, say).
+    pub fn invalidate(&self) {
+        *self.state.lock() = IndexState::default();
+    }
+
+    pub fn listing(&self) -> Result<Arc<Listing>> {
+        let mut st = self.state.lock();
+        let cas = self.cas_dir();
+        let root_fp = fingerprint::stat(&cas)?;
+        let mut changed = !st.built;
+        if root_fp != st.root_fp || !st.built {
+            let mut names: Vec<String> = Vec::new();
+            match fs::read_dir(&cas) {
+                Ok(rd) => {
+                    for e in rd.flatten() {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        if n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()) {
+                            names.push(n);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(format!("read dir {}", cas.display()), e)),
+            }
+            st.shards.retain(|k, _| names.contains(k));
+            for n in names {
+                st.shards.entry(n).or_insert((None, Vec::new()));
+            }
+            st.root_fp = root_fp;
+            changed = true;
+        }
+        let keys: Vec<String> = st.shards.keys().cloned().collect();
+        for shard in keys {
+            let dir = cas.join(&shard);
+            let fp = fingerprint::stat(&dir)?;
+            if st
+                .shards
+                .get(&shard)
+                .is_some_and(|(f, _)| *f == fp && fp.is_some())
+            {
+                continue;
+            }
+            let blobs = scan_shard(&dir)?;
+            st.shards.insert(shard, (fp, blobs));
+            changed = true;
+        }
+        if changed {
+            let mut listing = Listing::default();
+            let mut label_time: HashMap<String, SystemTime> = HashMap::new();
+            for (_, blobs) in st.shards.values() {
+                for b in blobs {
+                    if let Some(label) = b.sidecar.as_ref().and_then(|s| s.label.clone()) {
+                        let t = b.sidecar.as_ref().map(|s| s.mtime).unwrap_or(b.mtime);
+                        let newer = label_time.get(&label).is_none_or(|&old| {
+                            t > old
+                                || (t == old
+                                    && listing.labels.get(&label).is_some_and(|h| &b.hex > h))
+                        });
+                        if newer {
+                            label_time.insert(label.clone(), t);
+                            listing.labels.insert(label, b.hex.clone());
+                        }
+                    }
+                    listing.blobs.insert(b.hex.clone(), b.clone());
+                }
+            }
+            st.listing = Arc::new(listing);
+            st.built = true;
+        }
+        Ok(st.listing.clone())
+    }
+}
+
+/// Whether a label can name a file in `attachments/` without clashing with the blob names.
+pub fn valid_label(label: &str) -> bool {
+    super::collection::safe_name(label)
+        && !is_hex64(label)
+        && !label.strip_suffix(".json").is_some_and(is_hex64)
+}
+
+fn scan_shard(dir: &Path) -> Result<Vec<Blob>> {
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(StoreError::io(format!("read dir {}", dir.display()), e)),
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !is_hex64(&name) {
+            continue;
+        }
+        let Ok(meta) = e.metadata() else { continue };
+        let fp = Fingerprint::of(&meta);
+        let sidecar = read_sidecar(&dir.join(format!("{name}.json")));
+        out.push(Blob {
+            hex: name,
+            size: fp.size,
+            mtime: fp.mtime(),
+            ctime: fp.ctime(),
+            sidecar,
+        });
+    }
+    Ok(out)
+}
+
+pub fn read_sidecar(path: &Path) -> Option<Arc<Sidecar>> {
+    let (bytes, fp) = fingerprint::read_with_fingerprint(path).ok()??;
+    let value: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "attachment sidecar does not parse");
+            Value::Null
+        }
+    };
+    let label = value
+        .get("label")
+        .and_then(Value::as_str)
+        .filter(|l| valid_label(l))
+        .map(str::to_string);
+    Some(Arc::new(Sidecar {
+        bytes: bytes.into(),
+        value,
+        label,
+        mtime: fp.mtime(),
+        fp,
+    }))
+}
+
+/// An attachment being written: bytes go to a temp file in the store while they are hashed,
+/// so the hash costs no second pass and no memory (unless writes arrive out of order).
+pub struct Ingest {
+    file: File,
+    tmp: PathBuf,
+    hasher: Sha256,
+    hashed: u64,
+    len: u64,
+    in_order: bool,
+    done: bool,
+}
+
+impl Ingest {
+    pub fn create(attachments_dir: &Path) -> Result<Ingest> {
+        atomic::ensure_dir(attachments_dir)?;
+        let tmp = attachments_dir.join(atomic::temp_name("ingest"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+        Ok(Ingest {
+            file,
+            tmp,
+            hasher: Sha256::new(),
+            hashed: 0,
+            len: 0,
+            in_order: true,
+            done: false,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| StoreError::io(format!("write {}", self.tmp.display()), e))?;
+        if self.in_order && offset == self.hashed {
+            self.hasher.update(data);
+            self.hashed += data.len() as u64;
+        } else {
+            self.in_order = false;
+        }
+        self.len = self.len.max(offset + data.len() as u64);
+        Ok(())
+    }
+
+    pub fn read_at(&self, offset: u64, size: usize) -> Result<Vec<u8>> {
+        let end = self.len.min(offset + size as u64);
+        let mut buf = vec![0; end.saturating_sub(offset) as usize];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| StoreError::io(format!("read {}", self.tmp.display()), e))?;
+        Ok(buf)
+    }
+
+    pub fn truncate(&mut self, size: u64) -> Result<()> {
+        self.file
+            .set_len(size)
+            .map_err(|e| StoreError::io(format!("truncate {}", self.tmp.display()), e))?;
+        if size == 0 {
+            self.hasher = Sha256::new();
+            self.hashed = 0;
+            self.in_order = true;
+        } else if size != self.hashed {
+            self.in_order = false;
+        }
+        self.len = size;
+        Ok(())
+    }
+
+    /// The hash of the bytes; a second pass only if writes came out of order.
+    fn digest(&mut self) -> Result<String> {
+        if !self.in_order || self.hashed != self.len {
+            tracing::debug!(path = %self.tmp.display(), "writes arrived out of order; hashing in a second pass");
+            let mut h = Sha256::new();
+            let mut f = File::open(&self.tmp)
+                .map_err(|e| StoreError::io(format!("open {}", self.tmp.display()), e))?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .map_err(|e| StoreError::io(format!("read {}", self.tmp.display()), e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            return Ok(to_hex(&h.finalize()));
+        }
+        Ok(to_hex(&std::mem::take(&mut self.hasher).finalize()))
+    }
+
+    /// Hashes, fsyncs and returns (hex, head bytes for media detection, temp path).
+    pub(super) fn seal(&mut self) -> Result<(String, Vec<u8>, PathBuf)> {
+        let hex = self.digest()?;
+        self.file
+            .sync_all()
+            .map_err(|e| StoreError::io(format!("fsync {}", self.tmp.display()), e))?;
+        let head = self.read_at(0, 64 * 1024)?;
+        self.done = true;
+        Ok((hex, head, self.tmp.clone()))
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        // An ingest abandoned before it finished leaves nothing behind; one that finished
+        // had its temp file renamed into place or removed as a duplicate.
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// The sidecar for new bytes: lash's AttachmentMeta form.
+pub fn new_sidecar(hex: &str, size: u64, head: &[u8], label: Option<&str>) -> Map<String, Value> {
+    let (media, dims) = detect_media(head, label);
+    let mut m = Map::new();
+    m.insert("id".into(), json!(hex));
+    m.insert("media_type".into(), media);
+    m.insert("byte_len".into(), json!(size));
+    if let Some((w, h)) = dims {
+        m.insert("width".into(), json!(w));
+        m.insert("height".into(), json!(h));
+    }
+    if let Some(l) = label {
+        m.insert("label".into(), json!(l));
+    }
+    m
+}
+
+/// Media type from magic bytes (images lash reads), else from the extension.
+pub fn detect_media(head: &[u8], label: Option<&str>) -> (Value, Option<(u64, u64)>) {
+    let be16 = |i: usize| {
+        head.get(i..i + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]) as u64)
+    };
+    let le16 = |i: usize| {
+        head.get(i..i + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u64)
+    };
+    let be32 = |i: usize| {
+        head.get(i..i + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64)
+    };
+    let le32 = |i: usize| {
+        head.get(i..i + 4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]).unsigned_abs() as u64)
+    };
+    let image = |t: &str| json!({"kind": "image", "type": t});
+    if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return (image("png"), be32(16).zip(be32(20)));
+    }
+    if head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a") {
+        return (image("gif"), le16(6).zip(le16(8)));
+    }
+    if head.starts_with(b"BM") && head.len() >= 26 {
+        return (image("bmp"), le32(18).zip(le32(22)));
+    }
+    if head.len() >= 30 && &head[0..4] == b"RIFF" && &head[8..12] == b"WEBP" {
+        let dims = match &head[12..16] {
+            b"VP8X" => Some((
+                1 + (head[24] as u64 | (head[25] as u64) << 8 | (head[26] as u64) << 16),
+                1 + (head[27] as u64 | (head[28] as u64) << 8 | (head[29] as u64) << 16),
+            )),
+            b"VP8 " => le16(26)
+                .zip(le16(28))
+                .map(|(w, h)| (w & 0x3fff, h & 0x3fff)),
+            b"VP8L" if head.len() >= 25 => {
+                let b = |i: usize| head[i] as u64;
+                Some((
+                    1 + (((b(22) & 0x3f) << 8) | b(21)),
+                    1 + (((b(24) & 0xf) << 10) | (b(23) << 2) | ((b(22) & 0xc0) >> 6)),
+                ))
+            }
+            _ => None,
+        };
+        return (image("webp"), dims);
+    }
+    if head.starts_with(&[0xff, 0xd8, 0xff]) {
+        // Walk the markers to the first start-of-frame within the head bytes.
+        let mut i = 2;
+        let mut dims = None;
+        while i + 9 < head.len() && head[i] == 0xff {
+            let marker = head[i + 1];
+            let Some(len) = be16(i + 2) else { break };
+            if matches!(marker, 0xc0..=0xcf) && !matches!(marker, 0xc4 | 0xc8 | 0xcc) {
+                dims = be16(i + 7).zip(be16(i + 5));
+                break;
+            }
+            i += 2 + len as usize;
+        }
+        return (image("jpeg"), dims);
+    }
+    let mime = if head.starts_with(b"%PDF-") {
+        "application/pdf"
+    } else {
+        let ext = label
+            .and_then(|l| l.rsplit_once('.'))
+            .map(|(_, e)| e.to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("txt" | "log") => "text/plain",
+            Some("md") => "text/markdown",
+            Some("json") => "application/json",
+            Some("csv") => "text/csv",
+            Some("html" | "htm") => "text/html",
+            Some("xml") => "application/xml",
+            Some("yaml" | "yml") => "application/yaml",
+            Some("pdf") => "application/pdf",
+            Some("zip") => "application/zip",
+            Some("gz") => "application/gzip",
+            Some("tar") => "application/x-tar",
+            Some("svg") => "image/svg+xml",
+            Some("rs" | "py" | "sh" | "c" | "h" | "go" | "js" | "ts" | "toml") => "text/plain",
+            _ if !head.is_empty() && std::str::from_utf8(head).is_ok() => "text/plain",
+            _ => "application/octet-stream",
+        }
+    };
+    (json!({"kind": "file", "type": mime}), None)
+}

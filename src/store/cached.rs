@@ -1,0 +1,169 @@
+//! A store file parsed once per version: each read stats the file and re-parses only when
+//! its fingerprint changed. When a new version does not parse, the last good value is kept
+//! and the error is reported with it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+use super::fingerprint::{self, Fingerprint};
+use crate::error::{Result, StoreError};
+
+#[derive(Default, Debug)]
+pub struct CacheStats {
+    pub reloads: AtomicU64,
+    pub hits: AtomicU64,
+    pub parse_errors: AtomicU64,
+}
+
+pub struct Loaded<T> {
+    /// Fingerprint of the version `value` was parsed from (`None`: the file did not exist).
+    pub fp: Option<Fingerprint>,
+    pub value: Arc<T>,
+    /// Set when the file on disk now does not parse: `value` is the last good version.
+    pub error: Option<String>,
+    /// Fingerprint of the version that failed to parse, so it is not re-read every time.
+    bad_fp: Option<Fingerprint>,
+}
+
+impl<T> Loaded<T> {
+    pub fn corrupt_error(&self, path: &Path) -> Option<StoreError> {
+        self.error.as_ref().map(|e| {
+            StoreError::Corrupt(format!(
+                "{} does not parse ({e}); serving the last good version and refusing writes until it is fixed",
+                path.display()
+            ))
+        })
+    }
+}
+
+pub type Parser<T> = fn(&[u8]) -> std::result::Result<T, String>;
+
+pub struct CachedFile<T> {
+    path: PathBuf,
+    parse: Parser<T>,
+    state: RwLock<Option<Arc<Loaded<T>>>>,
+    reload: Mutex<()>,
+    stats: Arc<CacheStats>,
+}
+
+impl<T: Default> CachedFile<T> {
+    pub fn new(path: PathBuf, parse: Parser<T>, stats: Arc<CacheStats>) -> Self {
+        CachedFile {
+            path,
+            parse,
+            state: RwLock::new(None),
+            reload: Mutex::new(()),
+            stats,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current version, reloaded if the file changed since it was last parsed.
+    pub fn current(&self) -> Result<Arc<Loaded<T>>> {
+        let now = fingerprint::stat(&self.path)?;
+        if let Some(l) = self.fresh(now) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(l);
+        }
+        let _one_reader_parses = self.reload.lock();
+        let now = fingerprint::stat(&self.path)?;
+        if let Some(l) = self.fresh(now) {
+            return Ok(l);
+        }
+        self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        let previous = self.state.read().clone();
+        let loaded = match fingerprint::read_with_fingerprint(&self.path)? {
+            None => Loaded {
+                fp: None,
+                value: Arc::new(T::default()),
+                error: None,
+                bad_fp: None,
+            },
+            Some((bytes, fp)) => match (self.parse)(&bytes) {
+                Ok(v) => Loaded {
+                    fp: Some(fp),
+                    value: Arc::new(v),
+                    error: None,
+                    bad_fp: None,
+                },
+                Err(e) => {
+                    self.stats.parse_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(path = %self.path.display(), error = %e, "store file does not parse; serving the last good version");
+                    Loaded {
+                        fp: previous.as_ref().and_then(|p| p.fp),
+                        value: previous.map(|p| p.value.clone()).unwrap_or_default(),
+                        error: Some(e),
+                        bad_fp: Some(fp),
+                    }
+                }
+            },
+        };
+        let loaded = Arc::new(loaded);
+        *self.state.write() = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    fn fresh(&self, now: Option<Fingerprint>) -> Option<Arc<Loaded<T>>> {
+        let guard = self.state.read();
+        let l = guard.as_ref()?;
+        let same = if l.error.is_some() {
+            l.bad_fp == now
+        } else {
+            l.fp == now
+        };
+        same.then(|| l.clone())
+    }
+
+    /// Installs the value just written by us, with the fingerprint of the bytes written.
+    pub fn install(&self, fp: Fingerprint, value: T) -> Arc<Loaded<T>> {
+        let l = Arc::new(Loaded {
+            fp: Some(fp),
+            value: Arc::new(value),
+            error: None,
+            bad_fp: None,
+        });
+        *self.state.write() = Some(l.clone());
+        l
+    }
+
+    /// Read-modify-write under the caller's writer lock: `change` computes the new bytes
+    /// and value from the current version (or `None`: nothing to write). If another writer
+    /// replaced the file between our read and our rename, the change is redone on the new
+    /// content, a bounded number of times.
+    pub fn update<R>(
+        &self,
+        mut change: impl FnMut(&Loaded<T>) -> Result<Option<(Vec<u8>, T, R)>>,
+    ) -> Result<(Arc<Loaded<T>>, Option<R>)> {
+        const ATTEMPTS: usize = 32;
+        for _ in 0..ATTEMPTS {
+            let cur = self.current()?;
+            if let Some(e) = cur.corrupt_error(&self.path) {
+                return Err(e);
+            }
+            let Some((bytes, value, r)) = change(&cur)? else {
+                return Ok((cur, None));
+            };
+            match super::atomic::replace_file(&self.path, &bytes, cur.fp)? {
+                super::atomic::Replaced::Done(fp) => return Ok((self.install(fp, value), Some(r))),
+                super::atomic::Replaced::Raced => {
+                    tracing::warn!(path = %self.path.display(), "another writer replaced the file during our update; redoing the change on its version");
+                }
+            }
+        }
+        Err(StoreError::Again(format!(
+            "{}: other writers replaced the file {ATTEMPTS} times during one update",
+            self.path.display()
+        )))
+    }
+
+    /// Forgets the cached version, so the next read re-reads the file.
+    pub fn forget(&self) {
+        *self.state.write() = None;
+    }
+}

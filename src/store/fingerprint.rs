@@ -1,0 +1,90 @@
+//! File fingerprints: (device, inode, size, mtime ns, ctime ns).
+//!
+//! Why all five: (mtime, len) alone misses two same-length writes within one coarse clock
+//! tick; an atomic rename always changes the inode, and an in-place write changes ctime.
+
+use std::fs::{File, Metadata};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::{Result, StoreError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fingerprint {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl Fingerprint {
+    pub fn of(meta: &Metadata) -> Self {
+        Fingerprint {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+        }
+    }
+
+    pub fn mtime(&self) -> SystemTime {
+        ns_to_time(self.mtime_ns)
+    }
+
+    pub fn ctime(&self) -> SystemTime {
+        ns_to_time(self.ctime_ns)
+    }
+}
+
+pub fn ns_to_time(ns: i128) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos((-ns) as u64)
+    }
+}
+
+/// Stats a path: `Ok(None)` when it does not exist.
+pub fn stat(path: &Path) -> Result<Option<Fingerprint>> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(Some(Fingerprint::of(&m))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(format!("stat {}", path.display()), e)),
+    }
+}
+
+/// Reads a whole file and returns its bytes with the fingerprint of exactly those bytes.
+///
+/// The fingerprint comes from fstat of the open descriptor after the read, compared with
+/// the one before: if an in-place writer changed the file meanwhile, read again, so a
+/// fingerprint is never paired with bytes it does not describe.
+pub fn read_with_fingerprint(path: &Path) -> Result<Option<(Vec<u8>, Fingerprint)>> {
+    for _ in 0..16 {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io(format!("open {}", path.display()), e)),
+        };
+        let before = file
+            .metadata()
+            .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?;
+        let mut buf = Vec::with_capacity(before.len() as usize);
+        file.read_to_end(&mut buf)
+            .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
+        let after = file
+            .metadata()
+            .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?;
+        let (fb, fa) = (Fingerprint::of(&before), Fingerprint::of(&after));
+        if fb == fa && fa.size == buf.len() as u64 {
+            return Ok(Some((buf, fa)));
+        }
+    }
+    Err(StoreError::Again(format!(
+        "{} kept changing while being read (an in-place writer?)",
+        path.display()
+    )))
+}

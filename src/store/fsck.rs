@@ -1,0 +1,206 @@
+//! Verification of a whole store: every file parses, every blob's hash equals its name and
+//! its sidecar's byte_len its size, no manifest row without bytes, no stray temp files
+//! (those of dead writers are removed and reported as repaired).
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use super::attachments::{is_hex64, to_hex};
+use super::{Kind, Store, atomic, manifest};
+
+#[derive(Debug, Default)]
+pub struct FsckReport {
+    pub problems: Vec<String>,
+    pub repaired: Vec<String>,
+    pub checked_files: u64,
+}
+
+impl FsckReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n_total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        n_total += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((to_hex(&h.finalize()), n_total))
+}
+
+impl Store {
+    pub fn fsck(&self) -> FsckReport {
+        let mut r = FsckReport::default();
+        if !self.options.read_only {
+            match self.remove_stray_temps() {
+                Ok(removed) => r.repaired.extend(
+                    removed
+                        .iter()
+                        .map(|p| format!("removed stray temp file {}", p.display())),
+                ),
+                Err(e) => r.problems.push(format!("cannot clean temp files: {e}")),
+            }
+        }
+        for kind in Kind::ALL {
+            match self.list(kind) {
+                Ok(l) => {
+                    r.checked_files += 1;
+                    if let Some(e) = l.error {
+                        r.problems
+                            .push(format!("{}: does not parse: {e}", kind.dir_name()));
+                    }
+                }
+                Err(e) => r.problems.push(format!("{}: {e}", kind.dir_name())),
+            }
+        }
+        let doc = match self.manifest.current() {
+            Ok(d) => {
+                if let Some(e) = self.manifest.error() {
+                    r.problems.push(format!(
+                        "{}: does not parse: {e}",
+                        self.manifest.path().display()
+                    ));
+                }
+                d
+            }
+            Err(e) => {
+                r.problems.push(format!("manifest: {e}"));
+                Default::default()
+            }
+        };
+        let cas = self.attachments.cas_dir();
+        let shards = fs::read_dir(&cas).into_iter().flatten().flatten();
+        for shard in shards {
+            let sname = shard.file_name().to_string_lossy().into_owned();
+            let Ok(entries) = fs::read_dir(shard.path()) else {
+                r.problems.push(format!(
+                    "{}: not a readable directory",
+                    shard.path().display()
+                ));
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let path = e.path();
+                if name.contains(atomic::TEMP_MARKER) {
+                    if atomic::temp_owner_pid(&name).is_some_and(atomic::pid_alive) {
+                        continue;
+                    }
+                    r.problems
+                        .push(format!("{}: stray temp file", path.display()));
+                    continue;
+                }
+                if let Some(hex) = name.strip_suffix(".json") {
+                    if !is_hex64(hex) {
+                        continue;
+                    }
+                    r.checked_files += 1;
+                    let sidecar = match fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+                        serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
+                    }) {
+                        Ok(v) => v,
+                        Err(err) => {
+                            r.problems
+                                .push(format!("{}: sidecar does not parse: {err}", path.display()));
+                            continue;
+                        }
+                    };
+                    let blob = self.attachments.blob_path(hex);
+                    match fs::metadata(&blob) {
+                        Ok(m) => {
+                            if let Some(n) =
+                                sidecar.get("byte_len").and_then(serde_json::Value::as_u64)
+                                && n != m.len()
+                            {
+                                r.problems.push(format!(
+                                    "{}: byte_len {n} but the bytes are {} long",
+                                    path.display(),
+                                    m.len()
+                                ));
+                            }
+                        }
+                        Err(_) => r
+                            .problems
+                            .push(format!("{}: sidecar without bytes", path.display())),
+                    }
+                    continue;
+                }
+                if !is_hex64(&name) {
+                    continue;
+                }
+                r.checked_files += 1;
+                if !name.starts_with(&sname) {
+                    r.problems.push(format!(
+                        "{}: blob in the wrong shard directory",
+                        path.display()
+                    ));
+                }
+                match hash_file(&path) {
+                    Ok((h, _)) if h == name => {}
+                    Ok((h, _)) => r.problems.push(format!(
+                        "{}: bytes hash to {h}, not to their name",
+                        path.display()
+                    )),
+                    Err(e) => r
+                        .problems
+                        .push(format!("{}: cannot read: {e}", path.display())),
+                }
+            }
+        }
+        let mut dangling = std::collections::HashSet::new();
+        for row in doc.intents() {
+            let Some(id) = manifest::row_id(row) else {
+                r.problems
+                    .push("manifest: a row without attachment_id".into());
+                continue;
+            };
+            if !is_hex64(id) || self.attachments.blob_path(id).exists() {
+                continue;
+            }
+            if manifest::committed(row) {
+                r.problems.push(format!(
+                    "manifest: committed intent {id} has no bytes in the store"
+                ));
+            } else {
+                // A writer crashed between its intent and its bytes (or gc between deleting
+                // bytes and forgetting the intent): the intent is all that is left.
+                dangling.insert(id.to_string());
+            }
+        }
+        if !dangling.is_empty() {
+            if self.options.read_only {
+                r.problems.extend(
+                    dangling
+                        .iter()
+                        .map(|id| format!("manifest: uncommitted intent {id} has no bytes")),
+                );
+            } else {
+                let res = self
+                    .lock
+                    .acquire()
+                    .and_then(|_g| self.manifest.forget(&dangling));
+                match res {
+                    Ok(()) => r.repaired.extend(dangling.iter().map(|id| {
+                        format!("forgot uncommitted intent {id}: its bytes never landed")
+                    })),
+                    Err(e) => r
+                        .problems
+                        .push(format!("manifest: cannot forget dangling intents: {e}")),
+                }
+            }
+        }
+        r
+    }
+}

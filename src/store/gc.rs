@@ -1,0 +1,197 @@
+//! Orphan reclamation. An attachment is referenced when any record in any collection
+//! contains `sha256:<hex>`. Only attachments with an uncommitted intent of ours, older than
+//! the grace period and referenced by nothing, are deleted; bytes without an intent of ours
+//! are never touched (another program may own them).
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use super::{Kind, Store, atomic, collection, fingerprint, manifest};
+use crate::error::{Result, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    pub grace_secs: u64,
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            grace_secs: 3600,
+            dry_run: false,
+        }
+    }
+}
+
+impl GcOptions {
+    /// Parses what was written to `.gc`: empty or `run`, `grace=<seconds>`, `dry-run`
+    /// (words may be combined, separated by spaces or commas).
+    pub fn parse_command(text: &str) -> Result<GcOptions> {
+        let mut o = GcOptions::default();
+        for word in text
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+        {
+            match word {
+                "run" => {}
+                "dry-run" | "dryrun" => o.dry_run = true,
+                w if w.starts_with("grace=") => {
+                    o.grace_secs = w["grace=".len()..].parse().map_err(|_| {
+                        StoreError::Invalid(format!(
+                            "gc: {w:?}: grace takes a whole number of seconds"
+                        ))
+                    })?;
+                }
+                w => {
+                    return Err(StoreError::Invalid(format!(
+                        "gc: unknown command {w:?}; write `run`, `dry-run` or `grace=<seconds>`"
+                    )));
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct GcReport {
+    pub started: String,
+    pub finished: String,
+    pub dry_run: bool,
+    pub grace: u64,
+    /// Intents examined.
+    pub scanned: u64,
+    pub reclaimed: u64,
+    pub kept_referenced: u64,
+    pub kept_young: u64,
+    pub bytes_freed: u64,
+    pub reclaimed_ids: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Store {
+    /// Every `sha256:<hex>` referenced by any record in any collection, read fresh.
+    pub fn referenced_attachments(&self) -> Result<HashSet<String>> {
+        let mut refs = HashSet::new();
+        for kind in Kind::ALL {
+            let list = self.list(kind)?;
+            if let Some(e) = list.error {
+                // Marking from a last good view could free something the new version uses.
+                return Err(StoreError::Corrupt(format!(
+                    "{}: {e}; gc refuses to run until it parses",
+                    kind.dir_name()
+                )));
+            }
+            for r in &list.records {
+                collection::attachment_refs(&r.bytes, &mut refs);
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Runs one collection and returns its report (also kept as the last report).
+    pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        if !opts.dry_run {
+            self.writable()?;
+        }
+        if self.gc_running.swap(true, Ordering::SeqCst) {
+            return Err(StoreError::Busy(
+                "a garbage collection is already running".into(),
+            ));
+        }
+        let _running = Running(&self.gc_running);
+        let mut report = GcReport {
+            started: chrono::Utc::now().to_rfc3339(),
+            dry_run: opts.dry_run,
+            grace: opts.grace_secs,
+            ..Default::default()
+        };
+        let _lock = self.lock.acquire()?;
+        let refs = self.referenced_attachments()?;
+        let doc = self.manifest.current()?;
+        if let Some(e) = self.manifest.error() {
+            return Err(StoreError::Corrupt(format!("manifest does not parse: {e}")));
+        }
+        let cutoff = manifest::now_ms() - (opts.grace_secs as i64).saturating_mul(1000);
+        let (mut commit, mut forget) = (HashSet::new(), HashSet::new());
+        for row in doc.intents() {
+            let Some(id) = manifest::row_id(row) else {
+                continue;
+            };
+            report.scanned += 1;
+            if refs.contains(id) {
+                report.kept_referenced += 1;
+                if !manifest::committed(row) {
+                    commit.insert(id.to_string());
+                }
+                continue;
+            }
+            if manifest::committed(row) {
+                continue;
+            }
+            if manifest::intent_at(row) >= cutoff {
+                report.kept_young += 1;
+                continue;
+            }
+            if !super::attachments::is_hex64(id) {
+                report
+                    .errors
+                    .push(format!("intent {id:?} is not a sha256 hex id; left alone"));
+                continue;
+            }
+            let blob = self.attachments.blob_path(id);
+            let size = fingerprint::stat(&blob)?.map(|f| f.size).unwrap_or(0);
+            if !opts.dry_run {
+                let mut failed = false;
+                for p in [self.attachments.sidecar_path(id), blob.clone()] {
+                    match fs::remove_file(&p) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            report.errors.push(format!("remove {}: {e}", p.display()));
+                            failed = true;
+                        }
+                    }
+                }
+                if failed {
+                    continue;
+                }
+                if let Some(dir) = blob.parent() {
+                    atomic::fsync_dir(dir).ok();
+                }
+                forget.insert(id.to_string());
+            }
+            report.reclaimed += 1;
+            report.bytes_freed += size;
+            report.reclaimed_ids.push(id.to_string());
+        }
+        if !opts.dry_run {
+            // Bytes are gone before their intents are forgotten: a crash in between leaves
+            // an intent without bytes, which the next run forgets.
+            self.manifest.forget(&forget)?;
+            self.manifest.commit(&commit)?;
+        }
+        report.finished = chrono::Utc::now().to_rfc3339();
+        tracing::info!(
+            reclaimed = report.reclaimed,
+            bytes = report.bytes_freed,
+            dry_run = opts.dry_run,
+            "garbage collection finished"
+        );
+        *self.last_gc.lock() = Some(report.clone());
+        Ok(report)
+    }
+}

@@ -1,0 +1,681 @@
+//! The backing store, usable with no mount at all: reload-checked collections, atomic
+//! upserts under the writer lock, content-addressed attachments, the manifest, gc and fsck.
+
+pub mod atomic;
+pub mod attachments;
+pub mod cached;
+pub mod collection;
+pub mod fingerprint;
+pub mod fsck;
+pub mod gc;
+pub mod manifest;
+pub mod validate;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use self::atomic::WriterLock;
+use self::attachments::{Attachments, Ingest, Listing};
+use self::cached::{CacheStats, CachedFile};
+use self::collection::{Change, Doc, Record, Shape};
+use self::fingerprint::Fingerprint;
+use self::manifest::Manifest;
+use crate::error::{Result, StoreError};
+
+/// The three record collections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Sessions,
+    Goals,
+    Conversations,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Sessions, Kind::Goals, Kind::Conversations];
+
+    /// The directory name in the mount.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Kind::Sessions => "sessions",
+            Kind::Goals => "goals",
+            Kind::Conversations => "conversations",
+        }
+    }
+
+    pub fn singular(self) -> &'static str {
+        match self {
+            Kind::Sessions => "session",
+            Kind::Goals => "goal",
+            Kind::Conversations => "conversation",
+        }
+    }
+}
+
+/// Where each store file lives. Every path can be overridden, so other platforms' layouts mount.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub root: PathBuf,
+    pub sessions: PathBuf,
+    pub goals: PathBuf,
+    pub conversations: PathBuf,
+    pub attachments: PathBuf,
+    pub manifest: PathBuf,
+    pub lock: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        Layout {
+            sessions: root.join("session-manager/sessions.json"),
+            goals: root.join("sm/goals.json"),
+            conversations: root.join("sm"),
+            attachments: root.join("attachments"),
+            manifest: root.join("attachments/manifest.json"),
+            lock: root.join(".agentmount.lock"),
+            root,
+        }
+    }
+
+    pub fn conversation_path(&self, id: &str) -> PathBuf {
+        self.conversations.join(format!("conversation-{id}.json"))
+    }
+
+    /// The directories that hold store files (for temp clean-up and watching).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = [&self.sessions, &self.goals, &self.manifest]
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.push(self.conversations.clone());
+        dirs.push(self.attachments.clone());
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+}
+
+/// The default store: `$AGENTMOUNT_STORE`, else `$XDG_DATA_HOME/agentmount`, else
+/// `~/.local/share/agentmount`.
+pub fn default_store_dir() -> PathBuf {
+    if let Some(s) = std::env::var_os("AGENTMOUNT_STORE").filter(|s| !s.is_empty()) {
+        return PathBuf::from(s);
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|s| !s.is_empty()) {
+        return PathBuf::from(x).join("agentmount");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".local/share/agentmount")
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub max_record_bytes: u64,
+    pub lock_timeout: Duration,
+    pub read_only: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_record_bytes: 16 << 20,
+            lock_timeout: Duration::from_secs(10),
+            read_only: false,
+        }
+    }
+}
+
+/// One record as the mount shows it: its presented bytes and the store's times.
+#[derive(Clone, Debug)]
+pub struct RecordView {
+    pub id: String,
+    pub bytes: Arc<[u8]>,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+impl RecordView {
+    fn new(id: &str, rec: &Record, fp: Option<Fingerprint>) -> Self {
+        let (mtime, ctime) = fp
+            .map(|f| (f.mtime(), f.ctime()))
+            .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
+        RecordView {
+            id: id.to_string(),
+            bytes: rec.bytes.clone(),
+            mtime,
+            ctime,
+        }
+    }
+}
+
+/// A listing of a collection; `error` is set when a store file does not parse (the
+/// records are then the last good version).
+#[derive(Default, Debug)]
+pub struct ListView {
+    pub records: Vec<RecordView>,
+    pub error: Option<String>,
+}
+
+#[derive(Default, Debug)]
+struct ConvFile(Option<Arc<Record>>);
+
+fn parse_conv(bytes: &[u8]) -> std::result::Result<ConvFile, String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("a conversation must be a JSON object".into());
+    }
+    Ok(ConvFile(Some(Arc::new(Record::new(String::new(), v)))))
+}
+
+fn parse_sessions(bytes: &[u8]) -> std::result::Result<Doc, String> {
+    collection::parse_doc(Shape::Map("sessions"), bytes)
+}
+
+fn parse_goals(bytes: &[u8]) -> std::result::Result<Doc, String> {
+    collection::parse_doc(Shape::Array, bytes)
+}
+
+pub struct Store {
+    pub layout: Layout,
+    pub options: Options,
+    sessions: CachedFile<Doc>,
+    goals: CachedFile<Doc>,
+    conversations: Mutex<HashMap<String, Arc<CachedFile<ConvFile>>>>,
+    conv_errors: Mutex<HashMap<String, String>>,
+    pub manifest: Manifest,
+    pub attachments: Attachments,
+    pub lock: WriterLock,
+    pub stats: Arc<CacheStats>,
+    gc_running: AtomicBool,
+    last_gc: Mutex<Option<gc::GcReport>>,
+}
+
+impl Store {
+    /// Opens a store. Nothing is created until the first write; stray temp files of ours
+    /// whose process is gone are removed (unless read-only).
+    pub fn open(layout: Layout, options: Options) -> Result<Store> {
+        let stats = Arc::new(CacheStats::default());
+        let store = Store {
+            sessions: CachedFile::new(layout.sessions.clone(), parse_sessions, stats.clone()),
+            goals: CachedFile::new(layout.goals.clone(), parse_goals, stats.clone()),
+            conversations: Mutex::new(HashMap::new()),
+            conv_errors: Mutex::new(HashMap::new()),
+            manifest: Manifest::new(layout.manifest.clone(), stats.clone()),
+            attachments: Attachments::new(layout.attachments.clone()),
+            lock: WriterLock::new(layout.lock.clone(), options.lock_timeout),
+            stats,
+            gc_running: AtomicBool::new(false),
+            last_gc: Mutex::new(None),
+            layout,
+            options,
+        };
+        if !store.options.read_only {
+            for p in store.remove_stray_temps()? {
+                tracing::info!(path = %p.display(), "removed stray temp file left by a crashed writer");
+            }
+        }
+        Ok(store)
+    }
+
+    /// Removes temp files of ours whose process is gone, in every store directory.
+    pub fn remove_stray_temps(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        let mut dirs = self.layout.dirs();
+        if let Ok(rd) = fs::read_dir(self.attachments.cas_dir()) {
+            dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+        for d in dirs {
+            removed.extend(atomic::remove_stray_temps(&d)?);
+        }
+        Ok(removed)
+    }
+
+    fn single(&self, kind: Kind) -> Option<(&CachedFile<Doc>, Shape)> {
+        match kind {
+            Kind::Sessions => Some((&self.sessions, Shape::Map("sessions"))),
+            Kind::Goals => Some((&self.goals, Shape::Array)),
+            Kind::Conversations => None,
+        }
+    }
+
+    fn conv_file(&self, id: &str) -> Arc<CachedFile<ConvFile>> {
+        self.conversations
+            .lock()
+            .entry(id.to_string())
+            .or_insert_with(|| {
+                Arc::new(CachedFile::new(
+                    self.layout.conversation_path(id),
+                    parse_conv,
+                    self.stats.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    fn conv_view(&self, id: &str) -> Result<Option<RecordView>> {
+        let l = self.conv_file(id).current()?;
+        {
+            let mut errs = self.conv_errors.lock();
+            match &l.error {
+                Some(e) => {
+                    errs.insert(id.to_string(), e.clone());
+                }
+                None => {
+                    errs.remove(id);
+                }
+            }
+        }
+        Ok(l.value.0.as_ref().map(|r| RecordView::new(id, r, l.fp)))
+    }
+
+    /// One record, reload-checked against the store (a stat when nothing changed).
+    pub fn get(&self, kind: Kind, id: &str) -> Result<Option<RecordView>> {
+        match self.single(kind) {
+            Some((file, _)) => {
+                let l = file.current()?;
+                Ok(l.value.get(id).map(|r| RecordView::new(id, r, l.fp)))
+            }
+            None => {
+                if !collection::safe_name(id) {
+                    return Ok(None);
+                }
+                self.conv_view(id)
+            }
+        }
+    }
+
+    /// Every addressable record of a collection, reload-checked.
+    pub fn list(&self, kind: Kind) -> Result<ListView> {
+        if let Some((file, _)) = self.single(kind) {
+            let l = file.current()?;
+            return Ok(ListView {
+                records: l
+                    .value
+                    .addressable()
+                    .map(|r| RecordView::new(&r.id, r, l.fp))
+                    .collect(),
+                error: l.error.clone(),
+            });
+        }
+        let mut ids = Vec::new();
+        match fs::read_dir(&self.layout.conversations) {
+            Ok(rd) => {
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if let Some(id) = name
+                        .strip_prefix("conversation-")
+                        .and_then(|n| n.strip_suffix(".json"))
+                        && collection::safe_name(id)
+                        && !name.contains(atomic::TEMP_MARKER)
+                    {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StoreError::io(
+                    format!("read dir {}", self.layout.conversations.display()),
+                    e,
+                ));
+            }
+        }
+        ids.sort();
+        {
+            let keep: HashSet<&String> = ids.iter().collect();
+            self.conversations.lock().retain(|k, _| keep.contains(k));
+            self.conv_errors.lock().retain(|k, _| keep.contains(k));
+        }
+        let mut records = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some(v) = self.conv_view(id)? {
+                records.push(v);
+            }
+        }
+        let error = self.collection_error(kind);
+        Ok(ListView { records, error })
+    }
+
+    /// The current parse error of a collection, if a store file behind it does not parse.
+    pub fn collection_error(&self, kind: Kind) -> Option<String> {
+        match self.single(kind) {
+            Some((file, _)) => file.current().ok().and_then(|l| l.error.clone()),
+            None => {
+                let errs = self.conv_errors.lock();
+                let mut v: Vec<String> = errs
+                    .iter()
+                    .map(|(id, e)| format!("conversation {id}: {e}"))
+                    .collect();
+                v.sort();
+                (!v.is_empty()).then(|| v.join("; "))
+            }
+        }
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.options.read_only {
+            return Err(StoreError::ReadOnly("the store is open read-only".into()));
+        }
+        Ok(())
+    }
+
+    /// Validates `bytes` as record `id` and upserts it: one atomic write of its store file.
+    pub fn upsert(&self, kind: Kind, id: &str, bytes: &[u8]) -> Result<RecordView> {
+        self.writable()?;
+        let obj = validate::parse_record(kind, id, bytes, self.options.max_record_bytes)?;
+        let _lock = self.lock.acquire()?;
+        let view = self.write_change(
+            kind,
+            Change::Upsert {
+                id: id.to_string(),
+                value: obj,
+            },
+        )?;
+        let view = view.ok_or_else(|| {
+            StoreError::NotFound(format!("{} {id} vanished after its write", kind.singular()))
+        })?;
+        self.commit_refs(&view.bytes)?;
+        Ok(view)
+    }
+
+    /// Removes record `id`: one atomic write (sessions, goals) or an unlink (conversations).
+    pub fn remove(&self, kind: Kind, id: &str) -> Result<()> {
+        self.writable()?;
+        let _lock = self.lock.acquire()?;
+        self.write_change(kind, Change::Remove { id: id.to_string() })?;
+        Ok(())
+    }
+
+    /// Renames record `from` to `to` (replacing `to` if it exists), its `id` rewritten.
+    pub fn rekey(&self, kind: Kind, from: &str, to: &str) -> Result<RecordView> {
+        self.writable()?;
+        validate::check_id(kind, to)?;
+        if from == to {
+            return self
+                .get(kind, from)?
+                .ok_or_else(|| StoreError::NotFound(format!("no {} {from}", kind.singular())));
+        }
+        let _lock = self.lock.acquire()?;
+        let view = self.write_change(
+            kind,
+            Change::Rekey {
+                from: from.to_string(),
+                to: to.to_string(),
+            },
+        )?;
+        view.ok_or_else(|| {
+            StoreError::NotFound(format!("{} {to} vanished after its write", kind.singular()))
+        })
+    }
+
+    /// Applies one change under the (held) writer lock. Returns the view of the record the
+    /// change leaves (none for a removal).
+    fn write_change(&self, kind: Kind, change: Change) -> Result<Option<RecordView>> {
+        tracing::debug!(collection = kind.dir_name(), change = %change.describe(), "write");
+        if let Some((file, shape)) = self.single(kind) {
+            let (l, _) = file.update(|cur| {
+                let doc = collection::apply(shape, &cur.value, &change)?;
+                Ok(Some((collection::serialize_doc(shape, &doc)?, doc, ())))
+            })?;
+            let id = match &change {
+                Change::Upsert { id, .. } | Change::Remove { id } => id,
+                Change::Rekey { to, .. } => to,
+            };
+            return Ok(l.value.get(id).map(|r| RecordView::new(id, r, l.fp)));
+        }
+        match &change {
+            Change::Upsert { id, value } => {
+                let rec = Record::new(id.clone(), Value::Object(value.clone()));
+                let (l, _) = self.conv_file(id).update(|_| {
+                    Ok(Some((
+                        rec.bytes.to_vec(),
+                        ConvFile(Some(Arc::new(Record::new(id.clone(), rec.value.clone())))),
+                        (),
+                    )))
+                })?;
+                Ok(l.value.0.as_ref().map(|r| RecordView::new(id, r, l.fp)))
+            }
+            Change::Remove { id } => {
+                let path = self.layout.conversation_path(id);
+                fs::remove_file(&path).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => {
+                        StoreError::NotFound(format!("no conversation {id}"))
+                    }
+                    _ => StoreError::io(format!("remove {}", path.display()), e),
+                })?;
+                atomic::fsync_dir(&self.layout.conversations)?;
+                self.conv_file(id).forget();
+                Ok(None)
+            }
+            Change::Rekey { from, to } => {
+                let cur = self
+                    .conv_view(from)?
+                    .ok_or_else(|| StoreError::NotFound(format!("no conversation {from}")))?;
+                if let Some(e) = self
+                    .conv_file(from)
+                    .current()?
+                    .corrupt_error(&self.layout.conversation_path(from))
+                {
+                    return Err(e);
+                }
+                let value: Value = serde_json::from_slice(&cur.bytes)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let (src, dst) = (
+                    self.layout.conversation_path(from),
+                    self.layout.conversation_path(to),
+                );
+                if value.get("id").is_some() {
+                    // The record names itself: write it under the new name, then drop the old.
+                    let moved = collection::with_id(value, to);
+                    let rec = Record::new(to.clone(), moved);
+                    self.conv_file(to).update(|_| {
+                        Ok(Some((
+                            rec.bytes.to_vec(),
+                            ConvFile(Some(Arc::new(Record::new(to.clone(), rec.value.clone())))),
+                            (),
+                        )))
+                    })?;
+                    fs::remove_file(&src)
+                        .map_err(|e| StoreError::io(format!("remove {}", src.display()), e))?;
+                } else {
+                    fs::rename(&src, &dst).map_err(|e| {
+                        StoreError::io(format!("rename {} -> {}", src.display(), dst.display()), e)
+                    })?;
+                }
+                atomic::fsync_dir(&self.layout.conversations)?;
+                self.conv_file(from).forget();
+                self.conv_file(to).forget();
+                self.conv_view(to)
+            }
+        }
+    }
+
+    /// Marks committed the intents of attachments that a just-written record references.
+    fn commit_refs(&self, bytes: &[u8]) -> Result<()> {
+        let mut refs = HashSet::new();
+        collection::attachment_refs(bytes, &mut refs);
+        if refs.is_empty() {
+            return Ok(());
+        }
+        let n = self.manifest.commit(&refs)?;
+        if n > 0 {
+            tracing::info!(
+                count = n,
+                "committed attachment intents referenced by a record"
+            );
+        }
+        Ok(())
+    }
+
+    // ---- attachments ----
+
+    pub fn attachment_listing(&self) -> Result<Arc<Listing>> {
+        self.attachments.listing()
+    }
+
+    /// Starts streaming a new attachment into the store.
+    pub fn begin_ingest(&self) -> Result<Ingest> {
+        self.writable()?;
+        Ingest::create(&self.layout.attachments)
+    }
+
+    /// Finishes an ingest: write-ahead intent (durable before the bytes are visible), bytes
+    /// moved into place unless identical bytes are there (dedupe), sidecar with `label`.
+    /// Returns the hex id.
+    pub fn finish_ingest(&self, mut ingest: Ingest, label: Option<&str>) -> Result<String> {
+        self.writable()?;
+        if let Some(l) = label
+            && !attachments::valid_label(l)
+        {
+            return Err(StoreError::Invalid(format!(
+                "{l:?} cannot be an attachment label"
+            )));
+        }
+        let size = ingest.len();
+        let (hex, head, tmp) = ingest.seal()?;
+        let _lock = self.lock.acquire()?;
+        self.manifest.add_intent(&hex, None)?;
+        let dest = self.attachments.blob_path(&hex);
+        let shard = dest
+            .parent()
+            .unwrap_or(&self.layout.attachments)
+            .to_path_buf();
+        atomic::ensure_dir(&shard)?;
+        if fingerprint::stat(&dest)?.is_none() {
+            fs::rename(&tmp, &dest).map_err(|e| {
+                StoreError::io(format!("rename {} -> {}", tmp.display(), dest.display()), e)
+            })?;
+            atomic::fsync_dir(&shard)?;
+        }
+        drop(ingest);
+        self.write_sidecar(&hex, |existing| {
+            let mut m = match existing {
+                Some(Value::Object(m)) => m.clone(),
+                _ => attachments::new_sidecar(&hex, size, &head, label),
+            };
+            match label {
+                Some(l) => m.insert("label".into(), Value::String(l.into())),
+                None => m.remove("label"),
+            };
+            Some(m)
+        })?;
+        tracing::info!(hex = %hex, label = label.unwrap_or(""), bytes = size, "ingested attachment");
+        Ok(hex)
+    }
+
+    /// Convenience: ingests bytes from a reader.
+    pub fn ingest_reader(&self, mut r: impl io::Read, label: Option<&str>) -> Result<String> {
+        let mut ing = self.begin_ingest()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        loop {
+            let n = r
+                .read(&mut buf)
+                .map_err(|e| StoreError::io("read attachment source", e))?;
+            if n == 0 {
+                break;
+            }
+            ing.write_at(off, &buf[..n])?;
+            off += n as u64;
+        }
+        self.finish_ingest(ing, label)
+    }
+
+    /// Rewrites a sidecar atomically (caller holds the writer lock). `f` gets the current
+    /// value and returns the new one (`None`: leave it).
+    fn write_sidecar(
+        &self,
+        hex: &str,
+        f: impl FnOnce(Option<&Value>) -> Option<serde_json::Map<String, Value>>,
+    ) -> Result<()> {
+        let path = self.attachments.sidecar_path(hex);
+        let cur = attachments::read_sidecar(&path);
+        let Some(new) = f(cur.as_ref().map(|s| &s.value)) else {
+            return Ok(());
+        };
+        let mut bytes =
+            serde_json::to_vec_pretty(&new).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        bytes.push(b'\n');
+        match atomic::replace_file(&path, &bytes, cur.map(|s| s.fp))? {
+            atomic::Replaced::Done(_) => Ok(()),
+            atomic::Replaced::Raced => Err(StoreError::Again(format!(
+                "{} changed while it was being rewritten",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Gives `label` to blob `hex`, taking it from every other blob, and (for a rename)
+    /// dropping label `old` everywhere.
+    pub fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()> {
+        self.writable()?;
+        if !attachments::valid_label(label) {
+            return Err(StoreError::Invalid(format!(
+                "{label:?} cannot be an attachment label"
+            )));
+        }
+        let _lock = self.lock.acquire()?;
+        let listing = self.attachments.listing()?;
+        for b in listing.blobs.values() {
+            let l = b.sidecar.as_ref().and_then(|s| s.label.as_deref());
+            if b.hex != hex && (l == Some(label) || (old.is_some() && l == old)) {
+                self.write_sidecar(&b.hex, |v| {
+                    v.and_then(Value::as_object).map(|m| {
+                        let mut m = m.clone();
+                        m.remove("label");
+                        m
+                    })
+                })?;
+            }
+        }
+        let size = listing.blobs.get(hex).map(|b| b.size).unwrap_or(0);
+        self.write_sidecar(hex, |v| {
+            let mut m = match v {
+                Some(Value::Object(m)) => m.clone(),
+                _ => attachments::new_sidecar(hex, size, &[], Some(label)),
+            };
+            m.insert("label".into(), Value::String(label.into()));
+            Some(m)
+        })
+    }
+
+    /// Removes a label (the name only: bytes leave only through gc).
+    pub fn unlabel(&self, label: &str) -> Result<()> {
+        self.writable()?;
+        let _lock = self.lock.acquire()?;
+        let listing = self.attachments.listing()?;
+        let mut found = false;
+        for b in listing.blobs.values() {
+            if b.sidecar.as_ref().and_then(|s| s.label.as_deref()) == Some(label) {
+                found = true;
+                self.write_sidecar(&b.hex, |v| {
+                    v.and_then(Value::as_object).map(|m| {
+                        let mut m = m.clone();
+                        m.remove("label");
+                        m
+                    })
+                })?;
+            }
+        }
+        if !found {
+            return Err(StoreError::NotFound(format!(
+                "no attachment labelled {label:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn last_gc(&self) -> Option<gc::GcReport> {
+        self.last_gc.lock().clone()
+    }
+}

@@ -1,0 +1,158 @@
+//! Shared helpers: fixture copies and real mounts that always unmount.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/store");
+pub const BIN: &str = env!("CARGO_BIN_EXE_agentmount");
+
+pub const S_ACTIVE: &str = "6f1c2a9e-4b7d-4e21-9a55-0c3d8e7f1a22";
+pub const S_STOPPED: &str = "0b9e77d1-2c3f-4a8b-8e6d-5f4a3b2c1d0e";
+pub const S_FUTURE: &str = "c4d5e6f7-0819-4a2b-bc3d-e4f5a6b7c8d9";
+pub const PIXEL: &str = "b1ff9c8ea3a780bad09b346c423d2d0e46815926879b18e841d928376a946640";
+pub const NOTES: &str = "054e7968a55d96393430999a1399b2e94a881aef5b51cdc828b76fa9d4182222";
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+            let mut p = std::fs::metadata(&dst).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            p.set_readonly(false);
+            std::fs::set_permissions(&dst, p).unwrap();
+        }
+    }
+}
+
+/// A temp dir holding a copy of the fixture store.
+pub fn fixture_copy() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    copy_dir(Path::new(FIXTURE), d.path());
+    d
+}
+
+/// Every file under a directory with its bytes (for "the store is byte-identical").
+pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    fn walk(d: &Path, root: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        let mut entries: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap()).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == ".agentmount.lock" || name == "agentmount.log" {
+                continue;
+            }
+            if p.is_dir() {
+                walk(&p, root, out);
+            } else {
+                out.push((
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// A real mount of a store; unmounted (lazily if need be) when dropped, even on panic.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+}
+
+impl Mount {
+    pub fn new(store: &Path, extra: &[&str]) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(BIN)
+            .arg("mount")
+            .arg("--store")
+            .arg(store)
+            .args(extra)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            dir,
+            store: store.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new(BIN)
+            .arg("unmount")
+            .arg(self.dir.path())
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+pub fn sh(script: &str, cwd: &Path) -> std::process::Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+/// Runs a shell script that must succeed; returns its stdout.
+pub fn sh_ok(script: &str, cwd: &Path) -> String {
+    let o = sh(script, cwd);
+    assert!(
+        o.status.success(),
+        "`{script}` failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if f() {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    None
+}

@@ -1,0 +1,867 @@
+//! Store tests: no mount, real files.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use agentmount::store::gc::GcOptions;
+use agentmount::store::{Kind, Layout, Options, Store};
+use common::*;
+use serde_json::{Value, json};
+
+fn open(dir: &Path) -> Store {
+    Store::open(Layout::new(dir), Options::default()).unwrap()
+}
+
+fn session(task: &str) -> Value {
+    json!({"tmux_name": "tm-x", "cwd": "/w", "task": task, "state": "active", "created_at": "2026-11-20T09:12:03Z"})
+}
+
+fn bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+#[test]
+fn fixture_round_trips_every_field_including_unknown_ones() {
+    let d = fixture_copy();
+    let s = open(d.path());
+    let before = json(&d.path().join("session-manager/sessions.json"));
+    let future = s.get(Kind::Sessions, S_FUTURE).unwrap().unwrap();
+    let v: Value = serde_json::from_slice(&future.bytes).unwrap();
+    assert_eq!(v, before["sessions"][S_FUTURE]);
+    assert_eq!(
+        v["future_field_from_newer_platform"]["note"],
+        "unknown fields must round-trip"
+    );
+    // Rewrite one record as read: the whole file keeps its meaning, unknown fields included.
+    s.upsert(Kind::Sessions, S_FUTURE, &future.bytes).unwrap();
+    assert_eq!(
+        json(&d.path().join("session-manager/sessions.json")),
+        before
+    );
+    let g = s.get(Kind::Goals, "g-1a2b3c4d").unwrap().unwrap();
+    s.upsert(Kind::Goals, "g-1a2b3c4d", &g.bytes).unwrap();
+    assert_eq!(
+        json(&d.path().join("sm/goals.json")),
+        json(&Path::new(FIXTURE).join("sm/goals.json"))
+    );
+    let c = s.get(Kind::Conversations, "login-flake").unwrap().unwrap();
+    s.upsert(Kind::Conversations, "login-flake", &c.bytes)
+        .unwrap();
+    assert_eq!(
+        json(&d.path().join("sm/conversation-login-flake.json")),
+        json(&Path::new(FIXTURE).join("sm/conversation-login-flake.json"))
+    );
+    // Presented bytes are pretty JSON plus a newline, the same on every read of a version.
+    assert!(future.bytes.ends_with(b"}\n"));
+    assert_eq!(
+        s.get(Kind::Sessions, S_FUTURE).unwrap().unwrap().bytes,
+        future.bytes
+    );
+}
+
+#[test]
+fn missing_store_reads_empty_and_is_created_on_first_write() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("new-store");
+    let s = open(&root);
+    assert!(s.list(Kind::Sessions).unwrap().records.is_empty());
+    assert!(s.list(Kind::Goals).unwrap().records.is_empty());
+    assert!(s.list(Kind::Conversations).unwrap().records.is_empty());
+    assert!(!root.exists(), "opening must not create the store");
+    let id = "11111111-2222-4333-8444-555555555555";
+    s.upsert(Kind::Sessions, id, &bytes(&session("first")))
+        .unwrap();
+    assert_eq!(
+        json(&root.join("session-manager/sessions.json"))["sessions"][id]["id"],
+        id
+    );
+}
+
+#[test]
+fn same_length_writes_within_one_clock_tick_are_both_seen() {
+    let d = fixture_copy();
+    let s = open(d.path());
+    let p = d.path().join("session-manager/sessions.json");
+    let orig = std::fs::read_to_string(&p).unwrap();
+    for task in ["aaaa", "bbbb", "cccc"] {
+        // Same length, written by rename as trusty-mpm does, back to back.
+        let text = orig.replace("fix flaky login test", &format!("fix flaky login {task}"));
+        std::fs::write(p.with_extension("tmp"), &text).unwrap();
+        std::fs::rename(p.with_extension("tmp"), &p).unwrap();
+        let v: Value =
+            serde_json::from_slice(&s.get(Kind::Sessions, S_ACTIVE).unwrap().unwrap().bytes)
+                .unwrap();
+        assert_eq!(v["task"], format!("fix flaky login {task}"));
+    }
+    // And an in-place rewrite with the same length (same inode): ctime/mtime ns catch it.
+    let text = orig.replace("fix flaky login test", "fix flaky login zzzz");
+    std::fs::write(&p, &text).unwrap();
+    let v: Value =
+        serde_json::from_slice(&s.get(Kind::Sessions, S_ACTIVE).unwrap().unwrap().bytes).unwrap();
+    assert_eq!(v["task"], "fix flaky login zzzz");
+}
+
+#[test]
+fn unparseable_store_file_keeps_last_good_view_and_refuses_writes() {
+    let d = fixture_copy();
+    let s = open(d.path());
+    assert_eq!(s.list(Kind::Goals).unwrap().records.len(), 2);
+    let p = d.path().join("sm/goals.json");
+    std::fs::write(&p, b"[{\"id\": \"g-1a2b").unwrap();
+    let l = s.list(Kind::Goals).unwrap();
+    assert_eq!(l.records.len(), 2, "last good version is served");
+    assert!(l.error.as_deref().unwrap_or("").contains("invalid JSON"));
+    let e = s
+        .upsert(
+            Kind::Goals,
+            "g-00000000",
+            br#"{"description":"x","status":"pending"}"#,
+        )
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        b"[{\"id\": \"g-1a2b",
+        "an unparseable file is never overwritten"
+    );
+    std::fs::copy(Path::new(FIXTURE).join("sm/goals.json"), &p).unwrap();
+    assert!(s.list(Kind::Goals).unwrap().error.is_none());
+    s.upsert(
+        Kind::Goals,
+        "g-00000000",
+        br#"{"description":"x","status":"pending"}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn every_validation_refusal_has_its_errno() {
+    let d = fixture_copy();
+    let s = Store::open(
+        Layout::new(d.path()),
+        Options {
+            max_record_bytes: 4096,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let before = tree(d.path());
+    let sid = "11111111-2222-4333-8444-555555555555";
+    let mut big = session("x");
+    big["blob"] = json!("y".repeat(5000));
+    let long_id = "g".repeat(129);
+    let cases: Vec<(Kind, &str, Vec<u8>, i32, &str)> = vec![
+        (
+            Kind::Sessions,
+            sid,
+            b"{\"task\": ".to_vec(),
+            libc::EINVAL,
+            "invalid JSON",
+        ),
+        (Kind::Sessions, sid, b"".to_vec(), libc::EINVAL, "empty"),
+        (
+            Kind::Sessions,
+            sid,
+            b"[1,2]".to_vec(),
+            libc::EINVAL,
+            "must be a JSON object",
+        ),
+        (
+            Kind::Sessions,
+            sid,
+            bytes(
+                &json!({"tmux_name": 1, "cwd": "/", "task": "t", "state": "active", "created_at": "2026-11-20T09:12:03Z"}),
+            ),
+            libc::EINVAL,
+            "\"tmux_name\" must be a string",
+        ),
+        (
+            Kind::Sessions,
+            sid,
+            bytes(
+                &json!({"tmux_name": "t", "cwd": "/", "task": "t", "state": "running", "created_at": "2026-11-20T09:12:03Z"}),
+            ),
+            libc::EINVAL,
+            "expected one of provisioning",
+        ),
+        (
+            Kind::Sessions,
+            sid,
+            bytes(
+                &json!({"tmux_name": "t", "cwd": "/", "task": "t", "state": "active", "created_at": "yesterday"}),
+            ),
+            libc::EINVAL,
+            "not an RFC 3339 time",
+        ),
+        (
+            Kind::Sessions,
+            sid,
+            bytes(
+                &json!({"tmux_name": "t", "cwd": "/", "state": "active", "created_at": "2026-11-20T09:12:03Z"}),
+            ),
+            libc::EINVAL,
+            "\"task\" is missing",
+        ),
+        (
+            Kind::Sessions,
+            sid,
+            bytes(
+                &json!({"id": S_ACTIVE, "tmux_name": "t", "cwd": "/", "task": "t", "state": "active", "created_at": "2026-11-20T09:12:03Z"}),
+            ),
+            libc::EINVAL,
+            "file name says",
+        ),
+        (
+            Kind::Sessions,
+            sid,
+            bytes(
+                &json!({"tmux_name": "t", "cwd": "/", "task": "t", "state": "active", "created_at": "2026-11-20T09:12:03Z", "runtime": "vim"}),
+            ),
+            libc::EINVAL,
+            "\"runtime\"",
+        ),
+        (
+            Kind::Sessions,
+            sid,
+            bytes(
+                &json!({"tmux_name": "t", "cwd": "/", "task": "t", "state": "active", "created_at": "2026-11-20T09:12:03Z", "correlation": {"pr_id": "x"}}),
+            ),
+            libc::EINVAL,
+            "correlation",
+        ),
+        (
+            Kind::Sessions,
+            "not-a-uuid",
+            bytes(&session("t")),
+            libc::EINVAL,
+            "UUID",
+        ),
+        (Kind::Sessions, sid, bytes(&big), libc::EFBIG, "size limit"),
+        (
+            Kind::Goals,
+            "g-1",
+            bytes(&json!({"description": "d", "status": "finished"})),
+            libc::EINVAL,
+            "\"status\"",
+        ),
+        (
+            Kind::Goals,
+            "g-1",
+            bytes(&json!({"description": "d", "status": "pending", "progress": 101})),
+            libc::EINVAL,
+            "\"progress\"",
+        ),
+        (
+            Kind::Goals,
+            "g-1",
+            bytes(&json!({"description": "d", "status": "pending", "acceptance": "all"})),
+            libc::EINVAL,
+            "\"acceptance\"",
+        ),
+        (
+            Kind::Goals,
+            "g-1",
+            bytes(
+                &json!({"description": "d", "status": "done", "sessions": [{"session_id": S_ACTIVE, "state": "running"}]}),
+            ),
+            libc::EINVAL,
+            "not verified",
+        ),
+        (
+            Kind::Goals,
+            "g-1",
+            bytes(
+                &json!({"description": "d", "status": "pending", "sessions": [{"session_id": "x", "state": "running"}]}),
+            ),
+            libc::EINVAL,
+            "not a UUID",
+        ),
+        (
+            Kind::Goals,
+            "g-1",
+            bytes(&json!({"description": "d", "status": "pending", "updated": 5})),
+            libc::EINVAL,
+            "\"updated\"",
+        ),
+        (
+            Kind::Goals,
+            "../evil",
+            bytes(&json!({"description": "d", "status": "pending"})),
+            libc::EINVAL,
+            "not a valid goal id",
+        ),
+        (
+            Kind::Goals,
+            &long_id,
+            bytes(&json!({"description": "d", "status": "pending"})),
+            libc::EINVAL,
+            "1-128",
+        ),
+        (
+            Kind::Conversations,
+            "c1",
+            bytes(&json!({"total_rounds": -1})),
+            libc::EINVAL,
+            "total_rounds",
+        ),
+        (
+            Kind::Conversations,
+            "c1",
+            bytes(&json!({"recent_rounds": [{"ts": "soon"}]})),
+            libc::EINVAL,
+            "recent_rounds[0]",
+        ),
+        (
+            Kind::Conversations,
+            "c1",
+            bytes(&json!({"id": "c2"})),
+            libc::EINVAL,
+            "file name says",
+        ),
+        (
+            Kind::Conversations,
+            "a/b",
+            bytes(&json!({})),
+            libc::EINVAL,
+            "not a valid conversation id",
+        ),
+    ];
+    for (kind, id, data, errno, needle) in cases {
+        let e = s
+            .upsert(kind, id, &data)
+            .expect_err(&format!("{kind:?} {id} {needle} must be refused"));
+        assert_eq!(e.errno(), errno, "{needle}: {e}");
+        assert!(
+            e.to_string().contains(needle),
+            "reason {e:?} should mention {needle:?}"
+        );
+    }
+    assert_eq!(
+        tree(d.path()),
+        before,
+        "refusals change nothing in the store"
+    );
+    // The goal rule passes once every linked session is verified.
+    s.upsert(Kind::Goals, "g-1", &bytes(&json!({"description": "d", "status": "done", "sessions": [{"session_id": S_ACTIVE, "state": "verified"}]}))).unwrap();
+}
+
+#[test]
+fn upsert_remove_and_rekey_each_collection() {
+    let d = fixture_copy();
+    let s = open(d.path());
+    let new = "11111111-2222-4333-8444-555555555555";
+    s.rekey(Kind::Sessions, S_ACTIVE, new).unwrap();
+    let doc = json(&d.path().join("session-manager/sessions.json"));
+    assert!(doc["sessions"].get(S_ACTIVE).is_none());
+    assert_eq!(doc["sessions"][new]["id"], new);
+    assert_eq!(doc["sessions"][new]["tmux_name"], "tm-quiet-falcon");
+    s.remove(Kind::Sessions, new).unwrap();
+    assert_eq!(
+        json(&d.path().join("session-manager/sessions.json"))["sessions"]
+            .as_object()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        s.remove(Kind::Sessions, new).unwrap_err().errno(),
+        libc::ENOENT
+    );
+
+    // Goals stay ordered by id.
+    s.upsert(
+        Kind::Goals,
+        "g-00000001",
+        br#"{"description":"first","status":"pending"}"#,
+    )
+    .unwrap();
+    s.rekey(Kind::Goals, "g-9f8e7d6c", "g-55555555").unwrap();
+    let ids: Vec<String> = json(&d.path().join("sm/goals.json"))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["g-00000001", "g-1a2b3c4d", "g-55555555"]);
+
+    s.rekey(Kind::Conversations, "login-flake", "login-flake-2")
+        .unwrap();
+    assert!(!d.path().join("sm/conversation-login-flake.json").exists());
+    assert_eq!(
+        json(&d.path().join("sm/conversation-login-flake-2.json"))["total_rounds"],
+        14
+    );
+    s.remove(Kind::Conversations, "login-flake-2").unwrap();
+    assert!(s.list(Kind::Conversations).unwrap().records.is_empty());
+}
+
+#[test]
+fn attachments_ingest_dedupes_and_labels_come_from_sidecars() {
+    let d = fixture_copy();
+    let s = open(d.path());
+    let png = std::fs::read(Path::new(FIXTURE).join("attachments/sha256/b1").join(PIXEL)).unwrap();
+    let hex = s.ingest_reader(&png[..], Some("again.png")).unwrap();
+    assert_eq!(hex, PIXEL, "same bytes, same address");
+    let hex2 = s
+        .ingest_reader(&b"hello world\n"[..], Some("hello.txt"))
+        .unwrap();
+    let blob = d
+        .path()
+        .join("attachments/sha256")
+        .join(&hex2[..2])
+        .join(&hex2);
+    assert_eq!(std::fs::read(&blob).unwrap(), b"hello world\n");
+    let meta = json(&blob.with_extension("json"));
+    assert_eq!(
+        meta["media_type"],
+        json!({"kind": "file", "type": "text/plain"})
+    );
+    assert_eq!(meta["byte_len"], 12);
+    let pmeta = json(
+        &d.path()
+            .join("attachments/sha256/b1")
+            .join(format!("{PIXEL}.json")),
+    );
+    assert_eq!(
+        (
+            pmeta["width"].as_u64(),
+            pmeta["height"].as_u64(),
+            pmeta["label"].as_str()
+        ),
+        (Some(1), Some(1), Some("again.png"))
+    );
+    // Labels survive a reopen: they live in the sidecars.
+    let s2 = open(d.path());
+    let l = s2.attachment_listing().unwrap();
+    assert_eq!(l.labels.get("hello.txt"), Some(&hex2));
+    assert_eq!(l.labels.get("again.png").map(String::as_str), Some(PIXEL));
+    assert_eq!(l.labels.get("notes.txt").map(String::as_str), Some(NOTES));
+    // Intents are written ahead and uncommitted until a record references them.
+    let m = json(&d.path().join("attachments/manifest.json"));
+    let row = m["intents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["attachment_id"] == hex2.as_str())
+        .unwrap()
+        .clone();
+    assert!(row["committed_at_epoch_ms"].is_null());
+    s2.upsert(
+        Kind::Conversations,
+        "c1",
+        format!(r#"{{"compressed_context": "see sha256:{hex2}"}}"#).as_bytes(),
+    )
+    .unwrap();
+    let m = json(&d.path().join("attachments/manifest.json"));
+    let row = m["intents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["attachment_id"] == hex2.as_str())
+        .unwrap()
+        .clone();
+    assert!(row["committed_at_epoch_ms"].is_i64());
+    s2.unlabel("hello.txt").unwrap();
+    assert!(blob.exists(), "rm of a label removes the name only");
+    assert!(
+        !s2.attachment_listing()
+            .unwrap()
+            .labels
+            .contains_key("hello.txt")
+    );
+}
+
+#[test]
+fn media_types_from_magic_bytes() {
+    use agentmount::store::attachments::detect_media;
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    png.extend_from_slice(&640u32.to_be_bytes());
+    png.extend_from_slice(&480u32.to_be_bytes());
+    assert_eq!(
+        detect_media(&png, None),
+        (json!({"kind":"image","type":"png"}), Some((640, 480)))
+    );
+    let gif = b"GIF89a\x20\x03\x58\x02rest";
+    assert_eq!(
+        detect_media(gif, None),
+        (json!({"kind":"image","type":"gif"}), Some((800, 600)))
+    );
+    let jpeg = [
+        0xff, 0xd8, 0xff, 0xe0, 0, 4, 0, 0, 0xff, 0xc0, 0, 17, 8, 0, 120, 0, 160, 3, 0, 0,
+    ];
+    assert_eq!(
+        detect_media(&jpeg, None),
+        (json!({"kind":"image","type":"jpeg"}), Some((160, 120)))
+    );
+    let mut bmp = b"BM".to_vec();
+    bmp.resize(26, 0);
+    bmp[18..22].copy_from_slice(&32i32.to_le_bytes());
+    bmp[22..26].copy_from_slice(&(-16i32).to_le_bytes());
+    assert_eq!(
+        detect_media(&bmp, None),
+        (json!({"kind":"image","type":"bmp"}), Some((32, 16)))
+    );
+    assert_eq!(
+        detect_media(b"%PDF-1.7", None).0,
+        json!({"kind":"file","type":"application/pdf"})
+    );
+    assert_eq!(
+        detect_media(b"{}", Some("x.json")).0,
+        json!({"kind":"file","type":"application/json"})
+    );
+    assert_eq!(
+        detect_media(&[0, 159, 146, 150], Some("x.bin")).0,
+        json!({"kind":"file","type":"application/octet-stream"})
+    );
+}
+
+#[test]
+fn gc_reclaims_the_fixture_orphan_and_keeps_the_referenced_pixel() {
+    let d = fixture_copy();
+    let s = open(d.path());
+    let dry = s
+        .gc(&GcOptions {
+            grace_secs: 3600,
+            dry_run: true,
+        })
+        .unwrap();
+    assert_eq!(
+        (dry.reclaimed, dry.kept_referenced, dry.bytes_freed),
+        (1, 1, 39)
+    );
+    assert!(
+        d.path().join("attachments/sha256/05").join(NOTES).exists(),
+        "dry-run deletes nothing"
+    );
+    let r = s.gc(&GcOptions::default()).unwrap();
+    assert_eq!(r.reclaimed_ids, [NOTES]);
+    assert!(!d.path().join("attachments/sha256/05").join(NOTES).exists());
+    assert!(
+        !d.path()
+            .join("attachments/sha256/05")
+            .join(format!("{NOTES}.json"))
+            .exists()
+    );
+    assert!(d.path().join("attachments/sha256/b1").join(PIXEL).exists());
+    let m = json(&d.path().join("attachments/manifest.json"));
+    assert_eq!(
+        m["intents"].as_array().unwrap().len(),
+        1,
+        "the orphan's intent is forgotten"
+    );
+    // Young uncommitted attachments are kept; bytes without an intent of ours are never touched.
+    let young = s.ingest_reader(&b"young"[..], Some("young.txt")).unwrap();
+    let foreign = d.path().join("attachments/sha256/ff").join("f".repeat(64));
+    std::fs::create_dir_all(foreign.parent().unwrap()).unwrap();
+    std::fs::write(&foreign, b"someone else's").unwrap();
+    let r = s
+        .gc(&GcOptions {
+            grace_secs: 3600,
+            dry_run: false,
+        })
+        .unwrap();
+    assert_eq!((r.reclaimed, r.kept_young), (0, 1));
+    let r = s
+        .gc(&GcOptions {
+            grace_secs: 0,
+            dry_run: false,
+        })
+        .unwrap();
+    assert_eq!(r.reclaimed_ids, [young]);
+    assert!(foreign.exists());
+    assert!(GcOptions::parse_command("bogus").is_err());
+    assert_eq!(
+        GcOptions::parse_command("grace=5 dry-run\n")
+            .unwrap()
+            .grace_secs,
+        5
+    );
+    assert!(GcOptions::parse_command("").is_ok());
+}
+
+#[test]
+fn cli_gc_and_fsck_on_the_fixture() {
+    let d = fixture_copy();
+    let out = Command::new(BIN)
+        .args(["gc", "--dry-run", "--store"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["reclaimed"].as_u64(), r["dry_run"].as_bool()),
+        (Some(1), Some(true))
+    );
+    assert!(d.path().join("attachments/sha256/05").join(NOTES).exists());
+    let out = Command::new(BIN)
+        .args(["gc", "--store"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["reclaimed_ids"], json!([NOTES]));
+    assert!(!d.path().join("attachments/sha256/05").join(NOTES).exists());
+    let fsck = |p: &Path| {
+        Command::new(BIN)
+            .args(["fsck", "--store"])
+            .arg(p)
+            .output()
+            .unwrap()
+    };
+    let o = fsck(d.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // A blob whose bytes changed fails fsck.
+    let blob = d.path().join("attachments/sha256/b1").join(PIXEL);
+    let mut b = std::fs::read(&blob).unwrap();
+    b[20] ^= 1;
+    std::fs::write(&blob, b).unwrap();
+    let o = fsck(d.path());
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hash to"));
+    // A stray temp file of a dead writer is removed.
+    let dd = fixture_copy();
+    let stray = dd
+        .path()
+        .join("sm/.goals.json.agentmount-tmp.999999999.1.0");
+    std::fs::write(&stray, b"half").unwrap();
+    let o = fsck(dd.path());
+    assert!(o.status.success());
+    assert!(!stray.exists());
+}
+
+// ---- several writers ----
+
+/// Child roles, run by re-executing this test binary (see `spawn_child`).
+#[test]
+fn child_role() {
+    let Ok(role) = std::env::var("AGENTMOUNT_TEST_ROLE") else {
+        return;
+    };
+    let store = std::env::var("AGENTMOUNT_TEST_STORE").unwrap();
+    let s = open(Path::new(&store));
+    let me: usize = std::env::var("AGENTMOUNT_TEST_N").unwrap().parse().unwrap();
+    match role.as_str() {
+        "writer" => {
+            for i in 0..40 {
+                let id = format!("{:08x}-0000-4000-8000-{:012x}", me, i);
+                s.upsert(Kind::Sessions, &id, &bytes(&session(&format!("w{me}-{i}"))))
+                    .unwrap();
+            }
+        }
+        "crasher" => {
+            // Upserts and ingests forever, saying on stdout which writes have returned.
+            let mut i = 0u64;
+            loop {
+                let id = format!("{:08x}-0000-4000-8000-{:012x}", me, i);
+                s.upsert(Kind::Sessions, &id, &bytes(&session(&format!("c{i}"))))
+                    .unwrap();
+                println!("session {id}");
+                let hex = s
+                    .ingest_reader(
+                        format!("blob {me} {i}").as_bytes(),
+                        Some(&format!("b{i}.txt")),
+                    )
+                    .unwrap();
+                println!("blob {hex}");
+                s.upsert(
+                    Kind::Goals,
+                    &format!("g-{i:08x}"),
+                    &bytes(&json!({"description": "d", "status": "pending"})),
+                )
+                .unwrap();
+                println!("goal g-{i:08x}");
+                i += 1;
+            }
+        }
+        _ => {}
+    }
+}
+
+fn spawn_child(role: &str, store: &Path, n: usize) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .env("AGENTMOUNT_TEST_ROLE", role)
+        .env("AGENTMOUNT_TEST_STORE", store)
+        .env("AGENTMOUNT_TEST_N", n.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn concurrent_processes_lose_no_updates() {
+    let d = fixture_copy();
+    let children: Vec<_> = (0..4).map(|n| spawn_child("writer", d.path(), n)).collect();
+    for c in children {
+        assert!(c.wait_with_output().unwrap().status.success());
+    }
+    let doc = json(&d.path().join("session-manager/sessions.json"));
+    let sessions = doc["sessions"].as_object().unwrap();
+    assert_eq!(sessions.len(), 3 + 4 * 40, "0 lost updates");
+    for n in 0..4 {
+        for i in 0..40 {
+            let id = format!("{:08x}-0000-4000-8000-{:012x}", n, i);
+            assert_eq!(sessions[&id]["task"], format!("w{n}-{i}"));
+        }
+    }
+}
+
+#[test]
+fn kill_9_at_random_moments_leaves_every_file_old_or_new() {
+    let cycles: usize = std::env::var("AGENTMOUNT_CRASH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let d = fixture_copy();
+    let mut acked: HashMap<String, Vec<String>> = HashMap::new();
+    for cycle in 0..cycles {
+        let mut child = spawn_child("crasher", d.path(), cycle);
+        let out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<String>>()
+        });
+        let ms = 20 + (cycle * 37) % 150;
+        std::thread::sleep(std::time::Duration::from_millis(ms as u64));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for line in reader.join().unwrap() {
+            if let Some((k, v)) = line.split_once(' ') {
+                acked.entry(k.to_string()).or_default().push(v.to_string());
+            }
+        }
+        // Every store file parses, every acknowledged write is there.
+        let s = open(d.path());
+        let sessions = json(&d.path().join("session-manager/sessions.json"));
+        for id in acked.get("session").into_iter().flatten() {
+            assert!(
+                sessions["sessions"].get(id).is_some(),
+                "acknowledged session {id} lost"
+            );
+        }
+        let goals = s.list(Kind::Goals).unwrap();
+        assert!(goals.error.is_none());
+        for id in acked.get("goal").into_iter().flatten() {
+            assert!(
+                goals.records.iter().any(|r| &r.id == id),
+                "acknowledged goal {id} lost"
+            );
+        }
+        for hex in acked.get("blob").into_iter().flatten() {
+            assert!(
+                d.path()
+                    .join("attachments/sha256")
+                    .join(&hex[..2])
+                    .join(hex)
+                    .exists(),
+                "acknowledged blob {hex} lost"
+            );
+        }
+        let r = s.fsck();
+        assert!(r.ok(), "fsck after crash {cycle}: {:?}", r.problems);
+    }
+    assert!(
+        acked.get("session").map(Vec::len).unwrap_or(0) > cycles,
+        "the children made progress"
+    );
+}
+
+// ---- a model check: two handles (two writers) against an in-memory reference ----
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Upsert(usize, Kind, usize, u8),
+        Remove(usize, Kind, usize),
+        Rekey(usize, Kind, usize, usize),
+    }
+
+    fn id(kind: Kind, n: usize) -> String {
+        match kind {
+            Kind::Sessions => format!("00000000-0000-4000-8000-{n:012}"),
+            Kind::Goals => format!("g-{n:08x}"),
+            Kind::Conversations => format!("conv-{n}"),
+        }
+    }
+
+    fn record(kind: Kind, v: u8) -> Value {
+        match kind {
+            Kind::Sessions => session(&format!("t{v}")),
+            Kind::Goals => json!({"description": format!("d{v}"), "status": "pending"}),
+            Kind::Conversations => {
+                json!({"compressed_context": format!("c{v}"), "total_rounds": v})
+            }
+        }
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let kind = prop_oneof![
+            Just(Kind::Sessions),
+            Just(Kind::Goals),
+            Just(Kind::Conversations)
+        ];
+        prop_oneof![
+            (0..2usize, kind.clone(), 0..5usize, any::<u8>())
+                .prop_map(|(h, k, i, v)| Op::Upsert(h, k, i, v)),
+            (0..2usize, kind.clone(), 0..5usize).prop_map(|(h, k, i)| Op::Remove(h, k, i)),
+            (0..2usize, kind, 0..5usize, 0..5usize).prop_map(|(h, k, a, b)| Op::Rekey(h, k, a, b)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn two_writers_match_the_reference_model(ops in proptest::collection::vec(op(), 1..30)) {
+            let d = tempfile::tempdir().unwrap();
+            let handles = [open(d.path()), open(d.path())];
+            let mut model: HashMap<(Kind, String), Value> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Upsert(h, k, i, v) => {
+                        let mut rec = record(k, v);
+                        handles[h].upsert(k, &id(k, i), &bytes(&rec)).unwrap();
+                        if k != Kind::Conversations {
+                            let mut m = serde_json::Map::new();
+                            m.insert("id".into(), json!(id(k, i)));
+                            m.extend(rec.as_object().unwrap().clone());
+                            rec = Value::Object(m);
+                        }
+                        model.insert((k, id(k, i)), rec);
+                    }
+                    Op::Remove(h, k, i) => {
+                        let r = handles[h].remove(k, &id(k, i));
+                        prop_assert_eq!(r.is_ok(), model.remove(&(k, id(k, i))).is_some());
+                    }
+                    Op::Rekey(h, k, a, b) => {
+                        let r = handles[h].rekey(k, &id(k, a), &id(k, b));
+                        match model.remove(&(k, id(k, a))) {
+                            Some(mut v) => {
+                                prop_assert!(r.is_ok(), "{:?}", r.err());
+                                if k != Kind::Conversations { v["id"] = json!(id(k, b)); }
+                                model.insert((k, id(k, b)), v);
+                            }
+                            None => prop_assert!(r.is_err()),
+                        }
+                    }
+                }
+            }
+            let fresh = open(d.path());
+            for k in Kind::ALL {
+                let got: HashMap<String, Value> = fresh.list(k).unwrap().records.into_iter().map(|r| (r.id, serde_json::from_slice(&r.bytes).unwrap())).collect();
+                let want: HashMap<String, Value> = model.iter().filter(|((mk, _), _)| *mk == k).map(|((_, i), v)| (i.clone(), v.clone())).collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}
