@@ -13,7 +13,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::{Attr, Core, FileKind, FsError, OpenMode};
+use super::{Attr, Core, FileKind, FsError, OpenMode, SetAttr};
 
 pub struct AgentFs {
     pub core: Arc<Core>,
@@ -123,10 +123,17 @@ impl Filesystem for AgentFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self
-            .core
-            .setattr(ino.0, fh.map(|f| f.0), mode, uid, gid, size, time_of(mtime))
-        {
+        match self.core.setattr(
+            ino.0,
+            fh.map(|f| f.0),
+            SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                mtime: time_of(mtime),
+            },
+        ) {
             Ok(a) => reply.attr(&a.ttl, &to_attr(&self.core, &a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -461,6 +468,21 @@ impl Filesystem for AgentFs {
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::from_i32(libc::ENOTSUP));
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in: &[u8],
+        _out: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Terminal probes (TCGETS from cat, shells): not a terminal, quietly.
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {

@@ -158,6 +158,16 @@ struct IngestState {
     done: Option<String>,
 }
 
+/// What a setattr asks to change.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
+}
+
 #[derive(Default)]
 pub struct FsStats {
     pub invalidations: AtomicU64,
@@ -266,8 +276,7 @@ impl Core {
         ino: u64,
         kind: FileKind,
         size: u64,
-        mtime: SystemTime,
-        ctime: SystemTime,
+        (mtime, ctime): (SystemTime, SystemTime),
         perm: u16,
         ttl: Duration,
     ) -> Attr {
@@ -294,7 +303,7 @@ impl Core {
             .ok()
             .and_then(|m| m.modified().ok())
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        self.attr(ino, FileKind::Dir, 0, t, t, 0o755, self.opts.ttl)
+        self.attr(ino, FileKind::Dir, 0, (t, t), 0o755, self.opts.ttl)
     }
 
     // ---- names ----
@@ -387,8 +396,7 @@ impl Core {
                         ino,
                         FileKind::File,
                         data.len() as u64,
-                        now,
-                        now,
+                        (now, now),
                         file_perm(0o644),
                         Duration::ZERO,
                     ));
@@ -398,8 +406,7 @@ impl Core {
                         ino,
                         FileKind::File,
                         v.bytes.len() as u64,
-                        v.mtime,
-                        v.ctime,
+                        (v.mtime, v.ctime),
                         file_perm(0o644),
                         ttl,
                     )),
@@ -408,8 +415,7 @@ impl Core {
                             ino,
                             FileKind::File,
                             0,
-                            t,
-                            t,
+                            (t, t),
                             file_perm(0o644),
                             Duration::ZERO,
                         )),
@@ -424,8 +430,7 @@ impl Core {
                     ino,
                     FileKind::File,
                     s.data.len() as u64,
-                    s.mtime,
-                    s.ctime,
+                    (s.mtime, s.ctime),
                     s.mode,
                     Duration::ZERO,
                 ))
@@ -437,8 +442,7 @@ impl Core {
                     ino,
                     FileKind::File,
                     fp.size,
-                    fp.mtime(),
-                    fp.ctime(),
+                    (fp.mtime(), fp.ctime()),
                     0o444,
                     self.opts.blob_ttl,
                 ))
@@ -451,8 +455,7 @@ impl Core {
                     ino,
                     FileKind::File,
                     fp.size,
-                    fp.mtime(),
-                    fp.ctime(),
+                    (fp.mtime(), fp.ctime()),
                     0o444,
                     ttl,
                 ))
@@ -468,7 +471,7 @@ impl Core {
                     .get(hex)
                     .and_then(|b| b.sidecar.as_ref().map(|s| s.mtime))
                     .unwrap_or(SystemTime::UNIX_EPOCH);
-                Ok(self.attr(ino, FileKind::Symlink, hex.len() as u64, t, t, 0o777, ttl))
+                Ok(self.attr(ino, FileKind::Symlink, hex.len() as u64, (t, t), 0o777, ttl))
             }
             Node::Ingest(name) => {
                 let st = self.ingests.lock().get(name).cloned();
@@ -480,8 +483,7 @@ impl Core {
                             ino,
                             FileKind::File,
                             len,
-                            st.mtime,
-                            st.mtime,
+                            (st.mtime, st.mtime),
                             file_perm(0o644),
                             Duration::ZERO,
                         ))
@@ -496,8 +498,7 @@ impl Core {
                     ino,
                     FileKind::File,
                     n,
-                    now,
-                    now,
+                    (now, now),
                     file_perm(0o644),
                     Duration::ZERO,
                 ))
@@ -505,12 +506,12 @@ impl Core {
             Node::Status => {
                 let n = self.render_status().len() as u64;
                 let now = SystemTime::now();
-                Ok(self.attr(ino, FileKind::File, n, now, now, 0o444, Duration::ZERO))
+                Ok(self.attr(ino, FileKind::File, n, (now, now), 0o444, Duration::ZERO))
             }
             Node::Errors => {
                 let n = self.errors.render().len() as u64;
                 let now = SystemTime::now();
-                Ok(self.attr(ino, FileKind::File, n, now, now, 0o444, Duration::ZERO))
+                Ok(self.attr(ino, FileKind::File, n, (now, now), 0o444, Duration::ZERO))
             }
         }
     }
@@ -531,8 +532,7 @@ impl Core {
             ino,
             FileKind::File,
             fp.size,
-            fp.mtime(),
-            fp.ctime(),
+            (fp.mtime(), fp.ctime()),
             0o444,
             Duration::ZERO,
         ))
@@ -661,11 +661,9 @@ impl Core {
             .node(ino)
             .ok_or_else(|| FsError::new(libc::ENOENT))?;
         let path = self.path_of_ino(ino);
-        if write {
-            if let Err(e) = self.writable() {
-                self.report(&path, "open", &e);
-                return Err(e);
-            }
+        if write && let Err(e) = self.writable() {
+            self.report(&path, "open", &e);
+            return Err(e);
         }
         let direct = OpenMode {
             direct_io: true,
@@ -1126,35 +1124,23 @@ impl Core {
 
     // ---- changes by name ----
 
-    pub fn setattr(
-        &self,
-        ino: u64,
-        fh: Option<u64>,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        mtime: Option<SystemTime>,
-    ) -> FsResult<Attr> {
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
         let path = self.path_of_ino(ino);
-        let r = self.setattr_inner(ino, fh, mode, uid, gid, size, mtime);
+        let r = self.setattr_inner(ino, fh, set);
         if let Err(e) = &r {
             self.report(&path, "setattr", e);
         }
         r
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn setattr_inner(
-        &self,
-        ino: u64,
-        fh: Option<u64>,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        mtime: Option<SystemTime>,
-    ) -> FsResult<Attr> {
+    fn setattr_inner(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+        let SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+        } = set;
         let node = self
             .inodes
             .node(ino)

@@ -262,8 +262,11 @@ impl Watcher {
     }
 
     /// A name that no longer exists (or now means something else): drop the kernel's entry.
+    /// The inode table is left alone: the mount's own rename/unlink may be moving this very
+    /// name right now, and only the operation itself may change its mapping (a stale mapping
+    /// is harmless: the store answers ENOENT for it).
     fn gone(&self, node: Node, out: &mut Vec<Inval>) {
-        if let Some(ino) = self.core.inodes.remove(&node) {
+        if let Some(ino) = self.core.inodes.existing(&node) {
             out.push(Inval::Inode(ino));
         }
         let parent = match &node {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what agentmount's build, tests and demo need. Idempotent: installs only what is
+# missing (apt-get, as root) and the rustfmt/clippy components.
+set -euo pipefail
+need=()
+for pair in fusermount3:fuse3 jq:jq vim:vim rsync:rsync getfattr:attr perl:perl python3:python3 sha256sum:coreutils; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+done
+if ((${#need[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing ${need[*]}; run as root (sudo) so apt-get can install them" >&2
+    exit 1
+  fi
+  echo "setup: installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ ! -e /dev/fuse ]; then
+  modprobe fuse 2>/dev/null || { echo "setup: /dev/fuse is missing and 'modprobe fuse' failed" >&2; exit 1; }
+fi
+for comp in rustfmt clippy; do
+  cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$comp"
+done

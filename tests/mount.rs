@@ -1,0 +1,683 @@
+//! Integration tests: a real FUSE mount of a fixture copy, driven with real tools and by
+//! another process writing the store.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+#[test]
+fn every_file_reads_back_what_the_store_holds() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let names = |d: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(m.p(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names("."),
+        [
+            ".errors",
+            ".gc",
+            ".status",
+            "attachments",
+            "conversations",
+            "goals",
+            "sessions"
+        ]
+    );
+    let doc = json(&st.path().join("session-manager/sessions.json"));
+    for (id, rec) in doc["sessions"].as_object().unwrap() {
+        let p = m.p(&format!("sessions/{id}.json"));
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap(), *rec);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            bytes.len() as u64,
+            "st_size is exact"
+        );
+    }
+    for g in json(&st.path().join("sm/goals.json")).as_array().unwrap() {
+        assert_eq!(
+            json(&m.p(&format!("goals/{}.json", g["id"].as_str().unwrap()))),
+            *g
+        );
+    }
+    assert_eq!(
+        json(&m.p("conversations/login-flake.json")),
+        json(&st.path().join("sm/conversation-login-flake.json"))
+    );
+    assert_eq!(
+        std::fs::read(m.p(&format!("attachments/{PIXEL}"))).unwrap(),
+        std::fs::read(st.path().join("attachments/sha256/b1").join(PIXEL)).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(m.p(&format!("attachments/{NOTES}.json"))).unwrap(),
+        std::fs::read(
+            st.path()
+                .join("attachments/sha256/05")
+                .join(format!("{NOTES}.json"))
+        )
+        .unwrap()
+    );
+    assert_eq!(
+        std::fs::read_link(m.p("attachments/pixel.png"))
+            .unwrap()
+            .to_str(),
+        Some(PIXEL)
+    );
+    assert_eq!(
+        std::fs::read(m.p("attachments/notes.txt")).unwrap(),
+        b"2.4 release notes draft\n- faster login\n"
+    );
+    // Modes, owner, mtimes from the store.
+    let md = std::fs::metadata(m.p(&format!("sessions/{S_ACTIVE}.json"))).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o644);
+    assert_eq!(md.uid(), unsafe { libc::getuid() });
+    assert_eq!(
+        md.mtime(),
+        std::fs::metadata(st.path().join("session-manager/sessions.json"))
+            .unwrap()
+            .mtime()
+    );
+    assert_eq!(
+        std::fs::metadata(m.p(&format!("attachments/{PIXEL}")))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o444
+    );
+    assert_eq!(
+        std::fs::metadata(m.p("goals")).unwrap().mode() & 0o7777,
+        0o755
+    );
+    // Stable inode numbers for a name while it exists.
+    let i1 = std::fs::metadata(m.p("goals/g-1a2b3c4d.json"))
+        .unwrap()
+        .ino();
+    assert_eq!(
+        std::fs::metadata(m.p("goals/g-1a2b3c4d.json"))
+            .unwrap()
+            .ino(),
+        i1
+    );
+    // .status is JSON with counts.
+    let s = json(&m.p(".status"));
+    assert_eq!(s["counts"]["sessions"], 3);
+    assert_eq!(s["counts"]["attachments"], 2);
+    // xattrs on attachment bytes.
+    let out = sh_ok(
+        &format!("getfattr -d --absolute-names attachments/{PIXEL}"),
+        m.path(),
+    );
+    assert!(out.contains(&format!("user.sha256=\"{PIXEL}\"")), "{out}");
+    assert!(out.contains("user.media_type=\"image/png\""), "{out}");
+    assert!(out.contains("user.label=\"pixel.png\""), "{out}");
+}
+
+#[test]
+fn real_tools_write_through_to_the_store_keeping_other_records_and_unknown_fields() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let sessions = st.path().join("session-manager/sessions.json");
+    // jq + shell redirection
+    sh_ok(
+        &format!(
+            "jq '.state=\"stopped\"' sessions/{S_ACTIVE}.json > /tmp/am-$$.json && cat /tmp/am-$$.json > sessions/{S_ACTIVE}.json; rm -f /tmp/am-$$.json"
+        ),
+        m.path(),
+    );
+    assert_eq!(json(&sessions)["sessions"][S_ACTIVE]["state"], "stopped");
+    // sed -i (temp file + rename in the directory)
+    sh_ok(
+        &format!("sed -i 's/tm-calm-heron/tm-calm-egret/' sessions/{S_FUTURE}.json"),
+        m.path(),
+    );
+    let doc = json(&sessions);
+    assert_eq!(doc["sessions"][S_FUTURE]["tmux_name"], "tm-calm-egret");
+    assert_eq!(
+        doc["sessions"][S_FUTURE]["future_field_from_newer_platform"]["note"],
+        "unknown fields must round-trip"
+    );
+    assert_eq!(doc["sessions"].as_object().unwrap().len(), 3);
+    // perl -i
+    sh_ok(
+        &format!(
+            "perl -pi -e 's/release notes for 2.4/release notes for 2.5/' sessions/{S_STOPPED}.json"
+        ),
+        m.path(),
+    );
+    assert_eq!(
+        json(&sessions)["sessions"][S_STOPPED]["task"],
+        "write release notes for 2.5"
+    );
+    // vim, with backup and swap files on
+    sh_ok(
+        &format!(
+            "vim -u NONE -es -c 'set backup writebackup backupcopy=no swapfile' -c '%s/tm-quiet-falcon/tm-loud-falcon/' -c 'wq' sessions/{S_ACTIVE}.json"
+        ),
+        m.path(),
+    );
+    assert_eq!(
+        json(&sessions)["sessions"][S_ACTIVE]["tmux_name"],
+        "tm-loud-falcon"
+    );
+    sh_ok(
+        &format!(
+            "vim -u NONE -es -c 'set nobackup nowritebackup' -c '%s/tm-loud-falcon/tm-louder-falcon/' -c 'wq' sessions/{S_ACTIVE}.json"
+        ),
+        m.path(),
+    );
+    assert_eq!(
+        json(&sessions)["sessions"][S_ACTIVE]["tmux_name"],
+        "tm-louder-falcon"
+    );
+    assert_eq!(
+        std::fs::read_dir(m.p("sessions")).unwrap().count(),
+        3,
+        "no backup or swap files left behind"
+    );
+    // cp a goal in, mv (re-key) it, tee, python json.dump, rm
+    let goal = json!({"description": "ship it", "status": "pending", "acceptance": ["green"], "progress": 0});
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), serde_json::to_vec_pretty(&goal).unwrap()).unwrap();
+    sh_ok(
+        &format!("cp {} goals/g-00c0ffee.json", tmp.path().display()),
+        m.path(),
+    );
+    sh_ok("mv goals/g-00c0ffee.json goals/g-0000beef.json", m.path());
+    let goals = json(&st.path().join("sm/goals.json"));
+    let ids: Vec<&str> = goals
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["g-0000beef", "g-1a2b3c4d", "g-9f8e7d6c"]);
+    sh_ok(
+        r#"python3 -c "
+import json
+p='goals/g-0000beef.json'
+g=json.load(open(p)); g['progress']=55
+with open(p,'w') as f: json.dump(g, f)
+""#,
+        m.path(),
+    );
+    assert_eq!(json(&m.p("goals/g-0000beef.json"))["progress"], 55);
+    sh_ok(
+        r#"echo '{"compressed_context": "new", "total_rounds": 1}' | tee conversations/fresh-1.json > /dev/null"#,
+        m.path(),
+    );
+    assert_eq!(
+        json(&st.path().join("sm/conversation-fresh-1.json"))["total_rounds"],
+        1
+    );
+    sh_ok(
+        "rm goals/g-0000beef.json conversations/fresh-1.json",
+        m.path(),
+    );
+    assert_eq!(
+        json(&st.path().join("sm/goals.json"))
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(!st.path().join("sm/conversation-fresh-1.json").exists());
+    // rsync into a collection (temp file + rename)
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(
+        src.path().join("g-12345678.json"),
+        br#"{"description": "via rsync", "status": "blocked"}"#,
+    )
+    .unwrap();
+    sh_ok(
+        &format!("rsync -r {}/ goals/", src.path().display()),
+        m.path(),
+    );
+    assert_eq!(json(&m.p("goals/g-12345678.json"))["status"], "blocked");
+}
+
+#[test]
+fn refused_writes_fail_with_errno_leave_the_store_identical_and_show_in_errors() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let before = tree(st.path());
+    let write = |rel: &str, data: &[u8]| -> i32 {
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.p(rel))
+            .and_then(|mut f| {
+                f.write_all(data)?;
+                f.sync_all()
+            });
+        errno_of(r)
+    };
+    assert_eq!(
+        write(&format!("sessions/{S_ACTIVE}.json"), b"{\"state\": "),
+        libc::EINVAL
+    );
+    assert_eq!(write("goals/g-1a2b3c4d.json", br#"{"description":"x","status":"done","sessions":[{"session_id":"6f1c2a9e-4b7d-4e21-9a55-0c3d8e7f1a22","state":"running"}]}"#), libc::EINVAL);
+    assert_eq!(write("goals/bad id.json", b"{}"), libc::EINVAL);
+    assert_eq!(write("sessions/not-a-uuid.json", b"{}"), libc::EINVAL);
+    assert_eq!(write(&format!("attachments/{PIXEL}"), b"x"), libc::EPERM);
+    assert_eq!(
+        write(&format!("attachments/{PIXEL}.json"), b"x"),
+        libc::EPERM
+    );
+    assert_eq!(write(".status", b"x"), libc::EPERM);
+    assert_eq!(errno_of(std::fs::create_dir(m.p("goals/sub"))), libc::EPERM);
+    assert_eq!(
+        errno_of(std::fs::hard_link(
+            m.p("goals/g-1a2b3c4d.json"),
+            m.p("goals/g-2.json")
+        )),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno_of(std::os::unix::fs::symlink("x", m.p("attachments/link"))),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno_of(std::fs::remove_file(m.p(&format!("attachments/{PIXEL}")))),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno_of(std::fs::rename(
+            m.p("goals/g-1a2b3c4d.json"),
+            m.p(&format!("sessions/{S_ACTIVE}.json"))
+        )),
+        libc::EXDEV
+    );
+    let chmod = sh(&format!("chmod 600 sessions/{S_ACTIVE}.json"), m.path());
+    assert!(!chmod.status.success());
+    // A chmod/chown that changes nothing, and touch, succeed.
+    sh_ok(
+        &format!(
+            "chmod 644 sessions/{S_ACTIVE}.json && chown $(id -u):$(id -g) sessions/{S_ACTIVE}.json && touch sessions/{S_ACTIVE}.json"
+        ),
+        m.path(),
+    );
+    assert_eq!(tree(st.path()), before, "the store is byte-identical");
+    let errors = std::fs::read_to_string(m.p(".errors")).unwrap();
+    let lines: Vec<Value> = errors
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["errno"] == "EINVAL"
+                && l["reason"].as_str().unwrap().contains("invalid JSON")),
+        "{errors}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["reason"].as_str().unwrap().contains("not verified")),
+        "{errors}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["errno"] == "EPERM" && l["op"] == "mkdir"),
+        "{errors}"
+    );
+    assert!(lines.iter().any(|l| l["errno"] == "EXDEV"), "{errors}");
+    // The daemon still serves.
+    assert_eq!(json(&m.p("goals/g-1a2b3c4d.json"))["status"], "inProgress");
+}
+
+#[test]
+fn external_rename_is_seen_by_the_next_open_every_time() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let trials: usize = std::env::var("AGENTMOUNT_COHERENCE_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    let store_file = st.path().join("session-manager/sessions.json");
+    let orig = std::fs::read_to_string(&store_file).unwrap();
+    let rec = m.p(&format!("sessions/{S_ACTIVE}.json"));
+    let mut stale = 0;
+    for i in 0..trials {
+        // Same length every time, often within one clock tick: as trusty-mpm writes.
+        let task = format!("fix flaky login {:04}", i % 10000);
+        let text = orig.replace("fix flaky login test", &task);
+        let tmp = store_file.with_extension(format!("tmp{i}"));
+        std::fs::write(&tmp, &text).unwrap();
+        std::fs::rename(&tmp, &store_file).unwrap();
+        let mut f = std::fs::File::open(&rec).unwrap();
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).unwrap();
+        let size = f.metadata().unwrap().len();
+        let v: Value = serde_json::from_slice(&buf).unwrap();
+        if v["task"] != task.as_str() || size != buf.len() as u64 {
+            stale += 1;
+        }
+    }
+    eprintln!("coherence: {trials} trials, {stale} stale");
+    assert_eq!(stale, 0);
+}
+
+#[test]
+fn external_changes_appear_and_disappear_within_the_invalidation_latency() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let conv = st.path().join("sm/conversation-ext-1.json");
+    // Created outside: found at the next lookup (no negative caching).
+    assert!(!m.p("conversations/ext-1.json").exists());
+    std::fs::write(&conv, br#"{"total_rounds": 3}"#).unwrap();
+    assert_eq!(json(&m.p("conversations/ext-1.json"))["total_rounds"], 3);
+    // Changed outside: stat shows the new size without a new open.
+    let p = m.p("conversations/ext-1.json");
+    let old = std::fs::metadata(&p).unwrap().len();
+    std::fs::write(
+        conv.with_extension("tmp"),
+        br#"{"total_rounds": 3, "token_estimate": 123456}"#,
+    )
+    .unwrap();
+    std::fs::rename(conv.with_extension("tmp"), &conv).unwrap();
+    let lat = wait_until(Duration::from_secs(3), || {
+        std::fs::metadata(&p)
+            .map(|m| m.len() != old)
+            .unwrap_or(false)
+    })
+    .expect("new size never seen");
+    eprintln!("invalidation latency (change): {lat:?}");
+    // Removed outside: disappears.
+    std::fs::remove_file(&conv).unwrap();
+    let lat =
+        wait_until(Duration::from_secs(3), || !p.exists()).expect("removed record still visible");
+    eprintln!("invalidation latency (removal): {lat:?}");
+    assert!(
+        lat < Duration::from_millis(1500),
+        "must be gone by the TTL at the latest"
+    );
+    let s = json(&m.p(".status"));
+    assert!(s["invalidation"]["external_changes"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn garbage_in_a_store_file_keeps_the_last_good_view_until_fixed() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let goals = st.path().join("sm/goals.json");
+    assert_eq!(std::fs::read_dir(m.p("goals")).unwrap().count(), 2);
+    std::fs::write(&goals, b"not json at all").unwrap();
+    assert_eq!(
+        json(&m.p("goals/g-1a2b3c4d.json"))["status"],
+        "inProgress",
+        "last good view"
+    );
+    let r = std::fs::write(
+        m.p("goals/g-00000001.json"),
+        br#"{"description":"x","status":"pending"}"#,
+    );
+    assert_eq!(errno_of(r), libc::EIO);
+    assert_eq!(
+        std::fs::read(&goals).unwrap(),
+        b"not json at all",
+        "never overwritten"
+    );
+    let s = json(&m.p(".status"));
+    assert!(
+        s["last_error"]["goals"]
+            .as_str()
+            .unwrap()
+            .contains("invalid JSON")
+    );
+    std::fs::copy(Path::new(FIXTURE).join("sm/goals.json"), &goals).unwrap();
+    std::fs::write(
+        m.p("goals/g-00000001.json"),
+        br#"{"description":"x","status":"pending"}"#,
+    )
+    .unwrap();
+    assert_eq!(json(&goals).as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn cp_into_attachments_stores_bytes_by_hash_and_leaves_a_label() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let src = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(src.path().join("big.bin"), &data).unwrap();
+    sh_ok(
+        &format!("cp {}/big.bin attachments/", src.path().display()),
+        m.path(),
+    );
+    let hex = sh_ok("sha256sum < attachments/big.bin | cut -d' ' -f1", m.path())
+        .trim()
+        .to_string();
+    let blob = st
+        .path()
+        .join("attachments/sha256")
+        .join(&hex[..2])
+        .join(&hex);
+    assert_eq!(std::fs::read(&blob).unwrap(), data);
+    assert_eq!(
+        std::fs::read_link(m.p("attachments/big.bin"))
+            .unwrap()
+            .to_str(),
+        Some(hex.as_str())
+    );
+    assert!(
+        std::fs::symlink_metadata(m.p("attachments/big.bin"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let meta = json(&m.p(&format!("attachments/{hex}.json")));
+    assert_eq!(
+        (meta["byte_len"].as_u64(), meta["label"].as_str()),
+        (Some(3_000_000), Some("big.bin"))
+    );
+    // Identical bytes under another name: deduplicated, a second label, one blob.
+    sh_ok(
+        &format!("cp {}/big.bin attachments/copy.bin", src.path().display()),
+        m.path(),
+    );
+    assert_eq!(
+        std::fs::read_link(m.p("attachments/copy.bin"))
+            .unwrap()
+            .to_str(),
+        Some(hex.as_str())
+    );
+    // rm of a label removes the name, not the bytes; mv renames the label.
+    sh_ok(
+        "mv attachments/copy.bin attachments/renamed.bin && rm attachments/renamed.bin",
+        m.path(),
+    );
+    assert!(!m.p("attachments/renamed.bin").exists());
+    assert!(blob.exists());
+    // Labels survive a remount.
+    drop(m);
+    let m = Mount::new(st.path(), &[]);
+    assert!(m.p("attachments/pixel.png").exists());
+    assert_eq!(
+        std::fs::read(m.p(&format!("attachments/{hex}")))
+            .unwrap()
+            .len(),
+        3_000_000
+    );
+}
+
+#[test]
+fn gc_control_file_reclaims_the_orphan_and_reports() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let bogus = sh("/bin/echo bogus > .gc", m.path());
+    assert!(!bogus.status.success());
+    assert!(String::from_utf8_lossy(&bogus.stderr).contains("Invalid argument"));
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p(".gc"))
+        .and_then(|mut f| f.write_all(b"bogus"));
+    assert_eq!(errno_of(r), libc::EINVAL);
+    sh_ok("echo dry-run > .gc", m.path());
+    assert_eq!(json(&m.p(".gc"))["dry_run"], true);
+    assert!(m.p(&format!("attachments/{NOTES}")).exists());
+    sh_ok("echo run > .gc", m.path());
+    let report = json(&m.p(".gc"));
+    assert_eq!(report["reclaimed_ids"], json!([NOTES]));
+    assert_eq!(
+        (
+            report["kept_referenced"].as_u64(),
+            report["bytes_freed"].as_u64()
+        ),
+        (Some(1), Some(39))
+    );
+    assert!(!st.path().join("attachments/sha256/05").join(NOTES).exists());
+    assert!(
+        wait_until(Duration::from_secs(2), || !m
+            .p(&format!("attachments/{NOTES}"))
+            .exists())
+        .is_some()
+    );
+    assert!(!m.p("attachments/notes.txt").exists());
+    assert!(m.p("attachments/pixel.png").exists());
+}
+
+#[test]
+fn read_only_mount_refuses_every_change_with_erofs() {
+    let st = fixture_copy();
+    let before = tree(st.path());
+    let m = Mount::new(st.path(), &["--read-only"]);
+    assert_eq!(json(&m.p("goals/g-1a2b3c4d.json"))["id"], "g-1a2b3c4d");
+    assert_eq!(
+        errno_of(std::fs::write(m.p("goals/g-1a2b3c4d.json"), b"{}")),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno_of(std::fs::write(m.p("goals/g-00000001.json"), b"{}")),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno_of(std::fs::remove_file(m.p("goals/g-1a2b3c4d.json"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno_of(std::fs::rename(
+            m.p("goals/g-1a2b3c4d.json"),
+            m.p("goals/g-2.json")
+        )),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno_of(std::fs::write(m.p("attachments/new.txt"), b"x")),
+        libc::EROFS
+    );
+    drop(m);
+    assert_eq!(tree(st.path()), before);
+}
+
+#[test]
+fn mount_refuses_bad_mountpoints_and_unmount_leaves_nothing_behind() {
+    let st = fixture_copy();
+    let d = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let missing = d.path().join("missing");
+    let o = run(&[
+        "mount",
+        "--store",
+        st.path().to_str().unwrap(),
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(missing.to_str().unwrap()) && err.contains("does not exist"),
+        "{err}"
+    );
+    let file = d.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let o = run(&[
+        "mount",
+        "--store",
+        st.path().to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a directory"));
+    let full = d.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("x"), b"x").unwrap();
+    let o = run(&[
+        "mount",
+        "--store",
+        st.path().to_str().unwrap(),
+        full.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not empty"));
+    let m = Mount::new(st.path(), &[]);
+    let o = run(&[
+        "mount",
+        "--store",
+        st.path().to_str().unwrap(),
+        m.path().to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already mounted"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let status = run(&["status", m.path().to_str().unwrap()]);
+    assert!(status.status.success());
+    let pid = serde_json::from_slice::<Value>(&status.stdout).unwrap()["pid"]
+        .as_i64()
+        .unwrap();
+    let o = run(&["unmount", m.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(m.path().to_str().unwrap()),
+        "no mount left behind"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || unsafe {
+            libc::kill(pid as i32, 0)
+        } != 0)
+        .is_some(),
+        "the daemon exits after unmount"
+    );
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let pid = json(&m.p(".status"))["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(
+        wait_until(Duration::from_secs(5), || !std::fs::read_to_string(
+            "/proc/self/mountinfo"
+        )
+        .unwrap()
+        .contains(m.path().to_str().unwrap()))
+        .is_some()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || unsafe { libc::kill(pid, 0) }
+            != 0)
+        .is_some()
+    );
+}
