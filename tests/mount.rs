@@ -662,6 +662,61 @@ fn mount_refuses_bad_mountpoints_and_unmount_leaves_nothing_behind() {
 }
 
 #[test]
+fn tree_tools_walk_the_mount_like_a_directory() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    // tar must not see any file change under it (control files have stable size and mtime).
+    let tar = sh(
+        &format!("tar cf {}/a.tar .", out.path().display()),
+        m.path(),
+    );
+    assert!(
+        tar.status.success() && tar.stderr.is_empty(),
+        "tar: {}",
+        String::from_utf8_lossy(&tar.stderr)
+    );
+    let list = sh_ok(
+        &format!("tar tf {}/a.tar | sort", out.path().display()),
+        m.path(),
+    );
+    assert!(
+        list.contains("./sessions/6f1c2a9e-4b7d-4e21-9a55-0c3d8e7f1a22.json")
+            && list.contains("./attachments/pixel.png"),
+        "{list}"
+    );
+    sh_ok(&format!("cp -r . {}/copy", out.path().display()), m.path());
+    assert_eq!(
+        json(&out.path().join("copy/goals/g-9f8e7d6c.json"))["status"],
+        "done"
+    );
+    assert_eq!(
+        std::fs::read(out.path().join("copy/attachments/pixel.png"))
+            .unwrap()
+            .len(),
+        69
+    );
+    let found = sh_ok("find . -name '*.json' -path './goals/*' | sort", m.path());
+    assert_eq!(found, "./goals/g-1a2b3c4d.json\n./goals/g-9f8e7d6c.json\n");
+    sh_ok("du -s . && df . && stat sessions/*.json", m.path());
+    let df = sh_ok("df --output=source . | tail -1", m.path());
+    assert!(df.starts_with("agentmount:"), "{df}");
+    let py = sh_ok(
+        r#"python3 -c "
+import os, json
+n = 0
+for root, dirs, files in os.walk('.'):
+    for f in files:
+        if f.endswith('.json') and not root.startswith('./attachments'):
+            json.load(open(os.path.join(root, f))); n += 1
+print(n)
+""#,
+        m.path(),
+    );
+    assert_eq!(py.trim(), "6");
+}
+
+#[test]
 fn sigterm_unmounts_cleanly() {
     let st = fixture_copy();
     let m = Mount::new(st.path(), &[]);

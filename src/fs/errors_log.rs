@@ -9,9 +9,18 @@ use crate::error::errno_name;
 
 pub const KEEP: usize = 100;
 
-#[derive(Default)]
 pub struct ErrorLog {
     lines: Mutex<VecDeque<String>>,
+    changed: Mutex<std::time::SystemTime>,
+}
+
+impl Default for ErrorLog {
+    fn default() -> Self {
+        ErrorLog {
+            lines: Mutex::default(),
+            changed: Mutex::new(std::time::SystemTime::now()),
+        }
+    }
 }
 
 impl ErrorLog {
@@ -30,6 +39,12 @@ impl ErrorLog {
             l.pop_front();
         }
         l.push_back(line);
+        *self.changed.lock() = std::time::SystemTime::now();
+    }
+
+    /// When the last refusal was recorded (or the mount started): `.errors`' mtime.
+    pub fn changed(&self) -> std::time::SystemTime {
+        *self.changed.lock()
     }
 
     pub fn render(&self) -> Vec<u8> {

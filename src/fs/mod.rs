@@ -127,8 +127,10 @@ enum Handle {
     Blob {
         file: File,
     },
+    /// Fixed bytes (a sidecar, a control file's rendering) and the mtime they carry.
     Bytes {
         data: Arc<[u8]>,
+        mtime: SystemTime,
     },
     Ingest {
         state: Arc<Mutex<IngestState>>,
@@ -191,7 +193,11 @@ pub struct Core {
     pending: Mutex<HashMap<(Kind, String), SystemTime>>,
     ingests: Mutex<HashMap<String, Arc<Mutex<IngestState>>>>,
     last_size: Mutex<HashMap<u64, u64>>,
+    /// The `.status` rendering a stat just described, for the open that usually follows, so
+    /// the size stat showed is the size read (tar checks).
+    status_snap: Mutex<Option<(Instant, Arc<[u8]>, SystemTime)>>,
     started: Instant,
+    started_wall: SystemTime,
 }
 
 /// How a name in a record directory is treated.
@@ -238,7 +244,9 @@ impl Core {
             pending: Mutex::new(HashMap::new()),
             ingests: Mutex::new(HashMap::new()),
             last_size: Mutex::new(HashMap::new()),
+            status_snap: Mutex::new(None),
             started: Instant::now(),
+            started_wall: SystemTime::now(),
         })
     }
 
@@ -491,27 +499,72 @@ impl Core {
                     None => self.finished_ingest_attr(ino, fh),
                 }
             }
-            Node::Gc => {
-                let n = self.gc_report().len() as u64;
-                let now = SystemTime::now();
+            Node::Gc | Node::Status | Node::Errors => {
+                // fstat of an open control file describes exactly the bytes it reads.
+                if let Some(fh) = fh
+                    && let Some(h) = self.handle(fh)
+                    && let Handle::Bytes { data, mtime } = &*h.lock()
+                {
+                    return Ok(self.attr(
+                        ino,
+                        FileKind::File,
+                        data.len() as u64,
+                        (*mtime, *mtime),
+                        0o444,
+                        Duration::ZERO,
+                    ));
+                }
+                let (data, mtime) = self.control_bytes(node, true);
+                let perm = if *node == Node::Gc {
+                    file_perm(0o644)
+                } else {
+                    0o444
+                };
                 Ok(self.attr(
                     ino,
                     FileKind::File,
-                    n,
-                    (now, now),
-                    file_perm(0o644),
+                    data.len() as u64,
+                    (mtime, mtime),
+                    perm,
                     Duration::ZERO,
                 ))
             }
-            Node::Status => {
-                let n = self.render_status().len() as u64;
-                let now = SystemTime::now();
-                Ok(self.attr(ino, FileKind::File, n, (now, now), 0o444, Duration::ZERO))
+        }
+    }
+
+    /// The current bytes of a control file and their mtime. `for_stat`: remember the
+    /// `.status` rendering for the open that follows a stat.
+    fn control_bytes(&self, node: &Node, for_stat: bool) -> (Arc<[u8]>, SystemTime) {
+        match node {
+            Node::Gc => {
+                let t = self
+                    .store
+                    .last_gc()
+                    .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.finished).ok())
+                    .map(SystemTime::from)
+                    .unwrap_or(self.started_wall);
+                (self.gc_report().into(), t)
             }
-            Node::Errors => {
-                let n = self.errors.render().len() as u64;
-                let now = SystemTime::now();
-                Ok(self.attr(ino, FileKind::File, n, (now, now), 0o444, Duration::ZERO))
+            Node::Errors => (self.errors.render().into(), self.errors.changed()),
+            _ => {
+                // A rendering is reused for up to a second after a stat, so that
+                // stat -> lookup (revalidation) -> open -> fstat all see one version.
+                let mut snap = self.status_snap.lock();
+                if let Some((at, data, t)) = snap.as_ref()
+                    && at.elapsed() < Duration::from_secs(1)
+                {
+                    let r = (data.clone(), *t);
+                    if !for_stat {
+                        *snap = None;
+                    }
+                    return r;
+                }
+                let data: Arc<[u8]> = self.render_status().into();
+                let t = SystemTime::now();
+                if for_stat {
+                    *snap = Some((Instant::now(), data.clone(), t));
+                }
+                (data, t)
             }
         }
     }
@@ -743,7 +796,10 @@ impl Core {
                 let data: Arc<[u8]> = std::fs::read(&path)
                     .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?
                     .into();
-                Ok((self.add_handle(Handle::Bytes { data }), direct))
+                let mtime = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
             Node::Ingest(name) => {
                 let st = self
@@ -757,24 +813,16 @@ impl Core {
                 }
                 Ok((self.add_handle(Handle::Ingest { state: st }), direct))
             }
-            Node::Gc => Ok((self.add_handle(Handle::Gc), direct)),
-            Node::Status => {
-                refuse_write(".status")?;
-                Ok((
-                    self.add_handle(Handle::Bytes {
-                        data: self.render_status().into(),
-                    }),
-                    direct,
-                ))
+            // Read-only opens of .gc see one report; writable ones run collections.
+            Node::Gc if !write => {
+                let (data, mtime) = self.control_bytes(&node, false);
+                Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
-            Node::Errors => {
-                refuse_write(".errors")?;
-                Ok((
-                    self.add_handle(Handle::Bytes {
-                        data: self.errors.render().into(),
-                    }),
-                    direct,
-                ))
+            Node::Gc => Ok((self.add_handle(Handle::Gc), direct)),
+            Node::Status | Node::Errors => {
+                refuse_write(&node.name())?;
+                let (data, mtime) = self.control_bytes(&node, false);
+                Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
             Node::Root | Node::Dir(_) | Node::AttachDir => Err(FsError::new(libc::EISDIR)),
         }
@@ -887,7 +935,7 @@ impl Core {
         };
         match &*h {
             Handle::Record { data, .. } => Ok(slice(data)),
-            Handle::Bytes { data } => Ok(slice(data)),
+            Handle::Bytes { data, .. } => Ok(slice(data)),
             Handle::Scratch { ino } => Ok(self
                 .scratch
                 .lock()
