@@ -195,10 +195,13 @@ pub struct Core {
     last_size: Mutex<HashMap<u64, u64>>,
     /// The `.status` rendering a stat just described, for the open that usually follows, so
     /// the size stat showed is the size read (tar checks).
-    status_snap: Mutex<Option<(Instant, Arc<[u8]>, SystemTime)>>,
+    status_snap: Mutex<Option<StatusSnap>>,
     started: Instant,
     started_wall: SystemTime,
 }
+
+/// A `.status` rendering: when it was made, its bytes, the mtime it shows.
+type StatusSnap = (Instant, Arc<[u8]>, SystemTime);
 
 /// How a name in a record directory is treated.
 enum Class {
