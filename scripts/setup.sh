@@ -18,6 +18,12 @@ fi
 if [ ! -e /dev/fuse ]; then
   modprobe fuse 2>/dev/null || { echo "setup: /dev/fuse is missing and 'modprobe fuse' failed" >&2; exit 1; }
 fi
+# Distributions make /dev/fuse 0666 (udev) so ordinary users can mount through
+# fusermount3, which opens it as the calling user; bare VMs and containers often leave 0600.
+if [ "$(id -u)" -eq 0 ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+  echo "setup: chmod 0666 /dev/fuse (as distributions do) so non-root users can mount"
+  chmod 0666 /dev/fuse
+fi
 for comp in rustfmt clippy; do
   cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$comp"
 done

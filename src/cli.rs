@@ -94,6 +94,79 @@ pub enum Command {
     },
     /// Print a mount's .status
     Status { mountpoint: PathBuf },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(
+        after_help = "Example:\n  agentmount completions bash > /etc/bash_completion.d/agentmount"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff)
+    #[command(after_help = "Example:\n  agentmount man | man -l -")]
+    Man,
+}
+
+/// `mount.agentmount STORE MOUNTPOINT [-o OPTIONS]`, as mount(8) and /etc/fstab call a
+/// helper: maps the options onto `agentmount mount` flags.
+pub fn helper_args(args: &[String]) -> Result<Vec<String>, String> {
+    let mut pos = Vec::new();
+    let mut opts = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" => opts.extend(
+                it.next()
+                    .ok_or("-o needs options")?
+                    .split(',')
+                    .map(str::to_string),
+            ),
+            // mount(8) may pass: -n (no mtab), -s (sloppy), -f (fake), -v (verbose).
+            "-n" | "-s" | "-f" | "-v" => {}
+            "-N" => {
+                it.next();
+            }
+            s if s.starts_with("-o") => opts.extend(s[2..].split(',').map(str::to_string)),
+            s if s.starts_with('-') => return Err(format!("unknown helper flag {s}")),
+            s => pos.push(s.to_string()),
+        }
+    }
+    let [store, mountpoint] = <[String; 2]>::try_from(pos)
+        .map_err(|_| "usage: mount.agentmount STORE MOUNTPOINT [-o OPTIONS]".to_string())?;
+    let mut out = vec![
+        "agentmount".to_string(),
+        "mount".into(),
+        "--store".into(),
+        store,
+    ];
+    for o in opts.iter().filter(|o| !o.is_empty()) {
+        let (k, v) = o
+            .split_once('=')
+            .map(|(k, v)| (k, Some(v)))
+            .unwrap_or((o.as_str(), None));
+        match (k, v) {
+            ("ro", None) => out.push("--read-only".into()),
+            ("allow_other", None) => out.push("--allow-other".into()),
+            ("foreground", None) => out.push("--foreground".into()),
+            ("uid" | "gid" | "threads" | "max_record_bytes" | "log_level", Some(v)) => {
+                out.push(format!("--{}", k.replace('_', "-")));
+                out.push(v.to_string());
+            }
+            // Generic options that mean nothing more here: the mount is always
+            // nodev,nosuid,noatime, and fstab bookkeeping is mount(8)'s.
+            (
+                "rw" | "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "nofail"
+                | "_netdev" | "nodev" | "nosuid" | "noexec" | "exec" | "dev" | "suid" | "atime"
+                | "noatime" | "relatime",
+                None,
+            ) => {}
+            (k, _) if k.starts_with("x-") || k.starts_with("comment") => {}
+            _ => {
+                return Err(format!(
+                    "unknown mount option {o:?} (known: ro, allow_other, uid=N, gid=N, threads=N, log_level=L, max_record_bytes=N)"
+                ));
+            }
+        }
+    }
+    out.push(mountpoint);
+    Ok(out)
 }
 
 impl StoreArgs {

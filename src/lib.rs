@@ -6,5 +6,6 @@
 pub mod cli;
 pub mod error;
 pub mod fs;
+pub mod fusermount;
 pub mod mount;
 pub mod store;

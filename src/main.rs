@@ -7,7 +7,23 @@ use agentmount::store::Store;
 use agentmount::store::gc::GcOptions;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<String> = std::env::args().collect();
+    let prog = argv
+        .first()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or("");
+    // Installed as /sbin/mount.agentmount, mount(8) and /etc/fstab run us as a helper.
+    let cli = if prog.starts_with("mount.") {
+        match agentmount::cli::helper_args(&argv[1..]) {
+            Ok(args) => Cli::parse_from(args),
+            Err(e) => {
+                eprintln!("mount.agentmount: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        Cli::parse()
+    };
     match cli.command {
         Command::Mount { .. } => agentmount::mount::run_cli(cli.command),
         Command::Unmount { mountpoint } => agentmount::mount::unmount_cli(&mountpoint),
@@ -25,6 +41,24 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Into a buffer first: clap_complete panics if its writer fails (a closed pipe).
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "agentmount", &mut buf);
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("agentmount: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Gc {
             store,
             grace,

@@ -158,6 +158,11 @@ fn preflight(args: &MountArgs) -> Result<(), String> {
                 "mounting as a non-root user needs fusermount3 (apt-get install fuse3)".into(),
             );
         }
+        // SAFETY: access only checks the path's permissions for the real user.
+        let c = c"/dev/fuse";
+        if unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+            return Err("/dev/fuse is not readable and writable by this user (distributions make it mode 0666; as root: chmod 0666 /dev/fuse, or add a udev rule)".into());
+        }
         if args.allow_other {
             let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
             if !conf.lines().any(|l| l.trim() == "user_allow_other") {
@@ -280,16 +285,41 @@ fn serve(
     };
     config.n_threads = Some(args.threads.max(1));
     config.clone_fd = args.threads > 1;
-    let mut session = Session::new(AgentFs { core: core.clone() }, &args.mountpoint, &config)
-        .map_err(|e| {
-            let hint = match e.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) => {
-                    " (permission denied: run as root, or install fuse3 for fusermount3)"
-                }
-                _ => "",
-            };
-            format!("{e}{hint}")
-        })?;
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let permission_hint = |e: &std::io::Error| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            " (permission denied: run as root, or as the owner of the mountpoint with fuse3 installed)"
+        }
+        _ => "",
+    };
+    let (session, unmounter) = if root {
+        let mut s = Session::new(AgentFs { core: core.clone() }, &args.mountpoint, &config)
+            .map_err(|e| format!("{e}{}", permission_hint(&e)))?;
+        let u = Unmounter::Session(s.unmount_callable());
+        (s, u)
+    } else {
+        let mut opts = format!(
+            "fsname=agentmount:{},subtype=agentmount,default_permissions,noatime,nodev,nosuid",
+            store.layout.root.display().to_string().replace(',', "_")
+        );
+        if args.read_only {
+            opts.push_str(",ro");
+        }
+        if args.allow_other {
+            opts.push_str(",allow_other");
+        }
+        let fd = crate::fusermount::mount(&args.mountpoint, &opts)
+            .map_err(|e| format!("{e}{}", permission_hint(&e)))?;
+        let s = Session::from_fd(
+            AgentFs { core: core.clone() },
+            fd,
+            config.acl,
+            config.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        (s, Unmounter::Fusermount(args.mountpoint.clone()))
+    };
     let rx = core.inval.connect(session.notifier());
     {
         let core = core.clone();
@@ -309,7 +339,6 @@ fn serve(
             tracing::warn!(error = %e, "cannot start the store watcher; external changes are seen when the TTL runs out")
         }
     }
-    let mut unmounter = session.unmount_callable();
     let mp = args.mountpoint.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -334,6 +363,20 @@ fn serve(
         .map_err(|e| format!("session ended with an error: {e}"))?;
     tracing::info!("unmounted; exiting");
     Ok(())
+}
+
+enum Unmounter {
+    Session(fuser::SessionUnmounter),
+    Fusermount(PathBuf),
+}
+
+impl Unmounter {
+    fn unmount(self) -> std::io::Result<()> {
+        match self {
+            Unmounter::Session(mut u) => u.unmount(),
+            Unmounter::Fusermount(mp) => crate::fusermount::unmount(&mp, true),
+        }
+    }
 }
 
 fn signal_set() -> libc::sigset_t {
