@@ -321,6 +321,7 @@ impl Core {
 
     /// Which node a name in a directory is, if it exists now (reload-checked).
     pub fn resolve(&self, parent: u64, name: &str) -> FsResult<Node> {
+        check_name_len(name)?;
         let enoent = || FsError::new(libc::ENOENT);
         if parent == inodes::ROOT {
             return Ok(match name {
@@ -842,6 +843,7 @@ impl Core {
     }
 
     fn create_inner(&self, parent: u64, name: &str, mode: u32) -> FsResult<(Attr, u64, OpenMode)> {
+        check_name_len(name)?;
         self.writable()?;
         if !crate::store::collection::safe_name(name) {
             return Err(FsError::refuse(
@@ -1383,6 +1385,7 @@ impl Core {
         noreplace: bool,
         exchange: bool,
     ) -> FsResult<()> {
+        check_name_len(newname)?;
         let node = self.resolve(parent, name)?;
         self.writable()?;
         if exchange {
@@ -1645,6 +1648,17 @@ impl Core {
         }
         st
     }
+}
+
+/// Names are at most 255 bytes, as statfs reports (FUSE itself would pass up to 1024).
+fn check_name_len(name: &str) -> FsResult<()> {
+    if name.len() > 255 {
+        return Err(FsError::refuse(
+            libc::ENAMETOOLONG,
+            format!("a name of {} bytes is over the limit of 255", name.len()),
+        ));
+    }
+    Ok(())
 }
 
 pub fn kind_dir_ino(kind: Kind) -> u64 {

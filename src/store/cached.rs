@@ -85,6 +85,23 @@ impl<T: Default> CachedFile<T> {
                 error: None,
                 bad_fp: None,
             },
+            // A file that was good and is now empty was most likely caught mid-write by a
+            // careless (in-place) writer, or truncated by one that died: not "no records".
+            Some((bytes, fp))
+                if bytes.iter().all(u8::is_ascii_whitespace)
+                    && previous
+                        .as_ref()
+                        .is_some_and(|p| p.fp.is_some_and(|f| f.size > 0)) =>
+            {
+                self.stats.parse_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(path = %self.path.display(), "store file became empty; serving the last good version");
+                Loaded {
+                    fp: previous.as_ref().and_then(|p| p.fp),
+                    value: previous.map(|p| p.value.clone()).unwrap_or_default(),
+                    error: Some("the file is empty (a torn or interrupted write?)".into()),
+                    bad_fp: Some(fp),
+                }
+            }
             Some((bytes, fp)) => match (self.parse)(&bytes) {
                 Ok(v) => Loaded {
                     fp: Some(fp),

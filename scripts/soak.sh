@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The reliability suite at soak sizes. Prints one "figures:" line per area; paste them into
+# docs/RELIABILITY.md with the date and machine. Sizes can be overridden by env vars.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export AGENTMOUNT_COHERENCE_TRIALS=${AGENTMOUNT_COHERENCE_TRIALS:-10000}
+export AGENTMOUNT_DAEMON_KILL_CYCLES=${AGENTMOUNT_DAEMON_KILL_CYCLES:-200}
+export AGENTMOUNT_CRASH_CYCLES=${AGENTMOUNT_CRASH_CYCLES:-200}
+export AGENTMOUNT_LOAD_SECS=${AGENTMOUNT_LOAD_SECS:-60}
+export AGENTMOUNT_LOST_SECS=${AGENTMOUNT_LOST_SECS:-30}
+export AGENTMOUNT_TORN_ROUNDS=${AGENTMOUNT_TORN_ROUNDS:-50}
+export AGENTMOUNT_FUZZ_CASES=${AGENTMOUNT_FUZZ_CASES:-20000}
+log=$(mktemp)
+status=0
+cargo test --release --test reliability --test store -- --nocapture --test-threads=1 >"$log" 2>&1 || status=$?
+grep -h "^figures:" "$log" | sed 's/^figures: //'
+grep -E "^test result|FAILED|panicked" "$log" || true
+rm -f "$log"
+exit "$status"
