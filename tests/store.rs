@@ -768,6 +768,10 @@ fn kill_9_at_random_moments_leaves_every_file_old_or_new() {
         let r = s.fsck();
         assert!(r.ok(), "fsck after crash {cycle}: {:?}", r.problems);
     }
+    let n: usize = acked.values().map(Vec::len).sum();
+    println!(
+        "figures: store-crash (kill -9 of a writing process) cycles={cycles} acked-writes={n} lost-acked-writes=0 fsck=ok"
+    );
     assert!(
         acked.get("session").map(Vec::len).unwrap_or(0) > cycles,
         "the children made progress"
