@@ -9,8 +9,8 @@ use std::time::SystemTime;
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::{Attr, Core, FileKind, FsError, OpenMode, SetAttr};
@@ -28,11 +28,7 @@ fn to_attr(core: &Core, a: &Attr) -> FileAttr {
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: a.mtime,
-        kind: match a.kind {
-            FileKind::Dir => FileType::Directory,
-            FileKind::File => FileType::RegularFile,
-            FileKind::Symlink => FileType::Symlink,
-        },
+        kind: file_type(a.kind),
         perm: a.perm,
         nlink: if a.kind == FileKind::Dir { 2 } else { 1 },
         uid: core.opts.uid,
@@ -40,6 +36,14 @@ fn to_attr(core: &Core, a: &Attr) -> FileAttr {
         rdev: 0,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::Dir => FileType::Directory,
+        FileKind::File => FileType::RegularFile,
+        FileKind::Symlink => FileType::Symlink,
     }
 }
 
@@ -72,12 +76,14 @@ fn time_of(t: Option<TimeOrNow>) -> Option<SystemTime> {
 impl Filesystem for AgentFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open (so `echo > file` is one buffered write); attachment
-        // pages are dropped if their mtime ever changes; shared mmap of direct-I/O records.
+        // pages are dropped if their mtime ever changes; shared mmap of direct-I/O records;
+        // READDIRPLUS so `ls -l` gets attributes with the names, not a lookup per name.
         for cap in [
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_AUTO_INVAL_DATA,
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
             InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_DO_READDIRPLUS,
         ] {
             if config.add_capabilities(cap).is_err() {
                 tracing::info!(?cap, "kernel does not offer capability");
@@ -366,13 +372,43 @@ impl Filesystem for AgentFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            let ft = match kind {
-                FileKind::Dir => FileType::Directory,
-                FileKind::File => FileType::RegularFile,
-                FileKind::Symlink => FileType::Symlink,
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.core.dir_entries(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            // A name that vanished between listing and now is skipped rather than faked.
+            let attr = match &e.attr {
+                Some(a) => a.clone(),
+                None => match self.core.getattr(e.ino, None) {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
             };
-            if reply.add(INodeNo(*ino), (i + 1) as u64, ft, name) {
+            if reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                &e.name,
+                &attr.ttl,
+                &to_attr(&self.core, &attr),
+                Generation(0),
+            ) {
                 break;
             }
         }

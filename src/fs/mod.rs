@@ -137,7 +137,7 @@ enum Handle {
     },
     Gc,
     Dir {
-        entries: Arc<Vec<(u64, FileKind, String)>>,
+        entries: Arc<Vec<DirEntry>>,
     },
 }
 
@@ -158,6 +158,15 @@ struct IngestState {
     unlinked: bool,
     /// Set once the bytes are in the store: the blob they became.
     done: Option<String>,
+}
+
+/// One name in a directory listing, with its attributes when known.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub name: String,
+    pub attr: Option<Attr>,
 }
 
 /// What a setattr asks to change.
@@ -193,15 +202,10 @@ pub struct Core {
     pending: Mutex<HashMap<(Kind, String), SystemTime>>,
     ingests: Mutex<HashMap<String, Arc<Mutex<IngestState>>>>,
     last_size: Mutex<HashMap<u64, u64>>,
-    /// The `.status` rendering a stat just described, for the open that usually follows, so
-    /// the size stat showed is the size read (tar checks).
-    status_snap: Mutex<Option<StatusSnap>>,
+
     started: Instant,
     started_wall: SystemTime,
 }
-
-/// A `.status` rendering: when it was made, its bytes, the mtime it shows.
-type StatusSnap = (Instant, Arc<[u8]>, SystemTime);
 
 /// How a name in a record directory is treated.
 enum Class {
@@ -247,7 +251,7 @@ impl Core {
             pending: Mutex::new(HashMap::new()),
             ingests: Mutex::new(HashMap::new()),
             last_size: Mutex::new(HashMap::new()),
-            status_snap: Mutex::new(None),
+
             started: Instant::now(),
             started_wall: SystemTime::now(),
         })
@@ -509,16 +513,28 @@ impl Core {
                     && let Some(h) = self.handle(fh)
                     && let Handle::Bytes { data, mtime } = &*h.lock()
                 {
+                    let size = if *node == Node::Status {
+                        0
+                    } else {
+                        data.len() as u64
+                    };
                     return Ok(self.attr(
                         ino,
                         FileKind::File,
-                        data.len() as u64,
+                        size,
                         (*mtime, *mtime),
                         0o444,
                         Duration::ZERO,
                     ));
                 }
-                let (data, mtime) = self.control_bytes(node, true);
+                let (data, mtime) = self.control_bytes(node);
+                // .status is generated at open from live counters: like a /proc file it
+                // shows size 0 (read to EOF), so stat and read never disagree.
+                let size = if *node == Node::Status {
+                    0
+                } else {
+                    data.len() as u64
+                };
                 let perm = if *node == Node::Gc {
                     file_perm(0o644)
                 } else {
@@ -527,7 +543,7 @@ impl Core {
                 Ok(self.attr(
                     ino,
                     FileKind::File,
-                    data.len() as u64,
+                    size,
                     (mtime, mtime),
                     perm,
                     Duration::ZERO,
@@ -536,9 +552,8 @@ impl Core {
         }
     }
 
-    /// The current bytes of a control file and their mtime. `for_stat`: remember the
-    /// `.status` rendering for the open that follows a stat.
-    fn control_bytes(&self, node: &Node, for_stat: bool) -> (Arc<[u8]>, SystemTime) {
+    /// The current bytes of a control file and the mtime it shows.
+    fn control_bytes(&self, node: &Node) -> (Arc<[u8]>, SystemTime) {
         match node {
             Node::Gc => {
                 let t = self
@@ -550,26 +565,7 @@ impl Core {
                 (self.gc_report().into(), t)
             }
             Node::Errors => (self.errors.render().into(), self.errors.changed()),
-            _ => {
-                // A rendering is reused for up to a second after a stat, so that
-                // stat -> lookup (revalidation) -> open -> fstat all see one version.
-                let mut snap = self.status_snap.lock();
-                if let Some((at, data, t)) = snap.as_ref()
-                    && at.elapsed() < Duration::from_secs(1)
-                {
-                    let r = (data.clone(), *t);
-                    if !for_stat {
-                        *snap = None;
-                    }
-                    return r;
-                }
-                let data: Arc<[u8]> = self.render_status().into();
-                let t = SystemTime::now();
-                if for_stat {
-                    *snap = Some((Instant::now(), data.clone(), t));
-                }
-                (data, t)
-            }
+            _ => (self.render_status().into(), self.started_wall),
         }
     }
 
@@ -595,19 +591,45 @@ impl Core {
         ))
     }
 
-    pub fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, FileKind, String)>> {
+    /// A directory's entries, each with its attributes where the listing already knows
+    /// them (so readdirplus answers `ls -l` without a lookup per name).
+    pub fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
         let node = self
             .inodes
             .node(ino)
             .ok_or_else(|| FsError::new(libc::ENOENT))?;
+        let dir = self.dir_attr(ino);
         let mut out = vec![
-            (ino, FileKind::Dir, ".".to_string()),
-            (inodes::ROOT, FileKind::Dir, "..".to_string()),
+            DirEntry {
+                ino,
+                kind: FileKind::Dir,
+                name: ".".into(),
+                attr: Some(dir.clone()),
+            },
+            DirEntry {
+                ino: inodes::ROOT,
+                kind: FileKind::Dir,
+                name: "..".into(),
+                attr: Some(self.dir_attr(inodes::ROOT)),
+            },
         ];
-        let mut add = |n: Node, k: FileKind| {
-            let i = self.inodes.ino(&n);
-            out.push((i, k, n.name()));
-        };
+        let ttl = self.opts.ttl;
+        let file_perm = if self.opts.read_only { 0o444 } else { 0o644 };
+        // `attr`: attributes known from the listing; None = ask attr_of.
+        let mut add =
+            |n: Node, k: FileKind, attr: Option<(u64, SystemTime, SystemTime, u16, Duration)>| {
+                let i = self.inodes.ino(&n);
+                let attr = match attr {
+                    Some((size, m, c, perm, ttl)) => Some(self.attr(i, k, size, (m, c), perm, ttl)),
+                    None => self.attr_of(i, &n, None).ok(),
+                };
+                out.push(DirEntry {
+                    ino: i,
+                    kind: k,
+                    name: n.name(),
+                    attr,
+                });
+            };
         match node {
             Node::Root => {
                 for n in [
@@ -616,10 +638,14 @@ impl Core {
                     Node::Dir(Kind::Conversations),
                     Node::AttachDir,
                 ] {
-                    add(n, FileKind::Dir);
+                    add(
+                        n,
+                        FileKind::Dir,
+                        Some((0, dir.mtime, dir.ctime, 0o755, ttl)),
+                    );
                 }
                 for n in [Node::Gc, Node::Status, Node::Errors] {
-                    add(n, FileKind::File);
+                    add(n, FileKind::File, None);
                 }
             }
             Node::Dir(kind) => {
@@ -627,7 +653,8 @@ impl Core {
                 let mut seen = std::collections::HashSet::new();
                 for r in list.records {
                     seen.insert(r.id.clone());
-                    add(Node::Record(kind, r.id), FileKind::File);
+                    let a = (r.bytes.len() as u64, r.mtime, r.ctime, file_perm, ttl);
+                    add(Node::Record(kind, r.id), FileKind::File, Some(a));
                 }
                 let pending: Vec<String> = self
                     .pending
@@ -637,7 +664,7 @@ impl Core {
                     .map(|(_, id)| id.clone())
                     .collect();
                 for id in pending {
-                    add(Node::Record(kind, id), FileKind::File);
+                    add(Node::Record(kind, id), FileKind::File, None);
                 }
                 let scratch: Vec<String> = self
                     .scratch
@@ -647,23 +674,41 @@ impl Core {
                     .map(|s| s.name.clone())
                     .collect();
                 for name in scratch {
-                    add(Node::Scratch(kind, name), FileKind::File);
+                    add(Node::Scratch(kind, name), FileKind::File, None);
                 }
             }
             Node::AttachDir => {
                 let listing = self.store.attachment_listing()?;
+                let blob_ttl = self.opts.blob_ttl;
                 for (hex, b) in &listing.blobs {
-                    add(Node::Blob(hex.clone()), FileKind::File);
-                    if b.sidecar.is_some() {
-                        add(Node::Sidecar(hex.clone()), FileKind::File);
+                    add(
+                        Node::Blob(hex.clone()),
+                        FileKind::File,
+                        Some((b.size, b.mtime, b.ctime, 0o444, blob_ttl)),
+                    );
+                    if let Some(sc) = &b.sidecar {
+                        add(
+                            Node::Sidecar(hex.clone()),
+                            FileKind::File,
+                            Some((sc.bytes.len() as u64, sc.mtime, sc.fp.ctime(), 0o444, ttl)),
+                        );
                     }
                 }
-                for label in listing.labels.keys() {
-                    add(Node::Label(label.clone()), FileKind::Symlink);
+                for (label, hex) in &listing.labels {
+                    let t = listing
+                        .blobs
+                        .get(hex)
+                        .and_then(|b| b.sidecar.as_ref().map(|s| s.mtime))
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    add(
+                        Node::Label(label.clone()),
+                        FileKind::Symlink,
+                        Some((hex.len() as u64, t, t, 0o777, ttl)),
+                    );
                 }
                 let names: Vec<String> = self.ingests.lock().keys().cloned().collect();
                 for n in names {
-                    add(Node::Ingest(n), FileKind::File);
+                    add(Node::Ingest(n), FileKind::File, None);
                 }
             }
             _ => return Err(FsError::new(libc::ENOTDIR)),
@@ -703,7 +748,7 @@ impl Core {
         Ok(self.add_handle(Handle::Dir { entries }))
     }
 
-    pub fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<(u64, FileKind, String)>>> {
+    pub fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
         let h = self.handle(fh).ok_or_else(|| FsError::new(libc::EBADF))?;
         match &*h.lock() {
             Handle::Dir { entries } => Ok(entries.clone()),
@@ -819,13 +864,13 @@ impl Core {
             }
             // Read-only opens of .gc see one report; writable ones run collections.
             Node::Gc if !write => {
-                let (data, mtime) = self.control_bytes(&node, false);
+                let (data, mtime) = self.control_bytes(&node);
                 Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
             Node::Gc => Ok((self.add_handle(Handle::Gc), direct)),
             Node::Status | Node::Errors => {
                 refuse_write(&node.name())?;
-                let (data, mtime) = self.control_bytes(&node, false);
+                let (data, mtime) = self.control_bytes(&node);
                 Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
             Node::Root | Node::Dir(_) | Node::AttachDir => Err(FsError::new(libc::EISDIR)),

@@ -1,0 +1,474 @@
+//! Mount benchmarks against native work in the same run (scripts/bench.sh runs this).
+//! Prints a table of ratios; asserts nothing. BENCH_QUICK=1 shrinks every size.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::Digest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_agentmount");
+
+struct Row {
+    what: String,
+    ours: String,
+    native: String,
+    ratio: String,
+    target: &'static str,
+}
+
+fn quick() -> bool {
+    std::env::var("BENCH_QUICK").is_ok()
+}
+
+fn hex(b: &[u8]) -> String {
+    agentmount::store::attachments::to_hex(&sha2::Sha256::digest(b))
+}
+
+struct Mounted {
+    dir: PathBuf,
+}
+
+impl Mounted {
+    fn new(store: &Path, mp: &Path) -> Mounted {
+        std::fs::create_dir_all(mp).unwrap();
+        let o = Command::new(BIN)
+            .arg("mount")
+            .arg("--store")
+            .arg(store)
+            .arg(mp)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Mounted {
+            dir: mp.to_path_buf(),
+        }
+    }
+    fn pid(&self) -> i64 {
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(self.dir.join(".status")).unwrap()).unwrap();
+        v["pid"].as_i64().unwrap()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN).arg("unmount").arg(&self.dir).output();
+    }
+}
+
+fn session(i: usize) -> (String, Value) {
+    let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i);
+    let v = json!({
+        "id": id, "tmux_name": format!("tm-{i}"), "cwd": "/home/dev/projects/api", "task": format!("task number {i}"),
+        "state": "active", "created_at": "2026-11-20T09:12:03Z", "last_activity_at": null, "workspace_path": null,
+        "repo_url": "https://example.invalid/acme/api.git", "branch": "main", "pending_decision": null, "proposed_default": null,
+        "correlation": {"worktree": null, "branch": null, "pr_id": i, "issue_id": null}, "runtime": "claude-code",
+        "ephemeral": false, "workspace_owned": false, "pane_id": "%5", "injection_status": "not_applicable", "terminal_at": null
+    });
+    (id, v)
+}
+
+fn write_sessions(store: &Path, n: usize, extra: impl Fn(usize, &mut Value)) -> Vec<String> {
+    let p = store.join("session-manager/sessions.json");
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let mut ids = Vec::new();
+    let mut m = serde_json::Map::new();
+    for i in 0..n {
+        let (id, mut v) = session(i);
+        extra(i, &mut v);
+        ids.push(id.clone());
+        m.insert(id, v);
+    }
+    std::fs::write(
+        &p,
+        serde_json::to_vec_pretty(&json!({"sessions": m})).unwrap(),
+    )
+    .unwrap();
+    ids
+}
+
+fn per<R>(n: usize, mut f: impl FnMut(usize) -> R) -> Duration {
+    let t0 = Instant::now();
+    for i in 0..n {
+        std::hint::black_box(f(i));
+    }
+    t0.elapsed() / n as u32
+}
+
+fn read_all(p: &Path) -> u64 {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0;
+    loop {
+        let k = f.read(&mut buf).unwrap();
+        if k == 0 {
+            return n;
+        }
+        n += k as u64;
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// trusty-mpm's own upsert: reload, change one session, temp file, fsync, rename.
+fn native_upsert(path: &Path, id: &str, rec: &Value) {
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    doc["sessions"][id] = rec.clone();
+    let tmp = path.with_extension("native-tmp");
+    let mut f = std::fs::File::create(&tmp).unwrap();
+    f.write_all(&serde_json::to_vec_pretty(&doc).unwrap())
+        .unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    std::fs::File::open(path.parent().unwrap())
+        .unwrap()
+        .sync_all()
+        .unwrap();
+}
+
+fn rss_kib(pid: i64, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let base =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
+    let b = base.path();
+    let mut rows = Vec::new();
+    let q = quick();
+
+    // 1. Large attachment reads, warm.
+    {
+        let store = b.join("big");
+        for size_mib in if q { vec![16usize] } else { vec![256, 1024] } {
+            let data: Vec<u8> = (0..size_mib << 20).map(|i| (i * 31 % 251) as u8).collect();
+            let h = hex(&data);
+            let p = store.join("attachments/sha256").join(&h[..2]).join(&h);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, &data).unwrap();
+            drop(data);
+            let m = Mounted::new(&store, &b.join("mnt-big"));
+            let mp = m.dir.join("attachments").join(&h);
+            read_all(&mp);
+            read_all(&p);
+            let ours = per(3, |_| read_all(&mp));
+            let native = per(3, |_| read_all(&p));
+            let gbps = |d: Duration| size_mib as f64 / 1024.0 / d.as_secs_f64();
+            rows.push(Row {
+                what: format!("read {size_mib} MiB attachment, warm"),
+                ours: format!("{:.2} GB/s", gbps(ours)),
+                native: format!("{:.2} GB/s", gbps(native)),
+                ratio: format!("{:.2}x", native.as_secs_f64() / ours.as_secs_f64()),
+                target: ">= 0.95x throughput",
+            });
+            drop(m);
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+
+    // 2. cp into attachments/ vs cp into a plain directory.
+    {
+        let store = b.join("cp");
+        let plain = b.join("plain-cp");
+        std::fs::create_dir_all(&plain).unwrap();
+        let m = Mounted::new(&store, &b.join("mnt-cp"));
+        for size_mib in if q { vec![16usize] } else { vec![128, 1024] } {
+            let src = b.join(format!("src-{size_mib}.bin"));
+            let mut f = std::fs::File::create(&src).unwrap();
+            let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 17 % 253) as u8).collect();
+            for k in 0..size_mib {
+                let mut c = chunk.clone();
+                c[..8].copy_from_slice(&(k as u64).to_le_bytes());
+                f.write_all(&c).unwrap();
+            }
+            drop(f);
+            read_all(&src);
+            let cp = |dst: &Path| {
+                let t0 = Instant::now();
+                assert!(
+                    Command::new("cp")
+                        .arg(&src)
+                        .arg(dst)
+                        .status()
+                        .unwrap()
+                        .success()
+                );
+                t0.elapsed()
+            };
+            let native = cp(&plain.join(format!("f{size_mib}")));
+            let ours = cp(&m.dir.join(format!("attachments/f{size_mib}.bin")));
+            rows.push(Row {
+                what: format!("cp {size_mib} MiB into attachments/"),
+                ours: ms(ours),
+                native: ms(native),
+                ratio: format!("{:.2}x", ours.as_secs_f64() / native.as_secs_f64()),
+                target: "<= 1.2x time",
+            });
+            std::fs::remove_file(&src).unwrap();
+        }
+    }
+
+    // 3-6. Sessions at 100 and 10,000.
+    for n in if q {
+        vec![100usize, 1000]
+    } else {
+        vec![100, 10_000]
+    } {
+        let store = b.join(format!("s{n}"));
+        let ids = write_sessions(&store, n, |_, _| {});
+        let file = store.join("session-manager/sessions.json");
+        let m = Mounted::new(&store, &b.join(format!("mnt-s{n}")));
+        let id = &ids[n / 2];
+        let rec = m.dir.join(format!("sessions/{id}.json"));
+        std::fs::read(&rec).unwrap();
+        let iters = if n > 1000 { 200 } else { 2000 };
+        let ours = per(iters, |_| std::fs::read(&rec).unwrap());
+        let native = per(if n > 1000 { 10 } else { 200 }, |_| {
+            let doc: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+            doc["sessions"][id.as_str()].clone()
+        });
+        rows.push(Row {
+            what: format!("read one session at {n}"),
+            ours: us(ours),
+            native: us(native),
+            ratio: format!("{:.0}x faster", native.as_secs_f64() / ours.as_secs_f64()),
+            target: ">= 50x faster at 10,000",
+        });
+        let (_, mut v) = session(n / 2);
+        let k = if n > 1000 { 10 } else { 50 };
+        let ours = per(k, |i| {
+            v["task"] = json!(format!("ours {i}"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&rec)
+                .unwrap();
+            f.write_all(&serde_json::to_vec(&v).unwrap()).unwrap();
+            f.sync_all().unwrap();
+        });
+        let native = per(k, |i| {
+            v["task"] = json!(format!("native {i}"));
+            native_upsert(&file, id, &v)
+        });
+        rows.push(Row {
+            what: format!("upsert one session at {n}"),
+            ours: ms(ours),
+            native: ms(native),
+            ratio: format!("{:.2}x", ours.as_secs_f64() / native.as_secs_f64()),
+            target: "<= 1.1x time",
+        });
+        if n >= 1000 {
+            let plain = b.join(format!("plain-s{n}"));
+            std::fs::create_dir_all(&plain).unwrap();
+            for id in &ids {
+                std::fs::write(plain.join(format!("{id}.json")), b"{}").unwrap();
+            }
+            let ls = |d: &Path| {
+                let run = || {
+                    Command::new("ls")
+                        .arg("-l")
+                        .arg(d)
+                        .stdout(std::process::Stdio::null())
+                        .status()
+                        .unwrap()
+                };
+                run();
+                per(3, |_| run())
+            };
+            let ours = ls(&m.dir.join("sessions"));
+            let native = ls(&plain);
+            rows.push(Row {
+                what: format!("ls -l sessions/ at {n}"),
+                ours: ms(ours),
+                native: ms(native),
+                ratio: format!("{:.2}x", ours.as_secs_f64() / native.as_secs_f64()),
+                target: "<= 1.5x",
+            });
+            let pf = plain.join(format!("{id}.json"));
+            std::fs::write(&pf, std::fs::read(&rec).unwrap()).unwrap();
+            let ours = per(5000, |_| std::fs::metadata(&rec).unwrap());
+            let native = per(5000, |_| std::fs::metadata(&pf).unwrap());
+            rows.push(Row {
+                what: format!("stat a record at {n}"),
+                ours: us(ours),
+                native: us(native),
+                ratio: format!("{:.2}x", ours.as_secs_f64() / native.as_secs_f64()),
+                target: "report",
+            });
+            let ours = per(2000, |_| std::fs::read(&rec).unwrap());
+            let native = per(2000, |_| std::fs::read(&pf).unwrap());
+            rows.push(Row {
+                what: format!("open+read+close a record at {n}"),
+                ours: us(ours),
+                native: us(native),
+                ratio: format!("{:.2}x", ours.as_secs_f64() / native.as_secs_f64()),
+                target: "report",
+            });
+        }
+        if n == 100 {
+            // Cost of coherence: reads/s with and without an external writer renaming 100x/s.
+            let reads = |secs: f64| {
+                let t0 = Instant::now();
+                let mut k = 0u64;
+                while t0.elapsed().as_secs_f64() < secs {
+                    std::fs::read(&rec).unwrap();
+                    k += 1;
+                }
+                k as f64 / secs
+            };
+            let quiet = reads(2.0);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (s2, f2) = (stop.clone(), file.clone());
+            let orig = std::fs::read(&file).unwrap();
+            let w = std::thread::spawn(move || {
+                let mut i = 0;
+                while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let tmp = f2.with_extension(format!("w{i}"));
+                    std::fs::write(&tmp, &orig).unwrap();
+                    std::fs::rename(&tmp, &f2).unwrap();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            let busy = reads(2.0);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            w.join().unwrap();
+            rows.push(Row {
+                what: "reads/s while sessions.json is renamed 100x/s".into(),
+                ours: format!("{busy:.0}/s"),
+                native: format!("{quiet:.0}/s quiet"),
+                ratio: format!("{:.2}x", busy / quiet),
+                target: "report",
+            });
+        }
+    }
+
+    // 7-8. gc over 100,000 attachments and 10,000 records; daemon RSS.
+    {
+        let (na, ns) = if q {
+            (5_000usize, 1_000usize)
+        } else {
+            (100_000, 10_000)
+        };
+        let store = b.join("gc");
+        let t_build = Instant::now();
+        let mut intents = Vec::with_capacity(na);
+        let mut hexes = Vec::with_capacity(na);
+        let old = chrono::Utc::now().timestamp_millis() - 7_200_000;
+        for i in 0..na {
+            let bytes = format!("attachment {i}").into_bytes();
+            let h = hex(&bytes);
+            let p = store.join("attachments/sha256").join(&h[..2]).join(&h);
+            if i < 256 || !p.parent().unwrap().exists() {
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            }
+            std::fs::write(&p, &bytes).unwrap();
+            std::fs::write(p.with_extension("json"), serde_json::to_vec_pretty(&json!({"id": h, "media_type": {"kind": "file", "type": "text/plain"}, "byte_len": bytes.len(), "label": format!("a{i}.txt")})).unwrap()).unwrap();
+            // One in ten is an old uncommitted orphan; the rest are referenced or committed.
+            let committed = if i % 10 == 0 || i < ns {
+                Value::Null
+            } else {
+                json!(old + 1)
+            };
+            intents.push(json!({"attachment_id": h, "session_id": null, "canonical_uri": format!("sha256:{h}"), "intent_at_epoch_ms": old, "committed_at_epoch_ms": committed}));
+            hexes.push(h);
+        }
+        std::fs::write(
+            store.join("attachments/manifest.json"),
+            serde_json::to_vec_pretty(&json!({"intents": intents})).unwrap(),
+        )
+        .unwrap();
+        let h2 = hexes.clone();
+        write_sessions(&store, ns, move |i, v| {
+            if i % 10 != 0 {
+                v["task"] = json!(format!("see sha256:{}", h2[i]));
+            }
+        });
+        let build = t_build.elapsed();
+        let m = Mounted::new(&store, &b.join("mnt-gc"));
+        let pid = m.pid();
+        let t0 = Instant::now();
+        let n_ls = std::fs::read_dir(m.dir.join("attachments"))
+            .unwrap()
+            .count();
+        let ls_time = t0.elapsed();
+        std::fs::read_dir(m.dir.join("sessions")).unwrap().count();
+        let t0 = Instant::now();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.dir.join(".gc"))
+            .unwrap()
+            .write_all(b"run")
+            .unwrap();
+        let gc = t0.elapsed();
+        let report: Value =
+            serde_json::from_slice(&std::fs::read(m.dir.join(".gc")).unwrap()).unwrap();
+        rows.push(Row {
+            what: format!(".gc over {na} attachments, {ns} records"),
+            ours: format!("{} (reclaimed {})", ms(gc), report["reclaimed"]),
+            native: "-".into(),
+            ratio: "-".into(),
+            target: "<= 10 s",
+        });
+        rows.push(Row {
+            what: format!("readdir attachments/ ({n_ls} names)"),
+            ours: ms(ls_time),
+            native: "-".into(),
+            ratio: "-".into(),
+            target: "report",
+        });
+        let peak = rss_kib(pid, "VmHWM:");
+        rows.push(Row {
+            what: format!("daemon peak RSS, {ns} sessions + {na} attachments"),
+            ours: format!("{:.1} MiB", peak as f64 / 1024.0),
+            native: "-".into(),
+            ratio: "-".into(),
+            target: "<= 150 MiB",
+        });
+        eprintln!("(built the gc store in {build:?})");
+    }
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "agentmount {} benchmarks — {} cores, {cpu}, kernel {}{}",
+        env!("CARGO_PKG_VERSION"),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel.trim(),
+        if q {
+            " (BENCH_QUICK: reduced sizes)"
+        } else {
+            ""
+        }
+    );
+    println!();
+    println!("| what | agentmount | native | ratio | target |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.what, r.ours, r.native, r.ratio, r.target
+        );
+    }
+}
