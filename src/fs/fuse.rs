@@ -63,6 +63,9 @@ fn fopen(m: OpenMode) -> FopenFlags {
     if m.keep_cache {
         f |= FopenFlags::FOPEN_KEEP_CACHE;
     }
+    if m.noflush {
+        f |= FopenFlags::FOPEN_NOFLUSH;
+    }
     f
 }
 

@@ -108,6 +108,8 @@ impl Default for MountOptions {
 pub struct OpenMode {
     pub direct_io: bool,
     pub keep_cache: bool,
+    /// Read-only opens: a close has nothing to commit, so the kernel need not send flush.
+    pub noflush: bool,
 }
 
 enum Handle {
@@ -758,6 +760,12 @@ impl Core {
 
     /// Opens a file. `write` and `trunc` come from the open flags.
     pub fn open(&self, ino: u64, write: bool, trunc: bool) -> FsResult<(u64, OpenMode)> {
+        let (fh, mut mode) = self.open_inner(ino, write, trunc)?;
+        mode.noflush = !write;
+        Ok((fh, mode))
+    }
+
+    fn open_inner(&self, ino: u64, write: bool, trunc: bool) -> FsResult<(u64, OpenMode)> {
         let node = self
             .inodes
             .node(ino)
@@ -770,6 +778,7 @@ impl Core {
         let direct = OpenMode {
             direct_io: true,
             keep_cache: false,
+            ..Default::default()
         };
         let refuse_write = |what: &str| -> FsResult<()> {
             if write {
@@ -836,6 +845,7 @@ impl Core {
                     OpenMode {
                         direct_io: false,
                         keep_cache: true,
+                        ..Default::default()
                     },
                 ))
             }
@@ -899,6 +909,7 @@ impl Core {
         let direct = OpenMode {
             direct_io: true,
             keep_cache: false,
+            ..Default::default()
         };
         let now = SystemTime::now();
         if let Some(kind) = dir_kind(parent) {
