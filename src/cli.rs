@@ -72,7 +72,12 @@ pub enum Command {
         mountpoint: PathBuf,
     },
     /// Unmount a mounted store
-    Unmount { mountpoint: PathBuf },
+    Unmount {
+        mountpoint: PathBuf,
+        /// Abort the FUSE connection first (root): for a mount whose daemon was killed or hangs
+        #[arg(long)]
+        force: bool,
+    },
     /// Reclaim orphaned attachments and print the report as JSON
     #[command(
         after_help = "Examples:\n  agentmount gc --dry-run\n  agentmount gc --store ./store --grace 0"

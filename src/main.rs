@@ -26,7 +26,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Mount { .. } => agentmount::mount::run_cli(cli.command),
-        Command::Unmount { mountpoint } => agentmount::mount::unmount_cli(&mountpoint),
+        Command::Unmount { mountpoint, force } => {
+            agentmount::mount::unmount_cli(&mountpoint, force)
+        }
         Command::Status { mountpoint } => match std::fs::read_to_string(mountpoint.join(".status"))
         {
             Ok(s) => {

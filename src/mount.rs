@@ -4,7 +4,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -176,20 +175,46 @@ fn preflight(args: &MountArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub fn is_mountpoint(p: &Path) -> bool {
-    let Ok(canon) = p.canonicalize() else {
-        return false;
+/// The mountinfo line of a mountpoint, found without touching the mount itself (a stat of
+/// a mount whose daemon died would hang): only the parent directory is resolved.
+fn mountinfo_line(p: &Path) -> Option<String> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().ok()?.join(p)
     };
-    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        let parent = canon.parent().unwrap_or(Path::new("/"));
-        return match (std::fs::metadata(&canon), std::fs::metadata(parent)) {
-            (Ok(a), Ok(b)) => a.dev() != b.dev(),
-            _ => false,
-        };
-    };
-    let want = canon.to_string_lossy().replace(' ', "\\040");
+    let name = abs.file_name()?.to_owned();
+    let parent = abs.parent()?.canonicalize().ok()?;
+    let want = parent.join(name).to_string_lossy().replace(' ', "\\040");
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     mi.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .map(str::to_string)
+}
+
+pub fn is_mountpoint(p: &Path) -> bool {
+    mountinfo_line(p).is_some()
+}
+
+/// Aborts a FUSE mount's connection through fusectl, as `echo 1 > .../abort` does: every
+/// waiting request fails, so a mount whose daemon died (or hangs) can be unmounted.
+pub fn abort_connection(mountpoint: &Path) -> Result<(), String> {
+    let line = mountinfo_line(mountpoint).ok_or("not mounted")?;
+    let minor = line
+        .split(' ')
+        .nth(2)
+        .and_then(|d| d.split(':').nth(1))
+        .ok_or("mountinfo has no device")?;
+    let conns = Path::new("/sys/fs/fuse/connections");
+    if !conns.join(minor).exists() {
+        // fusectl may not be mounted yet (root only).
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(conns)
+            .output();
+    }
+    std::fs::write(conns.join(minor).join("abort"), b"1")
+        .map_err(|e| format!("cannot abort FUSE connection {minor} (needs root and fusectl): {e}"))
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
@@ -419,10 +444,16 @@ fn detach_stdio() {
     }
 }
 
-pub fn unmount_cli(mountpoint: &Path) -> ExitCode {
+pub fn unmount_cli(mountpoint: &Path, force: bool) -> ExitCode {
     if !is_mountpoint(mountpoint) {
         eprintln!("agentmount: {} is not mounted", mountpoint.display());
         return ExitCode::from(1);
+    }
+    if force {
+        // A daemon that was killed can leave the mount hanging: abort its connection first.
+        if let Err(e) = abort_connection(mountpoint) {
+            eprintln!("agentmount: {e}; unmounting lazily anyway");
+        }
     }
     // SAFETY: geteuid cannot fail.
     let r = if unsafe { libc::geteuid() } == 0 {
@@ -434,24 +465,14 @@ pub fn unmount_cli(mountpoint: &Path) -> ExitCode {
             }
         };
         // SAFETY: the path is NUL-terminated and outlives the call.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        let flags = if force { libc::MNT_DETACH } else { 0 };
+        if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
             Ok(())
         } else {
             Err(std::io::Error::last_os_error().to_string())
         }
     } else {
-        let bin = which("fusermount3")
-            .or_else(|| which("fusermount"))
-            .unwrap_or_else(|| PathBuf::from("fusermount3"));
-        match std::process::Command::new(bin)
-            .arg("-u")
-            .arg(mountpoint)
-            .status()
-        {
-            Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(format!("fusermount3 -u exited with {s}")),
-            Err(e) => Err(format!("cannot run fusermount3: {e}")),
-        }
+        crate::fusermount::unmount(mountpoint, force).map_err(|e| e.to_string())
     };
     match r {
         Ok(()) => {
@@ -465,7 +486,15 @@ pub fn unmount_cli(mountpoint: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("agentmount: cannot unmount {}: {e}", mountpoint.display());
+            let hint = if force {
+                ""
+            } else {
+                " (if the daemon died or hangs: agentmount unmount --force)"
+            };
+            eprintln!(
+                "agentmount: cannot unmount {}: {e}{hint}",
+                mountpoint.display()
+            );
             ExitCode::from(1)
         }
     }

@@ -110,13 +110,18 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let ok = Command::new(BIN)
-            .arg("unmount")
-            .arg(self.dir.path())
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !ok {
+        if !agentmount::mount::is_mountpoint(self.dir.path()) {
+            return;
+        }
+        let run = |args: &[&str]| {
+            Command::new(BIN)
+                .args(args)
+                .arg(self.dir.path())
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        if !run(&["unmount"]) && !run(&["unmount", "--force"]) {
             let _ = Command::new("umount")
                 .arg("-l")
                 .arg(self.dir.path())
