@@ -13,8 +13,8 @@ export AGENTMOUNT_TORN_ROUNDS=${AGENTMOUNT_TORN_ROUNDS:-50}
 export AGENTMOUNT_FUZZ_CASES=${AGENTMOUNT_FUZZ_CASES:-20000}
 log=$(mktemp)
 status=0
-cargo test --release --test reliability --test store -- --nocapture --test-threads=1 >"$log" 2>&1 || status=$?
-grep -h "^figures:" "$log" | sed 's/^figures: //'
+cargo test --release --no-fail-fast --test reliability --test store -- --nocapture --test-threads=1 >"$log" 2>&1 || status=$?
+grep -o "figures: .*" "$log" | sed 's/^figures: //'
 grep -E "^test result|FAILED|panicked" "$log" || true
 rm -f "$log"
 exit "$status"

@@ -78,7 +78,20 @@ impl<T: Default> CachedFile<T> {
         }
         self.stats.reloads.fetch_add(1, Ordering::Relaxed);
         let previous = self.state.read().clone();
-        let loaded = match fingerprint::read_with_fingerprint(&self.path)? {
+        let read = match fingerprint::read_with_fingerprint(&self.path) {
+            // A file rewritten in place faster than we can read one whole version: keep
+            // serving the last version we could read (the next access tries again).
+            Err(StoreError::Again(msg)) => match previous {
+                Some(p) => {
+                    self.stats.parse_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %self.path.display(), "{msg}; serving the last good version");
+                    return Ok(p);
+                }
+                None => return Err(StoreError::Again(msg)),
+            },
+            r => r?,
+        };
+        let loaded = match read {
             None => Loaded {
                 fp: None,
                 value: Arc::new(T::default()),
