@@ -72,6 +72,9 @@ pub enum Command {
         mountpoint: PathBuf,
     },
     /// Unmount a mounted store
+    #[command(
+        after_help = "Examples:\n  agentmount unmount ~/agents\n  agentmount unmount --force /mnt/agents   # the daemon was killed and the mount hangs"
+    )]
     Unmount {
         mountpoint: PathBuf,
         /// Abort the FUSE connection first (root): for a mount whose daemon was killed or hangs
@@ -93,11 +96,15 @@ pub enum Command {
         dry_run: bool,
     },
     /// Verify a store: files parse, blobs hash to their names, no stray temp files
+    #[command(
+        after_help = "Exit status 0 when the store is sound (stray temp files of dead writers are removed\nand reported as repaired), 1 when any problem remains.\n\nExamples:\n  agentmount fsck\n  agentmount fsck --store ~/.trusty-mpm"
+    )]
     Fsck {
         #[command(flatten)]
         store: StoreArgs,
     },
     /// Print a mount's .status
+    #[command(after_help = "Example:\n  agentmount status ~/agents | jq .counts")]
     Status { mountpoint: PathBuf },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(

@@ -264,7 +264,20 @@ fn version_help_completions_and_man_page() {
         let text = String::from_utf8_lossy(&h.stdout);
         assert!(text.contains("Usage: agentmount"), "{sub} --help: {text}");
     }
-    assert!(String::from_utf8_lossy(&run(&["mount", "--help"]).stdout).contains("Examples:"));
+    for sub in [
+        "mount",
+        "unmount",
+        "gc",
+        "fsck",
+        "status",
+        "completions",
+        "man",
+    ] {
+        assert!(
+            String::from_utf8_lossy(&run(&[sub, "--help"]).stdout).contains("Example"),
+            "{sub} --help has examples"
+        );
+    }
     for shell in ["bash", "zsh", "fish"] {
         let c = run(&["completions", shell]);
         assert!(
