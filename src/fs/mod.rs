@@ -692,7 +692,7 @@ impl Core {
                         add(
                             Node::Sidecar(hex.clone()),
                             FileKind::File,
-                            Some((sc.bytes.len() as u64, sc.mtime, sc.fp.ctime(), 0o444, ttl)),
+                            Some((sc.fp.size, sc.mtime, sc.fp.ctime(), 0o444, ttl)),
                         );
                     }
                 }
@@ -1610,7 +1610,7 @@ impl Core {
         let listing = self.store.attachment_listing()?;
         let mut out = vec![("user.sha256".to_string(), hex.as_bytes().to_vec())];
         if let Some(s) = listing.blobs.get(&hex).and_then(|b| b.sidecar.clone()) {
-            out.push(("user.media_type".into(), s.media_type().into_bytes()));
+            out.push(("user.media_type".into(), s.media_type.clone().into_bytes()));
             if let Some(l) = &s.label {
                 out.push(("user.label".into(), l.as_bytes().to_vec()));
             }
@@ -1649,7 +1649,9 @@ impl Core {
             })
             .chain(std::iter::once((
                 "manifest".to_string(),
-                json!(self.store.manifest.error()),
+                // The manifest can be large (a row per attachment): report what the last write or
+                // gc found rather than parse it for a status read.
+                json!(self.store.manifest.known_error()),
             )))
             .collect();
         let v = json!({

@@ -3,7 +3,7 @@
 //! inodes that changed are invalidated, so stat/lookup see the change within milliseconds
 //! while attribute TTLs stay long enough for native-speed stat.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,8 +32,8 @@ pub struct Watcher {
     watched: HashMap<PathBuf, WatchDescriptor>,
     by_wd: HashMap<WatchDescriptor, PathBuf>,
     records: HashMap<Kind, HashMap<String, Arc<[u8]>>>,
-    labels: BTreeMap<String, String>,
-    blobs: HashSet<String>,
+    /// The attachment listing the kernel was last told about (shared, not copied).
+    attachments: Arc<crate::store::attachments::Listing>,
 }
 
 impl Watcher {
@@ -45,16 +45,14 @@ impl Watcher {
             watched: HashMap::new(),
             by_wd: HashMap::new(),
             records: HashMap::new(),
-            labels: BTreeMap::new(),
-            blobs: HashSet::new(),
+            attachments: Arc::default(),
         };
         w.ensure_watches();
         for k in Kind::ALL {
             w.records.insert(k, w.snapshot(k));
         }
         if let Ok(l) = w.core.store.attachment_listing() {
-            w.labels = l.labels.clone();
-            w.blobs = l.blobs.keys().cloned().collect();
+            w.attachments = l;
         }
         Ok(w)
     }
@@ -238,12 +236,13 @@ impl Watcher {
                 let Ok(l) = self.core.store.attachment_listing() else {
                     return;
                 };
-                for (label, hex) in &self.labels {
+                let old = self.attachments.clone();
+                for (label, hex) in &old.labels {
                     if l.labels.get(label) != Some(hex) {
                         self.gone(Node::Label(label.clone()), out);
                     }
                 }
-                for hex in &self.blobs {
+                for hex in old.blobs.keys() {
                     if !l.blobs.contains_key(hex) {
                         self.gone(Node::Blob(hex.clone()), out);
                         self.gone(Node::Sidecar(hex.clone()), out);
@@ -254,8 +253,7 @@ impl Watcher {
                         out.push(Inval::Inode(ino));
                     }
                 }
-                self.labels = l.labels.clone();
-                self.blobs = l.blobs.keys().cloned().collect();
+                self.attachments = l;
             }
             Target::Dirs => {}
         }

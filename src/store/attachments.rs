@@ -33,21 +33,15 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
-/// A sidecar as read from disk: its exact bytes and the fields agentmount uses.
+/// What the index keeps of a sidecar: only the fields the mount shows (its bytes are read
+/// from disk when opened, its full JSON when rewritten), so 100,000 attachments stay small.
 #[derive(Debug)]
 pub struct Sidecar {
-    pub bytes: Arc<[u8]>,
-    pub value: Value,
     pub label: Option<String>,
+    /// `image/png`, `text/plain`, … from `{"kind": …, "type": …}`.
+    pub media_type: String,
     pub mtime: SystemTime,
     pub fp: Fingerprint,
-}
-
-impl Sidecar {
-    /// `image/png`, `text/plain`, … from `{"kind": …, "type": …}`.
-    pub fn media_type(&self) -> String {
-        media_type_string(self.value.get("media_type"))
-    }
 }
 
 pub fn media_type_string(mt: Option<&Value>) -> String {
@@ -75,7 +69,7 @@ pub struct Blob {
     pub sidecar: Option<Arc<Sidecar>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Listing {
     pub blobs: BTreeMap<String, Blob>,
     /// label → hex; when two blobs share a label, the newest sidecar wins.
@@ -85,7 +79,7 @@ pub struct Listing {
 #[derive(Default)]
 struct IndexState {
     root_fp: Option<Fingerprint>,
-    shards: HashMap<String, (Option<Fingerprint>, Vec<Blob>)>,
+    shards: HashMap<String, Option<Fingerprint>>,
     listing: Arc<Listing>,
     built: bool,
 }
@@ -141,52 +135,73 @@ impl Attachments {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StoreError::io(format!("read dir {}", cas.display()), e)),
             }
-            st.shards.retain(|k, _| names.contains(k));
+            let gone: Vec<String> = st
+                .shards
+                .keys()
+                .filter(|k| !names.contains(k))
+                .cloned()
+                .collect();
+            for shard in gone {
+                st.shards.remove(&shard);
+                remove_shard(Arc::make_mut(&mut st.listing), &shard);
+            }
             for n in names {
-                st.shards.entry(n).or_insert((None, Vec::new()));
+                st.shards.entry(n).or_insert(None);
             }
             st.root_fp = root_fp;
             changed = true;
         }
         let keys: Vec<String> = st.shards.keys().cloned().collect();
         for shard in keys {
-            let dir = cas.join(&shard);
-            let fp = fingerprint::stat(&dir)?;
-            if st
-                .shards
-                .get(&shard)
-                .is_some_and(|(f, _)| *f == fp && fp.is_some())
-            {
+            let fp = fingerprint::stat(&cas.join(&shard))?;
+            if fp.is_some() && st.shards.get(&shard) == Some(&fp) {
                 continue;
             }
-            let blobs = scan_shard(&dir)?;
-            st.shards.insert(shard, (fp, blobs));
+            let blobs = scan_shard(&cas.join(&shard))?;
+            // Patch the one table in place (a reader holding the old Arc keeps its copy).
+            let listing = Arc::make_mut(&mut st.listing);
+            remove_shard(listing, &shard);
+            for b in blobs {
+                listing.blobs.insert(b.hex.clone(), b);
+            }
+            st.shards.insert(shard, fp);
             changed = true;
         }
         if changed {
-            let mut listing = Listing::default();
-            let mut label_time: HashMap<String, SystemTime> = HashMap::new();
-            for (_, blobs) in st.shards.values() {
-                for b in blobs {
-                    if let Some(label) = b.sidecar.as_ref().and_then(|s| s.label.clone()) {
-                        let t = b.sidecar.as_ref().map(|s| s.mtime).unwrap_or(b.mtime);
-                        let newer = label_time.get(&label).is_none_or(|&old| {
-                            t > old
-                                || (t == old
-                                    && listing.labels.get(&label).is_some_and(|h| &b.hex > h))
-                        });
-                        if newer {
-                            label_time.insert(label.clone(), t);
-                            listing.labels.insert(label, b.hex.clone());
-                        }
+            let listing = Arc::make_mut(&mut st.listing);
+            let mut labels: BTreeMap<String, (SystemTime, String)> = BTreeMap::new();
+            for b in listing.blobs.values() {
+                if let Some(s) = &b.sidecar
+                    && let Some(label) = &s.label
+                {
+                    // The newest sidecar wins a shared label (ties: the larger id, so the
+                    // choice does not depend on scan order).
+                    let newer = labels
+                        .get(label)
+                        .is_none_or(|(t, h)| s.mtime > *t || (s.mtime == *t && b.hex > *h));
+                    if newer {
+                        labels.insert(label.clone(), (s.mtime, b.hex.clone()));
                     }
-                    listing.blobs.insert(b.hex.clone(), b.clone());
                 }
             }
-            st.listing = Arc::new(listing);
+            listing.labels = labels.into_iter().map(|(l, (_, h))| (l, h)).collect();
             st.built = true;
+            // SAFETY: malloc_trim only returns free heap pages to the kernel.
+            unsafe { libc::malloc_trim(0) };
         }
         Ok(st.listing.clone())
+    }
+}
+
+fn remove_shard(listing: &mut Listing, shard: &str) {
+    let doomed: Vec<String> = listing
+        .blobs
+        .range(shard.to_string()..)
+        .take_while(|(k, _)| k.starts_with(shard))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in doomed {
+        listing.blobs.remove(&k);
     }
 }
 
@@ -223,24 +238,62 @@ fn scan_shard(dir: &Path) -> Result<Vec<Blob>> {
     Ok(out)
 }
 
-pub fn read_sidecar(path: &Path) -> Option<Arc<Sidecar>> {
+/// A sidecar's full JSON and the fingerprint of the bytes it was parsed from (for a rewrite).
+pub fn read_sidecar_value(path: &Path) -> Option<(Value, Fingerprint)> {
     let (bytes, fp) = fingerprint::read_with_fingerprint(path).ok()??;
-    let value: Value = match serde_json::from_slice(&bytes) {
-        Ok(v) => v,
+    match serde_json::from_slice(&bytes) {
+        Ok(v) => Some((v, fp)),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "attachment sidecar does not parse");
-            Value::Null
+            Some((Value::Null, fp))
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SidecarFields {
+    label: Option<String>,
+    media_type: Option<MediaTypeFields>,
+}
+
+#[derive(serde::Deserialize)]
+struct MediaTypeFields {
+    kind: Option<String>,
+    #[serde(rename = "type")]
+    ty: Option<String>,
+}
+
+/// What the index keeps of a sidecar, parsed straight into those fields (no JSON tree per
+/// sidecar: at 100,000 attachments the trees' churn alone fragments the heap by ~100 MiB).
+pub fn read_sidecar(path: &Path) -> Option<Arc<Sidecar>> {
+    let (bytes, fp) = fingerprint::read_with_fingerprint(path).ok()??;
+    let (label, media_type) = match serde_json::from_slice::<SidecarFields>(&bytes) {
+        Ok(f) => {
+            let kind = f
+                .media_type
+                .as_ref()
+                .and_then(|m| m.kind.as_deref())
+                .unwrap_or("file");
+            let ty = f
+                .media_type
+                .as_ref()
+                .and_then(|m| m.ty.as_deref())
+                .unwrap_or("application/octet-stream");
+            let mt = if kind == "image" {
+                format!("image/{ty}")
+            } else {
+                ty.to_string()
+            };
+            (f.label.filter(|l| valid_label(l)), mt)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "attachment sidecar does not parse");
+            (None, "application/octet-stream".to_string())
         }
     };
-    let label = value
-        .get("label")
-        .and_then(Value::as_str)
-        .filter(|l| valid_label(l))
-        .map(str::to_string);
     Some(Arc::new(Sidecar {
-        bytes: bytes.into(),
-        value,
         label,
+        media_type,
         mtime: fp.mtime(),
         fp,
     }))

@@ -192,6 +192,12 @@ impl<T: Default> CachedFile<T> {
         )))
     }
 
+    /// The parse error of the version last read, without reading the file again (for
+    /// status displays that must not force a parse of a large file).
+    pub fn known_error(&self) -> Option<String> {
+        self.state.read().as_ref().and_then(|l| l.error.clone())
+    }
+
     /// Forgets the cached version, so the next read re-reads the file.
     pub fn forget(&self) {
         *self.state.write() = None;

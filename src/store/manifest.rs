@@ -102,6 +102,11 @@ impl Manifest {
         Ok(l.value.clone())
     }
 
+    /// The parse error as of the last time the manifest was read (no read now).
+    pub fn known_error(&self) -> Option<String> {
+        self.file.known_error()
+    }
+
     pub fn error(&self) -> Option<String> {
         self.file.current().ok().and_then(|l| l.error.clone())
     }

@@ -599,14 +599,14 @@ impl Store {
         f: impl FnOnce(Option<&Value>) -> Option<serde_json::Map<String, Value>>,
     ) -> Result<()> {
         let path = self.attachments.sidecar_path(hex);
-        let cur = attachments::read_sidecar(&path);
-        let Some(new) = f(cur.as_ref().map(|s| &s.value)) else {
+        let cur = attachments::read_sidecar_value(&path);
+        let Some(new) = f(cur.as_ref().map(|(v, _)| v)) else {
             return Ok(());
         };
         let mut bytes =
             serde_json::to_vec_pretty(&new).map_err(|e| StoreError::Invalid(e.to_string()))?;
         bytes.push(b'\n');
-        match atomic::replace_file(&path, &bytes, cur.map(|s| s.fp))? {
+        match atomic::replace_file(&path, &bytes, cur.map(|(_, fp)| fp))? {
             atomic::Replaced::Done(_) => Ok(()),
             atomic::Replaced::Raced => Err(StoreError::Again(format!(
                 "{} changed while it was being rewritten",
