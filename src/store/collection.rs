@@ -5,25 +5,34 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::Serialize;
-use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::error::{Result, StoreError};
 
-/// One record as the mount presents it.
+/// One record as the mount presents it. Only its presented bytes are kept (a parsed tree
+/// costs several times the bytes: at 10,000 sessions that was most of the daemon's memory);
+/// the rare change that needs the tree (a re-key) parses it again.
 #[derive(Debug)]
 pub struct Record {
     pub id: String,
-    pub value: Value,
     /// Pretty JSON plus a newline: what a read of `<id>.json` returns.
     pub bytes: Arc<[u8]>,
 }
 
 impl Record {
-    pub fn new(id: String, value: Value) -> Self {
-        let bytes = present(&value);
-        Record { id, value, bytes }
+    pub fn new(id: String, value: &Value) -> Self {
+        Record {
+            id,
+            bytes: present(value),
+        }
+    }
+
+    /// The record as a JSON tree, parsed from its bytes.
+    pub fn value(&self) -> Result<Value> {
+        serde_json::from_slice(&self.bytes).map_err(|e| {
+            StoreError::Corrupt(format!("record {} does not parse again: {e}", self.id))
+        })
     }
 }
 
@@ -91,47 +100,130 @@ impl Doc {
     }
 }
 
+/// Parses a collection file one record at a time: each record's tree lives only while its
+/// presented bytes are made, so parsing never holds the whole file as a tree.
 pub fn parse_doc(shape: Shape, bytes: &[u8]) -> std::result::Result<Doc, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Doc::default());
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
-    match shape {
-        Shape::Map(key) => {
-            let Value::Object(mut top) = value else {
-                return Err("the top level must be a JSON object".into());
-            };
-            let records = match top.get_mut(key).map(Value::take) {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Object(m)) => m
-                    .into_iter()
-                    .map(|(k, v)| Arc::new(Record::new(k, v)))
-                    .collect(),
-                Some(_) => return Err(format!("field {key:?} must be an object keyed by id")),
-            };
-            // Keep the key's position in the top level; its value is rebuilt when written.
-            if top.contains_key(key) {
-                top.insert(key.into(), Value::Null);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = match shape {
+        Shape::Map(key) => de.deserialize_any(MapDoc { key }),
+        Shape::Array => de
+            .deserialize_any(RecordSeq)
+            .map(|records| (Map::new(), records)),
+    };
+    let (top, records) =
+        parsed
+            .and_then(|d| de.end().map(|()| d))
+            .map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => e.to_string(),
+                _ => format!("invalid JSON: {e}"),
+            })?;
+    Ok(Doc::from_records(top, records))
+}
+
+/// `{"<key>": {"<id>": record, …}, …}`: the records stream out of `<key>`; the other
+/// top-level fields are kept (the key's position too, its value rebuilt when written).
+struct MapDoc {
+    key: &'static str,
+}
+
+impl<'de> Visitor<'de> for MapDoc {
+    type Value = (Map<String, Value>, Vec<Arc<Record>>);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "a JSON object at the top level holding {:?}", self.key)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut top = Map::new();
+        let mut records = Vec::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if k == self.key {
+                records = map.next_value_seed(RecordMapSeed { key: self.key })?;
+                top.insert(k, Value::Null);
+            } else {
+                let v: Value = map.next_value()?;
+                top.insert(k, v);
             }
-            Ok(Doc::from_records(top, records))
         }
-        Shape::Array => {
-            let Value::Array(items) = value else {
-                return Err("the top level must be a JSON array".into());
-            };
-            let records = items
-                .into_iter()
-                .map(|v| {
-                    let id = v
-                        .get("id")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string();
-                    Arc::new(Record::new(id, v))
-                })
-                .collect();
-            Ok(Doc::from_records(Map::new(), records))
+        Ok((top, records))
+    }
+}
+
+struct RecordMapSeed {
+    key: &'static str,
+}
+
+impl<'de> DeserializeSeed<'de> for RecordMapSeed {
+    type Value = Vec<Arc<Record>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordMapSeed {
+    type Value = Vec<Arc<Record>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "field {:?} to be an object keyed by id", self.key)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut records: Vec<Arc<Record>> = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let v: Value = map.next_value()?;
+            // A key given twice keeps its first position and its last value, as a JSON map
+            // (and the platform's own parser) reads it.
+            match seen.get(&k) {
+                Some(&i) => records[i] = Arc::new(Record::new(k, &v)),
+                None => {
+                    seen.insert(k.clone(), records.len());
+                    records.push(Arc::new(Record::new(k, &v)));
+                }
+            }
         }
+        Ok(records)
+    }
+}
+
+/// `[record, …]`, each named by its `id`.
+struct RecordSeq;
+
+impl<'de> Visitor<'de> for RecordSeq {
+    type Value = Vec<Arc<Record>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of records at the top level")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(v) = seq.next_element::<Value>()? {
+            let id = v
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            records.push(Arc::new(Record::new(id, &v)));
+        }
+        Ok(records)
     }
 }
 
@@ -174,7 +266,7 @@ pub fn apply(shape: Shape, doc: &Doc, change: &Change) -> Result<Doc> {
     let mut records = doc.records.clone();
     match change {
         Change::Upsert { id, value } => {
-            let rec = Arc::new(Record::new(id.clone(), Value::Object(value.clone())));
+            let rec = Arc::new(Record::new(id.clone(), &Value::Object(value.clone())));
             match doc.index.get(id) {
                 Some(&i) => records[i] = rec,
                 None => records.push(rec),
@@ -192,10 +284,7 @@ pub fn apply(shape: Shape, doc: &Doc, change: &Change) -> Result<Doc> {
                 .index
                 .get(from)
                 .ok_or_else(|| StoreError::NotFound(format!("no record {from}")))?;
-            let moved = Arc::new(Record::new(
-                to.clone(),
-                with_id(records[i].value.clone(), to),
-            ));
+            let moved = Arc::new(Record::new(to.clone(), &with_id(records[i].value()?, to)));
             match doc.index.get(to) {
                 Some(&j) => {
                     records[j] = moved;
@@ -211,63 +300,87 @@ pub fn apply(shape: Shape, doc: &Doc, change: &Change) -> Result<Doc> {
     Ok(Doc::from_records(doc.top.clone(), records))
 }
 
-struct RecordMap<'a>(&'a [Arc<Record>]);
-
-impl Serialize for RecordMap<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for r in self.0 {
-            m.serialize_entry(&r.id, &r.value)?;
+/// Appends pretty JSON that was made at nesting depth 0 as if it had been made `indent`
+/// spaces deep. Pretty JSON has a newline only between tokens (inside strings it is escaped),
+/// so indenting after each one gives exactly what serde_json's pretty printer writes.
+fn push_indented(out: &mut Vec<u8>, pretty: &[u8], indent: usize) {
+    let pretty = pretty.strip_suffix(b"\n").unwrap_or(pretty);
+    for line in pretty.split_inclusive(|&b| b == b'\n') {
+        out.extend_from_slice(line);
+        if line.ends_with(b"\n") {
+            out.resize(out.len() + indent, b' ');
         }
-        m.end()
     }
 }
 
-struct TopMap<'a> {
-    key: &'a str,
-    doc: &'a Doc,
+fn push_key(out: &mut Vec<u8>, key: &str) -> Result<()> {
+    serde_json::to_writer(&mut *out, key)
+        .map_err(|e| StoreError::Invalid(format!("cannot serialise key {key:?}: {e}")))?;
+    out.extend_from_slice(b": ");
+    Ok(())
 }
 
-impl Serialize for TopMap<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let has_key = self.doc.top.contains_key(self.key);
-        let mut m = s.serialize_map(Some(self.doc.top.len() + usize::from(!has_key)))?;
-        for (k, v) in &self.doc.top {
-            if k == self.key {
-                m.serialize_entry(k, &RecordMap(&self.doc.records))?;
-            } else {
-                m.serialize_entry(k, v)?;
-            }
-        }
-        if !has_key {
-            m.serialize_entry(self.key, &RecordMap(&self.doc.records))?;
-        }
-        m.end()
+/// `{"<id>": record, …}` at nesting depth `indent`.
+fn push_record_map(out: &mut Vec<u8>, records: &[Arc<Record>], indent: usize) -> Result<()> {
+    if records.is_empty() {
+        out.extend_from_slice(b"{}");
+        return Ok(());
     }
-}
-
-struct RecordSeq<'a>(&'a [Arc<Record>]);
-
-impl Serialize for RecordSeq<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for r in self.0 {
-            seq.serialize_element(&r.value)?;
-        }
-        seq.end()
+    out.push(b'{');
+    for (i, r) in records.iter().enumerate() {
+        out.extend_from_slice(if i == 0 { b"\n" } else { b",\n" });
+        out.resize(out.len() + indent + 2, b' ');
+        push_key(out, &r.id)?;
+        push_indented(out, &r.bytes, indent + 2);
     }
+    out.push(b'\n');
+    out.resize(out.len() + indent, b' ');
+    out.push(b'}');
+    Ok(())
 }
 
-/// The bytes of the whole collection file, pretty-printed as the platform writes it.
+/// The bytes of the whole collection file, pretty-printed as the platform writes it (what
+/// `serde_json::to_vec_pretty` of the whole document would give), made by splicing each
+/// record's presented bytes rather than serialising every record again.
 pub fn serialize_doc(shape: Shape, doc: &Doc) -> Result<Vec<u8>> {
-    let r = match shape {
-        Shape::Map(key) => serde_json::to_vec_pretty(&TopMap { key, doc }),
-        Shape::Array => serde_json::to_vec_pretty(&RecordSeq(&doc.records)),
-    };
-    let mut bytes =
-        r.map_err(|e| StoreError::Invalid(format!("cannot serialise collection: {e}")))?;
-    bytes.push(b'\n');
-    Ok(bytes)
+    let total: usize = doc
+        .records
+        .iter()
+        .map(|r| r.bytes.len() + r.id.len() + 16)
+        .sum();
+    let mut out = Vec::with_capacity(total + total / 8 + 64);
+    match shape {
+        Shape::Map(key) => {
+            let has_key = doc.top.contains_key(key);
+            let missing = (!has_key).then_some((key, &Value::Null));
+            let fields = doc.top.iter().map(|(k, v)| (k.as_str(), v)).chain(missing);
+            out.push(b'{');
+            for (i, (k, v)) in fields.enumerate() {
+                out.extend_from_slice(if i == 0 { b"\n  " } else { b",\n  " });
+                push_key(&mut out, k)?;
+                if k == key {
+                    push_record_map(&mut out, &doc.records, 2)?;
+                } else {
+                    let pretty = serde_json::to_vec_pretty(v).map_err(|e| {
+                        StoreError::Invalid(format!("cannot serialise field {k:?}: {e}"))
+                    })?;
+                    push_indented(&mut out, &pretty, 2);
+                }
+            }
+            out.extend_from_slice(b"\n}");
+        }
+        Shape::Array if doc.records.is_empty() => out.extend_from_slice(b"[]"),
+        Shape::Array => {
+            out.push(b'[');
+            for (i, r) in doc.records.iter().enumerate() {
+                out.extend_from_slice(if i == 0 { b"\n  " } else { b",\n  " });
+                push_indented(&mut out, &r.bytes, 2);
+            }
+            out.extend_from_slice(b"\n]");
+        }
+    }
+    out.push(b'\n');
+    Ok(out)
 }
 
 /// Every `sha256:<64 lowercase hex>` reference in some bytes.
@@ -291,4 +404,65 @@ pub fn attachment_refs(bytes: &[u8], out: &mut std::collections::HashSet<String>
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spliced file is exactly what serialising the whole document would give, so
+    /// switching from one to the other changes no byte the platform sees.
+    #[test]
+    fn spliced_documents_equal_serde_pretty_output() {
+        let sessions = br#"{"version": 3, "sessions": {"a": {"id": "a", "n": [1, {"x": "a\nb"}], "e": {}, "z": []},
+            "b": {"id": "b", "deep": {"k": {"k": [true, null, 1.50]}}}}, "after": {"q": [1, 2]}}"#;
+        let doc = parse_doc(Shape::Map("sessions"), sessions).unwrap();
+        let want = {
+            let v: Value = serde_json::from_slice(sessions).unwrap();
+            let mut b = serde_json::to_vec_pretty(&v).unwrap();
+            b.push(b'\n');
+            b
+        };
+        assert_eq!(
+            String::from_utf8(serialize_doc(Shape::Map("sessions"), &doc).unwrap()).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
+        let goals = br#"[{"id": "g-1", "sessions": [{"s": 1}], "notes": ""}, {"id": "g-2"}]"#;
+        let doc = parse_doc(Shape::Array, goals).unwrap();
+        let v: Value = serde_json::from_slice(goals).unwrap();
+        let mut want = serde_json::to_vec_pretty(&v).unwrap();
+        want.push(b'\n');
+        assert_eq!(serialize_doc(Shape::Array, &doc).unwrap(), want);
+        for (shape, empty) in [
+            (Shape::Array, "[]\n"),
+            (Shape::Map("sessions"), "{\n  \"sessions\": {}\n}\n"),
+        ] {
+            let doc = Doc::default();
+            assert_eq!(serialize_doc(shape, &doc).unwrap(), empty.as_bytes());
+        }
+    }
+
+    #[test]
+    fn collection_files_of_the_wrong_shape_say_what_is_wrong() {
+        let e = parse_doc(Shape::Map("sessions"), b"[1]").unwrap_err();
+        assert!(e.contains("top level"), "{e}");
+        let e = parse_doc(Shape::Map("sessions"), br#"{"sessions": 3}"#).unwrap_err();
+        assert!(e.contains("keyed by id"), "{e}");
+        let e = parse_doc(Shape::Array, br#"{"id": 1}"#).unwrap_err();
+        assert!(e.contains("array"), "{e}");
+        let e = parse_doc(Shape::Array, b"[{} ").unwrap_err();
+        assert!(e.starts_with("invalid JSON"), "{e}");
+        assert!(parse_doc(Shape::Map("sessions"), br#"{"sessions": null}"#).is_ok());
+        let d = parse_doc(
+            Shape::Map("sessions"),
+            br#"{"sessions": {"a": 1, "b": 2, "a": 3}}"#,
+        )
+        .unwrap();
+        let got: Vec<(&str, &[u8])> = d
+            .records
+            .iter()
+            .map(|r| (r.id.as_str(), &r.bytes[..]))
+            .collect();
+        assert_eq!(got, [("a", &b"3\n"[..]), ("b", &b"2\n"[..])]);
+    }
 }

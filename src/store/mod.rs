@@ -174,7 +174,7 @@ fn parse_conv(bytes: &[u8]) -> std::result::Result<ConvFile, String> {
     if !v.is_object() {
         return Err("a conversation must be a JSON object".into());
     }
-    Ok(ConvFile(Some(Arc::new(Record::new(String::new(), v)))))
+    Ok(ConvFile(Some(Arc::new(Record::new(String::new(), &v)))))
 }
 
 fn parse_sessions(bytes: &[u8]) -> std::result::Result<Doc, String> {
@@ -435,14 +435,10 @@ impl Store {
         }
         match &change {
             Change::Upsert { id, value } => {
-                let rec = Record::new(id.clone(), Value::Object(value.clone()));
-                let (l, _) = self.conv_file(id).update(|_| {
-                    Ok(Some((
-                        rec.bytes.to_vec(),
-                        ConvFile(Some(Arc::new(Record::new(id.clone(), rec.value.clone())))),
-                        (),
-                    )))
-                })?;
+                let rec = Arc::new(Record::new(id.clone(), &Value::Object(value.clone())));
+                let (l, _) = self
+                    .conv_file(id)
+                    .update(|_| Ok(Some((rec.bytes.to_vec(), ConvFile(Some(rec.clone())), ()))))?;
                 Ok(l.value.0.as_ref().map(|r| RecordView::new(id, r, l.fp)))
             }
             Change::Remove { id } => {
@@ -477,13 +473,9 @@ impl Store {
                 if value.get("id").is_some() {
                     // The record names itself: write it under the new name, then drop the old.
                     let moved = collection::with_id(value, to);
-                    let rec = Record::new(to.clone(), moved);
+                    let rec = Arc::new(Record::new(to.clone(), &moved));
                     self.conv_file(to).update(|_| {
-                        Ok(Some((
-                            rec.bytes.to_vec(),
-                            ConvFile(Some(Arc::new(Record::new(to.clone(), rec.value.clone())))),
-                            (),
-                        )))
+                        Ok(Some((rec.bytes.to_vec(), ConvFile(Some(rec.clone())), ())))
                     })?;
                     fs::remove_file(&src)
                         .map_err(|e| StoreError::io(format!("remove {}", src.display()), e))?;
