@@ -303,7 +303,7 @@ pub fn apply(shape: Shape, doc: &Doc, change: &Change) -> Result<Doc> {
 /// Appends pretty JSON that was made at nesting depth 0 as if it had been made `indent`
 /// spaces deep. Pretty JSON has a newline only between tokens (inside strings it is escaped),
 /// so indenting after each one gives exactly what serde_json's pretty printer writes.
-fn push_indented(out: &mut Vec<u8>, pretty: &[u8], indent: usize) {
+pub(crate) fn push_indented(out: &mut Vec<u8>, pretty: &[u8], indent: usize) {
     let pretty = pretty.strip_suffix(b"\n").unwrap_or(pretty);
     for line in pretty.split_inclusive(|&b| b == b'\n') {
         out.extend_from_slice(line);
@@ -313,7 +313,7 @@ fn push_indented(out: &mut Vec<u8>, pretty: &[u8], indent: usize) {
     }
 }
 
-fn push_key(out: &mut Vec<u8>, key: &str) -> Result<()> {
+pub(crate) fn push_key(out: &mut Vec<u8>, key: &str) -> Result<()> {
     serde_json::to_writer(&mut *out, key)
         .map_err(|e| StoreError::Invalid(format!("cannot serialise key {key:?}: {e}")))?;
     out.extend_from_slice(b": ");
@@ -339,6 +339,32 @@ fn push_record_map(out: &mut Vec<u8>, records: &[Arc<Record>], indent: usize) ->
     Ok(())
 }
 
+/// A pretty top-level object: `top`'s fields in order, with `key`'s value (appended when
+/// `top` lacks it) written by `push_value` at depth 2 rather than taken from `top`.
+pub(crate) fn push_top_object(
+    out: &mut Vec<u8>,
+    top: &Map<String, Value>,
+    key: &str,
+    mut push_value: impl FnMut(&mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let missing = (!top.contains_key(key)).then_some((key, &Value::Null));
+    let fields = top.iter().map(|(k, v)| (k.as_str(), v)).chain(missing);
+    out.push(b'{');
+    for (i, (k, v)) in fields.enumerate() {
+        out.extend_from_slice(if i == 0 { b"\n  " } else { b",\n  " });
+        push_key(out, k)?;
+        if k == key {
+            push_value(out)?;
+        } else {
+            let pretty = serde_json::to_vec_pretty(v)
+                .map_err(|e| StoreError::Invalid(format!("cannot serialise field {k:?}: {e}")))?;
+            push_indented(out, &pretty, 2);
+        }
+    }
+    out.extend_from_slice(b"\n}");
+    Ok(())
+}
+
 /// The bytes of the whole collection file, pretty-printed as the platform writes it (what
 /// `serde_json::to_vec_pretty` of the whole document would give), made by splicing each
 /// record's presented bytes rather than serialising every record again.
@@ -350,25 +376,9 @@ pub fn serialize_doc(shape: Shape, doc: &Doc) -> Result<Vec<u8>> {
         .sum();
     let mut out = Vec::with_capacity(total + total / 8 + 64);
     match shape {
-        Shape::Map(key) => {
-            let has_key = doc.top.contains_key(key);
-            let missing = (!has_key).then_some((key, &Value::Null));
-            let fields = doc.top.iter().map(|(k, v)| (k.as_str(), v)).chain(missing);
-            out.push(b'{');
-            for (i, (k, v)) in fields.enumerate() {
-                out.extend_from_slice(if i == 0 { b"\n  " } else { b",\n  " });
-                push_key(&mut out, k)?;
-                if k == key {
-                    push_record_map(&mut out, &doc.records, 2)?;
-                } else {
-                    let pretty = serde_json::to_vec_pretty(v).map_err(|e| {
-                        StoreError::Invalid(format!("cannot serialise field {k:?}: {e}"))
-                    })?;
-                    push_indented(&mut out, &pretty, 2);
-                }
-            }
-            out.extend_from_slice(b"\n}");
-        }
+        Shape::Map(key) => push_top_object(&mut out, &doc.top, key, |out| {
+            push_record_map(out, &doc.records, 2)
+        })?,
         Shape::Array if doc.records.is_empty() => out.extend_from_slice(b"[]"),
         Shape::Array => {
             out.push(b'[');

@@ -9,7 +9,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::attachments::{is_hex64, to_hex};
-use super::{Kind, Store, atomic, manifest};
+use super::{Kind, Store, atomic};
 
 #[derive(Debug, Default)]
 pub struct FsckReport {
@@ -160,8 +160,8 @@ impl Store {
             }
         }
         let mut dangling = std::collections::HashSet::new();
-        for row in doc.intents() {
-            let Some(id) = manifest::row_id(row) else {
+        for row in &doc.rows {
+            let Some(id) = row.id() else {
                 r.problems
                     .push("manifest: a row without attachment_id".into());
                 continue;
@@ -169,7 +169,7 @@ impl Store {
             if !is_hex64(id) || self.attachments.blob_path(id).exists() {
                 continue;
             }
-            if manifest::committed(row) {
+            if row.committed() {
                 r.problems.push(format!(
                     "manifest: committed intent {id} has no bytes in the store"
                 ));
