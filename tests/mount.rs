@@ -736,3 +736,73 @@ fn sigterm_unmounts_cleanly() {
         .is_some()
     );
 }
+
+/// `attachments/` is paged out of the index as the kernel asks: with thousands of blobs
+/// every name comes exactly once, `ls -l` agrees with the store, and blobs, sidecars and
+/// labels that another program adds or removes are seen at the next lookup.
+#[test]
+fn large_attachment_listings_page_every_name_once_and_follow_external_changes() {
+    use sha2::Digest;
+    let st = fixture_copy();
+    let cas = st.path().join("attachments/sha256");
+    let put = |bytes: &[u8], label: &str| {
+        let hex = agentmount::store::attachments::to_hex(&sha2::Sha256::digest(bytes));
+        let dir = cas.join(&hex[..2]);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(&hex), bytes).unwrap();
+        let meta = json!({"id": hex, "media_type": {"kind": "file", "type": "text/plain"},
+            "byte_len": bytes.len(), "label": label});
+        std::fs::write(
+            dir.join(format!("{hex}.json")),
+            serde_json::to_vec(&meta).unwrap(),
+        )
+        .unwrap();
+        hex
+    };
+    let n = 3000;
+    for i in 0..n {
+        put(format!("blob {i}").as_bytes(), &format!("b{i}.txt"));
+    }
+    let m = Mount::new(st.path(), &[]);
+    // Every name once: 2 fixture blobs and the new ones, each with a sidecar and a label.
+    let names = sh_ok("ls -f attachments", m.path());
+    let mut names: Vec<&str> = names.lines().filter(|l| *l != "." && *l != "..").collect();
+    let total = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!((total, names.len()), (3 * (n + 2), 3 * (n + 2)));
+    // ls -l: sizes from the index, labels as symlinks to their blob.
+    let long = sh_ok("ls -l attachments | grep -c '^l.* b1234.txt -> '", m.path());
+    assert_eq!(long.trim(), "1");
+    assert_eq!(
+        std::fs::read(m.p("attachments/b1234.txt")).unwrap(),
+        b"blob 1234"
+    );
+    // Another program adds a blob: its bytes, sidecar and label are there at once.
+    let hex = put(b"from outside", "outside.txt");
+    assert_eq!(
+        std::fs::read(m.p("attachments/outside.txt")).unwrap(),
+        b"from outside"
+    );
+    assert_eq!(
+        std::fs::metadata(m.p(&format!("attachments/{hex}")))
+            .unwrap()
+            .len(),
+        12
+    );
+    let attr = sh_ok(
+        "getfattr --only-values -n user.label attachments/outside.txt",
+        m.path(),
+    );
+    assert_eq!(attr, "outside.txt");
+    // ... and takes it away again: gone at the next lookup.
+    std::fs::remove_file(cas.join(&hex[..2]).join(&hex)).unwrap();
+    std::fs::remove_file(cas.join(&hex[..2]).join(format!("{hex}.json"))).unwrap();
+    wait_until(Duration::from_secs(3), || {
+        !m.p("attachments/outside.txt").exists() && !m.p(&format!("attachments/{hex}")).exists()
+    })
+    .expect("an attachment removed outside stayed visible");
+    let s = json(&m.p(".status"));
+    assert_eq!(s["attachment_index"], "inotify");
+    assert_eq!(s["counts"]["attachments"], n + 2);
+}

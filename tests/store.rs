@@ -7,10 +7,12 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use agentmount::store::attachments::to_hex;
 use agentmount::store::gc::GcOptions;
 use agentmount::store::{Kind, Layout, Options, Store};
 use common::*;
 use serde_json::{Value, json};
+use sha2::Digest;
 
 fn open(dir: &Path) -> Store {
     Store::open(Layout::new(dir), Options::default()).unwrap()
@@ -437,9 +439,11 @@ fn attachments_ingest_dedupes_and_labels_come_from_sidecars() {
     // Labels survive a reopen: they live in the sidecars.
     let s2 = open(d.path());
     let l = s2.attachment_listing().unwrap();
-    assert_eq!(l.labels.get("hello.txt"), Some(&hex2));
-    assert_eq!(l.labels.get("again.png").map(String::as_str), Some(PIXEL));
-    assert_eq!(l.labels.get("notes.txt").map(String::as_str), Some(NOTES));
+    let label =
+        |l: &agentmount::store::blob_index::Listing, name: &str| l.label(name).map(|id| to_hex(id));
+    assert_eq!(label(&l, "hello.txt"), Some(hex2.clone()));
+    assert_eq!(label(&l, "again.png").as_deref(), Some(PIXEL));
+    assert_eq!(label(&l, "notes.txt").as_deref(), Some(NOTES));
     // Intents are written ahead and uncommitted until a record references them.
     let m = json(&d.path().join("attachments/manifest.json"));
     let row = m["intents"]
@@ -468,11 +472,77 @@ fn attachments_ingest_dedupes_and_labels_come_from_sidecars() {
     s2.unlabel("hello.txt").unwrap();
     assert!(blob.exists(), "rm of a label removes the name only");
     assert!(
-        !s2.attachment_listing()
+        s2.attachment_listing()
             .unwrap()
-            .labels
-            .contains_key("hello.txt")
+            .label("hello.txt")
+            .is_none()
     );
+}
+
+/// Another program adds, relabels and removes attachments behind the store's back; the
+/// index sees each change at its next access, whether it watches (inotify, as the mount
+/// does) or stats every shard (as the CLI does).
+#[test]
+fn attachment_index_sees_external_changes_at_the_next_access() {
+    for watched in [false, true] {
+        let d = fixture_copy();
+        let s = open(d.path());
+        if watched {
+            s.attachments.index.watch();
+            assert_eq!(s.attachments.index.mode(), "inotify");
+        }
+        let l = s.attachment_listing().unwrap();
+        assert_eq!((l.len(), l.labels().len()), (2, 2), "watched={watched}");
+        let cas = d.path().join("attachments/sha256");
+        let put = |bytes: &[u8], label: &str| {
+            let hex = to_hex(&sha2::Sha256::digest(bytes));
+            let dir = cas.join(&hex[..2]);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(&hex), bytes).unwrap();
+            let meta = json!({"id": hex, "media_type": {"kind": "file", "type": "text/plain"}, "byte_len": bytes.len(), "label": label});
+            let tmp = dir.join("incoming.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&meta).unwrap()).unwrap();
+            std::fs::rename(&tmp, dir.join(format!("{hex}.json"))).unwrap();
+            hex
+        };
+        // A new blob, in a new shard directory and in an existing one.
+        let a = put(b"external a", "ext-a.txt");
+        let l = s.attachment_listing().unwrap();
+        assert_eq!(l.len(), 3, "watched={watched}");
+        assert_eq!(l.label("ext-a.txt").map(|id| to_hex(id)), Some(a.clone()));
+        assert_eq!(l.get_hex(&a).unwrap().size, 10);
+        // The same label on newer bytes: the newest sidecar wins the name.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = put(b"external b, newer", "ext-a.txt");
+        let l = s.attachment_listing().unwrap();
+        assert_eq!(
+            l.label("ext-a.txt").map(|id| to_hex(id)),
+            Some(b.clone()),
+            "watched={watched}"
+        );
+        // Its bytes go: the label falls back to the older holder.
+        std::fs::remove_file(cas.join(&b[..2]).join(&b)).unwrap();
+        let l = s.attachment_listing().unwrap();
+        assert!(l.get_hex(&b).is_none(), "watched={watched}");
+        assert_eq!(
+            l.label("ext-a.txt").map(|id| to_hex(id)),
+            Some(a.clone()),
+            "watched={watched}"
+        );
+        // The whole directory goes, and comes back.
+        std::fs::rename(&cas, d.path().join("cas-aside")).unwrap();
+        assert!(
+            s.attachment_listing().unwrap().is_empty(),
+            "watched={watched}"
+        );
+        std::fs::rename(d.path().join("cas-aside"), &cas).unwrap();
+        let l = s.attachment_listing().unwrap();
+        assert_eq!(
+            (l.len(), l.label("notes.txt").is_some()),
+            (3, true),
+            "watched={watched}"
+        );
+    }
 }
 
 #[test]

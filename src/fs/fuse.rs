@@ -371,16 +371,13 @@ impl Filesystem for AgentFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.core.dir_entries(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &e.name) {
-                break;
-            }
+        let r = self.core.dir_page(fh.0, offset, |e, next| {
+            reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -391,31 +388,28 @@ impl Filesystem for AgentFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.core.dir_entries(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        let r = self.core.dir_page(fh.0, offset, |e, next| {
             // A name that vanished between listing and now is skipped rather than faked.
             let attr = match &e.attr {
                 Some(a) => a.clone(),
                 None => match self.core.getattr(e.ino, None) {
                     Ok(a) => a,
-                    Err(_) => continue,
+                    Err(_) => return false,
                 },
             };
-            if reply.add(
+            reply.add(
                 INodeNo(e.ino),
-                (i + 1) as u64,
+                next,
                 &e.name,
                 &attr.ttl,
                 &to_attr(&self.core, &attr),
                 Generation(0),
-            ) {
-                break;
-            }
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
-        reply.ok();
     }
 
     fn releasedir(

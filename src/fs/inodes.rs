@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use parking_lot::RwLock;
 
 use crate::store::Kind;
+use crate::store::attachments::to_hex;
+use crate::store::blob_index::BlobId;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Node {
@@ -17,8 +19,10 @@ pub enum Node {
     Record(Kind, String),
     /// A name in a record directory that lives in the mount only until renamed.
     Scratch(Kind, String),
-    Blob(String),
-    Sidecar(String),
+    /// `attachments/<hex>`
+    Blob(BlobId),
+    /// `attachments/<hex>.json`
+    Sidecar(BlobId),
     Label(String),
     /// `attachments/<name>` created and still being written.
     Ingest(String),
@@ -71,8 +75,9 @@ impl Node {
             Node::Dir(k) => k.dir_name().into(),
             Node::AttachDir => "attachments".into(),
             Node::Record(_, id) => format!("{id}.json"),
-            Node::Scratch(_, n) | Node::Label(n) | Node::Ingest(n) | Node::Blob(n) => n.clone(),
-            Node::Sidecar(h) => format!("{h}.json"),
+            Node::Scratch(_, n) | Node::Label(n) | Node::Ingest(n) => n.clone(),
+            Node::Blob(id) => to_hex(id),
+            Node::Sidecar(id) => format!("{}.json", to_hex(id)),
             Node::Gc => ".gc".into(),
             Node::Status => ".status".into(),
             Node::Errors => ".errors".into(),
@@ -83,6 +88,10 @@ impl Node {
 struct Table {
     by_node: HashMap<Node, u64>,
     by_ino: HashMap<u64, Node>,
+    /// Blobs apart, as a pair of numbers each (the blob's is even, its sidecar's the next):
+    /// a store holds many, and 40 bytes a key keep them small.
+    blobs: HashMap<BlobId, u64>,
+    blob_of: HashMap<u64, BlobId>,
     next: u64,
 }
 
@@ -95,6 +104,8 @@ impl Default for Inodes {
         let mut t = Table {
             by_node: HashMap::new(),
             by_ino: HashMap::new(),
+            blobs: HashMap::new(),
+            blob_of: HashMap::new(),
             next: 64,
         };
         for n in Node::FIXED {
@@ -107,28 +118,58 @@ impl Default for Inodes {
     }
 }
 
+impl Table {
+    fn existing(&self, node: &Node) -> Option<u64> {
+        match node {
+            Node::Blob(id) => self.blobs.get(id).copied(),
+            Node::Sidecar(id) => self.blobs.get(id).map(|i| i + 1),
+            n => self.by_node.get(n).copied(),
+        }
+    }
+}
+
 impl Inodes {
     pub fn ino(&self, node: &Node) -> u64 {
-        if let Some(&i) = self.t.read().by_node.get(node) {
+        if let Some(i) = self.t.read().existing(node) {
             return i;
         }
         let mut t = self.t.write();
-        if let Some(&i) = t.by_node.get(node) {
+        if let Some(i) = t.existing(node) {
             return i;
         }
-        let i = t.next;
-        t.next += 1;
-        t.by_node.insert(node.clone(), i);
-        t.by_ino.insert(i, node.clone());
-        i
+        match node {
+            Node::Blob(id) | Node::Sidecar(id) => {
+                let pair = t.next.next_multiple_of(2);
+                t.next = pair + 2;
+                t.blobs.insert(*id, pair);
+                t.blob_of.insert(pair, *id);
+                pair + u64::from(matches!(node, Node::Sidecar(_)))
+            }
+            _ => {
+                let i = t.next;
+                t.next += 1;
+                t.by_node.insert(node.clone(), i);
+                t.by_ino.insert(i, node.clone());
+                i
+            }
+        }
     }
 
     pub fn existing(&self, node: &Node) -> Option<u64> {
-        self.t.read().by_node.get(node).copied()
+        self.t.read().existing(node)
     }
 
     pub fn node(&self, ino: u64) -> Option<Node> {
-        self.t.read().by_ino.get(&ino).cloned()
+        let t = self.t.read();
+        if let Some(n) = t.by_ino.get(&ino) {
+            return Some(n.clone());
+        }
+        let id = *t.blob_of.get(&(ino & !1))?;
+        Some(if ino & 1 == 0 {
+            Node::Blob(id)
+        } else {
+            Node::Sidecar(id)
+        })
     }
 
     /// Forgets a name that no longer exists. Returns the inode it had.
@@ -137,13 +178,19 @@ impl Inodes {
             return None;
         }
         let mut t = self.t.write();
+        if let Node::Blob(id) | Node::Sidecar(id) = node {
+            // A blob and its sidecar go together (only garbage collection removes them).
+            let i = t.blobs.remove(id)?;
+            t.blob_of.remove(&i);
+            return Some(i + u64::from(matches!(node, Node::Sidecar(_))));
+        }
         let i = t.by_node.remove(node)?;
         t.by_ino.remove(&i);
         Some(i)
     }
 
     /// A rename: the inode keeps its number under its new name; whatever had the new name
-    /// before loses its inode.
+    /// before loses its inode. (Blob names never change.)
     pub fn rename(&self, from: &Node, to: &Node) {
         let mut t = self.t.write();
         if let Some(old) = t.by_node.remove(to) {
@@ -157,16 +204,18 @@ impl Inodes {
 
     /// Every (ino, node) known, for invalidating everything after an inotify overflow.
     pub fn all(&self) -> Vec<(u64, Node)> {
-        self.t
-            .read()
-            .by_ino
+        let t = self.t.read();
+        let named = t.by_ino.iter().map(|(i, n)| (*i, n.clone()));
+        let blobs = t
+            .blobs
             .iter()
-            .map(|(i, n)| (*i, n.clone()))
-            .collect()
+            .flat_map(|(id, i)| [(*i, Node::Blob(*id)), (i + 1, Node::Sidecar(*id))]);
+        named.chain(blobs).collect()
     }
 
     pub fn len(&self) -> usize {
-        self.t.read().by_ino.len()
+        let t = self.t.read();
+        t.by_ino.len() + 2 * t.blobs.len()
     }
 
     pub fn is_empty(&self) -> bool {

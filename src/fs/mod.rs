@@ -21,7 +21,8 @@ use self::errors_log::ErrorLog;
 use self::inodes::{Inodes, Node};
 use self::invalidate::{Inval, Invalidator};
 use crate::error::StoreError;
-use crate::store::attachments::{self, Ingest, is_hex64};
+use crate::store::attachments::{self, Ingest, to_hex};
+use crate::store::blob_index::{Blob, BlobId, Listing, parse_id};
 use crate::store::gc::GcOptions;
 use crate::store::{Kind, Store, validate};
 
@@ -139,8 +140,33 @@ enum Handle {
     },
     Gc,
     Dir {
-        entries: Arc<Vec<DirEntry>>,
+        list: Arc<DirList>,
     },
+}
+
+/// What an open directory lists.
+enum DirList {
+    Entries(Vec<DirEntry>),
+    Attachments(AttachDir),
+}
+
+/// `attachments/` as it was at opendir: `head` (`.`, `..`), then each blob and its
+/// sidecar in id order, then the labels, then `tail` (files being written).
+struct AttachDir {
+    head: Vec<DirEntry>,
+    listing: Arc<Listing>,
+    /// The position of each shard's first entry (and, last, of the first label).
+    starts: Vec<usize>,
+    tail: Vec<DirEntry>,
+}
+
+/// The time a label shows: when its blob's sidecar (which holds the label) last changed.
+fn label_time(listing: &Listing, id: &BlobId) -> SystemTime {
+    listing
+        .get(id)
+        .and_then(|b| b.sidecar.as_ref())
+        .map(|s| s.mtime)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 struct Scratch {
@@ -359,22 +385,24 @@ impl Core {
             return Err(enoent());
         }
         if parent == ATTACH_DIR {
-            if is_hex64(name) {
-                if self.store.attachments.blob_path(name).exists() {
-                    return Ok(Node::Blob(name.to_string()));
-                }
-                return Err(enoent());
+            // The index is exact at every access (it drains the store's inotify queue), so
+            // it answers for the blob and sidecar names without a stat.
+            if let Some(id) = parse_id(name) {
+                let listing = self.store.attachment_listing()?;
+                return listing.get(&id).map(|_| Node::Blob(id)).ok_or_else(enoent);
             }
-            if let Some(hex) = name.strip_suffix(".json").filter(|h| is_hex64(h)) {
-                if self.store.attachments.sidecar_path(hex).exists() {
-                    return Ok(Node::Sidecar(hex.to_string()));
-                }
-                return Err(enoent());
+            if let Some(id) = name.strip_suffix(".json").and_then(parse_id) {
+                let listing = self.store.attachment_listing()?;
+                return listing
+                    .get(&id)
+                    .filter(|b| b.sidecar.is_some())
+                    .map(|_| Node::Sidecar(id))
+                    .ok_or_else(enoent);
             }
             if self.ingests.lock().contains_key(name) {
                 return Ok(Node::Ingest(name.to_string()));
             }
-            if self.store.attachment_listing()?.labels.contains_key(name) {
+            if self.store.attachment_listing()?.label(name).is_some() {
                 return Ok(Node::Label(name.to_string()));
             }
             return Err(enoent());
@@ -453,43 +481,40 @@ impl Core {
                     Duration::ZERO,
                 ))
             }
-            Node::Blob(hex) => {
-                let fp = crate::store::fingerprint::stat(&self.store.attachments.blob_path(hex))?
-                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+            Node::Blob(id) => {
+                let listing = self.store.attachment_listing()?;
+                let b = listing.get(id).ok_or_else(|| FsError::new(libc::ENOENT))?;
                 Ok(self.attr(
                     ino,
                     FileKind::File,
-                    fp.size,
-                    (fp.mtime(), fp.ctime()),
+                    b.size,
+                    (b.mtime, b.ctime),
                     0o444,
                     self.opts.blob_ttl,
                 ))
             }
-            Node::Sidecar(hex) => {
-                let fp =
-                    crate::store::fingerprint::stat(&self.store.attachments.sidecar_path(hex))?
-                        .ok_or_else(|| FsError::new(libc::ENOENT))?;
+            Node::Sidecar(id) => {
+                let listing = self.store.attachment_listing()?;
+                let sc = listing
+                    .get(id)
+                    .and_then(|b| b.sidecar.as_ref())
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
                 Ok(self.attr(
                     ino,
                     FileKind::File,
-                    fp.size,
-                    (fp.mtime(), fp.ctime()),
+                    sc.size,
+                    (sc.mtime, sc.ctime),
                     0o444,
                     ttl,
                 ))
             }
             Node::Label(label) => {
                 let listing = self.store.attachment_listing()?;
-                let hex = listing
-                    .labels
-                    .get(label)
+                let id = listing
+                    .label(label)
                     .ok_or_else(|| FsError::new(libc::ENOENT))?;
-                let t = listing
-                    .blobs
-                    .get(hex)
-                    .and_then(|b| b.sidecar.as_ref().map(|s| s.mtime))
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                Ok(self.attr(ino, FileKind::Symlink, hex.len() as u64, (t, t), 0o777, ttl))
+                let t = label_time(&listing, id);
+                Ok(self.attr(ino, FileKind::Symlink, 64, (t, t), 0o777, ttl))
             }
             Node::Ingest(name) => {
                 let st = self.ingests.lock().get(name).cloned();
@@ -595,7 +620,7 @@ impl Core {
 
     /// A directory's entries, each with its attributes where the listing already knows
     /// them (so readdirplus answers `ls -l` without a lookup per name).
-    pub fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+    fn dir_list(&self, ino: u64) -> FsResult<DirList> {
         let node = self
             .inodes
             .node(ino)
@@ -615,6 +640,7 @@ impl Core {
                 attr: Some(self.dir_attr(inodes::ROOT)),
             },
         ];
+        let head = out.clone();
         let ttl = self.opts.ttl;
         let file_perm = if self.opts.read_only { 0o444 } else { 0o644 };
         // `attr`: attributes known from the listing; None = ask attr_of.
@@ -680,56 +706,170 @@ impl Core {
                 }
             }
             Node::AttachDir => {
+                // Blobs, sidecars and labels are paged from a snapshot of the index as the
+                // kernel asks for them: 300,000 names are never built at once.
                 let listing = self.store.attachment_listing()?;
-                let blob_ttl = self.opts.blob_ttl;
-                for (hex, b) in &listing.blobs {
-                    add(
-                        Node::Blob(hex.clone()),
-                        FileKind::File,
-                        Some((b.size, b.mtime, b.ctime, 0o444, blob_ttl)),
-                    );
-                    if let Some(sc) = &b.sidecar {
-                        add(
-                            Node::Sidecar(hex.clone()),
-                            FileKind::File,
-                            Some((sc.fp.size, sc.mtime, sc.fp.ctime(), 0o444, ttl)),
-                        );
-                    }
+                let mut starts = Vec::with_capacity(257);
+                let mut n = head.len();
+                for b in 0..=255u8 {
+                    starts.push(n);
+                    n += listing
+                        .shard(b)
+                        .iter()
+                        .map(|x| 1 + usize::from(x.sidecar.is_some()))
+                        .sum::<usize>();
                 }
-                for (label, hex) in &listing.labels {
-                    let t = listing
-                        .blobs
-                        .get(hex)
-                        .and_then(|b| b.sidecar.as_ref().map(|s| s.mtime))
-                        .unwrap_or(SystemTime::UNIX_EPOCH);
-                    add(
-                        Node::Label(label.clone()),
-                        FileKind::Symlink,
-                        Some((hex.len() as u64, t, t, 0o777, ttl)),
-                    );
-                }
+                starts.push(n);
                 let names: Vec<String> = self.ingests.lock().keys().cloned().collect();
-                for n in names {
-                    add(Node::Ingest(n), FileKind::File, None);
-                }
+                let tail = names
+                    .into_iter()
+                    .map(|n| {
+                        let node = Node::Ingest(n);
+                        let i = self.inodes.ino(&node);
+                        DirEntry {
+                            ino: i,
+                            kind: FileKind::File,
+                            name: node.name(),
+                            attr: self.attr_of(i, &node, None).ok(),
+                        }
+                    })
+                    .collect();
+                return Ok(DirList::Attachments(AttachDir {
+                    head,
+                    listing,
+                    starts,
+                    tail,
+                }));
             }
             _ => return Err(FsError::new(libc::ENOTDIR)),
         }
-        Ok(out)
+        Ok(DirList::Entries(out))
+    }
+
+    /// One entry of `attachments/` made from the index.
+    fn blob_entry(&self, b: &Blob, sidecar: bool) -> DirEntry {
+        let (node, attr) = match (&b.sidecar, sidecar) {
+            (Some(sc), true) => (
+                Node::Sidecar(b.id),
+                (sc.size, sc.mtime, sc.ctime, self.opts.ttl),
+            ),
+            _ => (
+                Node::Blob(b.id),
+                (b.size, b.mtime, b.ctime, self.opts.blob_ttl),
+            ),
+        };
+        let ino = self.inodes.ino(&node);
+        let (size, m, c, ttl) = attr;
+        DirEntry {
+            ino,
+            kind: FileKind::File,
+            name: node.name(),
+            attr: Some(self.attr(ino, FileKind::File, size, (m, c), 0o444, ttl)),
+        }
+    }
+
+    /// Entries of an open directory from position `offset` on, each with the offset of the
+    /// one after it, until `add` says the kernel's buffer is full.
+    pub fn dir_page(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry, u64) -> bool,
+    ) -> FsResult<()> {
+        let h = self.handle(fh).ok_or_else(|| FsError::new(libc::EBADF))?;
+        let list = match &*h.lock() {
+            Handle::Dir { list } => list.clone(),
+            _ => return Err(FsError::new(libc::EBADF)),
+        };
+        let mut pos = usize::try_from(offset).unwrap_or(usize::MAX);
+        let d = match &*list {
+            DirList::Entries(entries) => {
+                for (i, e) in entries.iter().enumerate().skip(pos) {
+                    if add(e, i as u64 + 1) {
+                        break;
+                    }
+                }
+                return Ok(());
+            }
+            DirList::Attachments(d) => d,
+        };
+        while pos < d.head.len() {
+            if add(&d.head[pos], pos as u64 + 1) {
+                return Ok(());
+            }
+            pos += 1;
+        }
+        let labels_start = d.starts[256];
+        if pos < labels_start {
+            let first = d.starts.partition_point(|&x| x <= pos) - 1;
+            let mut k = d.starts[first];
+            for shard in first..256 {
+                for b in d.listing.shard(shard as u8) {
+                    for (sub, is_sidecar) in [(0, false), (1, true)] {
+                        if is_sidecar && b.sidecar.is_none() {
+                            continue;
+                        }
+                        if k + sub >= pos
+                            && add(&self.blob_entry(b, is_sidecar), (k + sub) as u64 + 1)
+                        {
+                            return Ok(());
+                        }
+                    }
+                    k += 1 + usize::from(b.sidecar.is_some());
+                }
+            }
+            pos = labels_start;
+        }
+        let labels = d.listing.labels();
+        while pos - labels_start < labels.len() {
+            let (label, id) = &labels[pos - labels_start];
+            let node = Node::Label(label.to_string());
+            let ino = self.inodes.ino(&node);
+            let t = label_time(&d.listing, id);
+            let e = DirEntry {
+                ino,
+                kind: FileKind::Symlink,
+                name: node.name(),
+                attr: Some(self.attr(ino, FileKind::Symlink, 64, (t, t), 0o777, self.opts.ttl)),
+            };
+            if add(&e, pos as u64 + 1) {
+                return Ok(());
+            }
+            pos += 1;
+        }
+        let tail_start = labels_start + labels.len();
+        for (i, e) in d.tail.iter().enumerate().skip(pos - tail_start) {
+            if add(e, (tail_start + i) as u64 + 1) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         match self.inodes.node(ino) {
-            Some(Node::Label(label)) => {
-                let listing = self.store.attachment_listing()?;
-                let hex = listing
-                    .labels
-                    .get(&label)
-                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
-                Ok(hex.as_bytes().to_vec())
-            }
+            Some(n @ Node::Label(_)) => Ok(self
+                .blob_of(&n)?
+                .map(|id| to_hex(&id))
+                .unwrap_or_default()
+                .into_bytes()),
             Some(_) => Err(FsError::new(libc::EINVAL)),
             None => Err(FsError::new(libc::ENOENT)),
+        }
+    }
+
+    /// The blob a node shows the bytes of: a blob itself, or the one a label names now.
+    fn blob_of(&self, node: &Node) -> FsResult<Option<BlobId>> {
+        match node {
+            Node::Blob(id) => Ok(Some(*id)),
+            Node::Label(label) => {
+                let listing = self.store.attachment_listing()?;
+                let id = listing
+                    .label(label)
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                Ok(Some(*id))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -746,16 +886,8 @@ impl Core {
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let entries = Arc::new(self.readdir(ino)?);
-        Ok(self.add_handle(Handle::Dir { entries }))
-    }
-
-    pub fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
-        let h = self.handle(fh).ok_or_else(|| FsError::new(libc::EBADF))?;
-        match &*h.lock() {
-            Handle::Dir { entries } => Ok(entries.clone()),
-            _ => Err(FsError::new(libc::EBADF)),
-        }
+        let list = Arc::new(self.dir_list(ino)?);
+        Ok(self.add_handle(Handle::Dir { list }))
     }
 
     /// Opens a file. `write` and `trunc` come from the open flags.
@@ -829,15 +961,12 @@ impl Core {
                 }
                 Ok((self.add_handle(Handle::Scratch { ino }), direct))
             }
-            Node::Blob(hex) | Node::Label(hex) => {
+            Node::Blob(_) | Node::Label(_) => {
                 refuse_write("attachment bytes")?;
-                let hex = if let Node::Label(_) = self.inodes.node(ino).unwrap_or(Node::Root) {
-                    self.readlink(ino)
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())?
-                } else {
-                    hex
-                };
-                let path = self.store.attachments.blob_path(&hex);
+                let id = self
+                    .blob_of(&node)?
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                let path = self.store.attachments.blob_path(&to_hex(&id));
                 let file = File::open(&path)
                     .map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
                 Ok((
@@ -849,9 +978,9 @@ impl Core {
                     },
                 ))
             }
-            Node::Sidecar(hex) => {
+            Node::Sidecar(id) => {
                 refuse_write("attachment metadata")?;
-                let path = self.store.attachments.sidecar_path(&hex);
+                let path = self.store.attachments.sidecar_path(&to_hex(&id));
                 let data: Arc<[u8]> = std::fs::read(&path)
                     .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?
                     .into();
@@ -1602,15 +1731,13 @@ impl Core {
             .inodes
             .node(ino)
             .ok_or_else(|| FsError::new(libc::ENOENT))?;
-        let hex = match node {
-            Node::Blob(h) => h,
-            Node::Label(_) => String::from_utf8_lossy(&self.readlink(ino)?).into_owned(),
-            _ => return Ok(Vec::new()),
+        let Some(id) = self.blob_of(&node)? else {
+            return Ok(Vec::new());
         };
         let listing = self.store.attachment_listing()?;
-        let mut out = vec![("user.sha256".to_string(), hex.as_bytes().to_vec())];
-        if let Some(s) = listing.blobs.get(&hex).and_then(|b| b.sidecar.clone()) {
-            out.push(("user.media_type".into(), s.media_type.clone().into_bytes()));
+        let mut out = vec![("user.sha256".to_string(), to_hex(&id).into_bytes())];
+        if let Some(s) = listing.get(&id).and_then(|b| b.sidecar.as_ref()) {
+            out.push(("user.media_type".into(), s.media_type.as_bytes().to_vec()));
             if let Some(l) = &s.label {
                 out.push(("user.label".into(), l.as_bytes().to_vec()));
             }
@@ -1635,7 +1762,7 @@ impl Core {
         let (blobs, labels) = self
             .store
             .attachment_listing()
-            .map(|a| (a.blobs.len(), a.labels.len()))
+            .map(|a| (a.len(), a.labels().len()))
             .unwrap_or((0, 0));
         let cs = &self.store.stats;
         let fs = &self.stats;
@@ -1685,6 +1812,7 @@ impl Core {
                 "ttl_ms": self.opts.ttl.as_millis() as u64,
             },
             "data_path": { "records": "direct_io", "attachments": "page cache (keep_cache)" },
+            "attachment_index": self.store.attachments.index.mode(),
             "last_error": errs,
         });
         let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();

@@ -17,11 +17,15 @@ use super::invalidate::Inval;
 use super::{ATTACH_DIR, Core, kind_dir_ino};
 use crate::store::Kind;
 use crate::store::atomic::TEMP_MARKER;
+use crate::store::blob_index::{BlobId, Listing, parse_id};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Target {
     Collection(Kind),
     Conversation(String),
+    /// A blob or its sidecar, named by an event in its shard directory.
+    Blob(BlobId),
+    /// Anything else under attachments/: compare every blob.
     Attachments,
     Dirs,
 }
@@ -33,7 +37,7 @@ pub struct Watcher {
     by_wd: HashMap<WatchDescriptor, PathBuf>,
     records: HashMap<Kind, HashMap<String, Arc<[u8]>>>,
     /// The attachment listing the kernel was last told about (shared, not copied).
-    attachments: Arc<crate::store::attachments::Listing>,
+    attachments: Arc<Listing>,
 }
 
 impl Watcher {
@@ -123,7 +127,12 @@ impl Watcher {
             out.insert(Target::Conversation(id.to_string()));
         }
         if dir.starts_with(&l.attachments) && !is(&l.manifest) {
-            out.insert(Target::Attachments);
+            let in_shard = dir.parent() == Some(self.core.store.attachments.cas_dir().as_path());
+            let id = parse_id(name.strip_suffix(".json").unwrap_or(&name));
+            match id {
+                Some(id) if in_shard => out.insert(Target::Blob(id)),
+                _ => out.insert(Target::Attachments),
+            };
         }
     }
 
@@ -232,31 +241,47 @@ impl Watcher {
                 }
                 self.diff(Kind::Conversations, new, out);
             }
-            Target::Attachments => {
+            Target::Blob(_) | Target::Attachments => {
                 let Ok(l) = self.core.store.attachment_listing() else {
                     return;
                 };
-                let old = self.attachments.clone();
-                for (label, hex) in &old.labels {
-                    if l.labels.get(label) != Some(hex) {
-                        self.gone(Node::Label(label.clone()), out);
+                let old = std::mem::replace(&mut self.attachments, l.clone());
+                match t {
+                    Target::Blob(id) => self.blob_changed(&l, id, out),
+                    _ => {
+                        for b in old.blobs() {
+                            if l.get(&b.id).is_none() {
+                                self.blob_changed(&l, b.id, out);
+                            }
+                        }
                     }
                 }
-                for hex in old.blobs.keys() {
-                    if !l.blobs.contains_key(hex) {
-                        self.gone(Node::Blob(hex.clone()), out);
-                        self.gone(Node::Sidecar(hex.clone()), out);
+                // Labels move only when a sidecar changes: compare them only then.
+                if !Arc::ptr_eq(old.labels(), l.labels()) {
+                    for (label, id) in old.labels().iter() {
+                        if l.label(label) != Some(id) {
+                            self.gone(Node::Label(label.to_string()), out);
+                        }
                     }
                 }
-                for hex in l.blobs.keys() {
-                    if let Some(ino) = self.core.inodes.existing(&Node::Sidecar(hex.clone())) {
-                        out.push(Inval::Inode(ino));
-                    }
-                }
-                self.attachments = l;
             }
             Target::Dirs => {}
         }
+    }
+
+    /// A blob or its sidecar changed on disk: drop what the kernel has of a removed blob
+    /// (its table entries too: blob names never move, so no rename of ours can race this),
+    /// and the attributes of a rewritten sidecar.
+    fn blob_changed(&self, l: &Listing, id: BlobId, out: &mut Vec<Inval>) {
+        if l.get(&id).is_some() {
+            if let Some(ino) = self.core.inodes.existing(&Node::Sidecar(id)) {
+                out.push(Inval::Inode(ino));
+            }
+            return;
+        }
+        self.gone(Node::Blob(id), out);
+        self.gone(Node::Sidecar(id), out);
+        self.core.inodes.remove(&Node::Blob(id));
     }
 
     /// A name that no longer exists (or now means something else): drop the kernel's entry.

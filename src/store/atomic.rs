@@ -105,17 +105,32 @@ pub fn replace_file(
     bytes: &[u8],
     expected: Option<Fingerprint>,
 ) -> Result<Replaced> {
+    replace_file_with(target, |w| w.write_all(bytes), expected)
+}
+
+/// `replace_file`, the content written by `write` straight into the temp file (a large
+/// file is never held whole in memory).
+pub fn replace_file_with(
+    target: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    expected: Option<Fingerprint>,
+) -> Result<Replaced> {
     let dir = target.parent().unwrap_or(Path::new("."));
     ensure_dir(dir)?;
     let tmp = temp_path_for(target);
     let result = (|| {
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
             .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
-        f.write_all(bytes)
+        let mut w = io::BufWriter::with_capacity(256 << 10, f);
+        write(&mut w)
+            .and_then(|()| w.flush())
             .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e.into_error()))?;
         f.sync_all()
             .map_err(|e| StoreError::io(format!("fsync {}", tmp.display()), e))?;
         // The check before the rename: the narrowest window we can give a writer that does

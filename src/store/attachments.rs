@@ -1,19 +1,17 @@
 //! Content-addressed attachments: `sha256/<hex[0..2]>/<hex>` holds the bytes and
 //! `<hex>.json` lash's AttachmentMeta sidecar. Labels (file names) come from the sidecars.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
-use parking_lot::Mutex;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::atomic;
+use super::blob_index::{BlobIndex, Listing};
 use super::fingerprint::{self, Fingerprint};
 use crate::error::{Result, StoreError};
 
@@ -33,69 +31,18 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
-/// What the index keeps of a sidecar: only the fields the mount shows (its bytes are read
-/// from disk when opened, its full JSON when rewritten), so 100,000 attachments stay small.
-#[derive(Debug)]
-pub struct Sidecar {
-    pub label: Option<String>,
-    /// `image/png`, `text/plain`, … from `{"kind": …, "type": …}`.
-    pub media_type: String,
-    pub mtime: SystemTime,
-    pub fp: Fingerprint,
-}
-
-pub fn media_type_string(mt: Option<&Value>) -> String {
-    let kind = mt
-        .and_then(|m| m.get("kind"))
-        .and_then(Value::as_str)
-        .unwrap_or("file");
-    let ty = mt
-        .and_then(|m| m.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("application/octet-stream");
-    if kind == "image" {
-        format!("image/{ty}")
-    } else {
-        ty.to_string()
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Blob {
-    pub hex: String,
-    pub size: u64,
-    pub mtime: SystemTime,
-    pub ctime: SystemTime,
-    pub sidecar: Option<Arc<Sidecar>>,
-}
-
-#[derive(Debug, Default, Clone)]
-pub struct Listing {
-    pub blobs: BTreeMap<String, Blob>,
-    /// label → hex; when two blobs share a label, the newest sidecar wins.
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Default)]
-struct IndexState {
-    root_fp: Option<Fingerprint>,
-    shards: HashMap<String, Option<Fingerprint>>,
-    listing: Arc<Listing>,
-    built: bool,
-}
-
-/// The attachment directory's index, refreshed by fingerprinting the shard directories
-/// (every add, remove or rename in a shard changes its mtime/ctime).
+/// Where attachments live: `sha256/<hex[0..2]>/<hex>` and its sidecar, and the index of
+/// them (`blob_index`).
 pub struct Attachments {
     pub dir: PathBuf,
-    state: Mutex<IndexState>,
+    pub index: BlobIndex,
 }
 
 impl Attachments {
     pub fn new(dir: PathBuf) -> Self {
         Attachments {
+            index: BlobIndex::new(dir.join("sha256")),
             dir,
-            state: Mutex::new(IndexState::default()),
         }
     }
 
@@ -113,95 +60,11 @@ impl Attachments {
 
     /// Forget everything cached (after an inotify overflow, say).
     pub fn invalidate(&self) {
-        *self.state.lock() = IndexState::default();
+        self.index.invalidate();
     }
 
     pub fn listing(&self) -> Result<Arc<Listing>> {
-        let mut st = self.state.lock();
-        let cas = self.cas_dir();
-        let root_fp = fingerprint::stat(&cas)?;
-        let mut changed = !st.built;
-        if root_fp != st.root_fp || !st.built {
-            let mut names: Vec<String> = Vec::new();
-            match fs::read_dir(&cas) {
-                Ok(rd) => {
-                    for e in rd.flatten() {
-                        let n = e.file_name().to_string_lossy().into_owned();
-                        if n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()) {
-                            names.push(n);
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io(format!("read dir {}", cas.display()), e)),
-            }
-            let gone: Vec<String> = st
-                .shards
-                .keys()
-                .filter(|k| !names.contains(k))
-                .cloned()
-                .collect();
-            for shard in gone {
-                st.shards.remove(&shard);
-                remove_shard(Arc::make_mut(&mut st.listing), &shard);
-            }
-            for n in names {
-                st.shards.entry(n).or_insert(None);
-            }
-            st.root_fp = root_fp;
-            changed = true;
-        }
-        let keys: Vec<String> = st.shards.keys().cloned().collect();
-        for shard in keys {
-            let fp = fingerprint::stat(&cas.join(&shard))?;
-            if fp.is_some() && st.shards.get(&shard) == Some(&fp) {
-                continue;
-            }
-            let blobs = scan_shard(&cas.join(&shard))?;
-            // Patch the one table in place (a reader holding the old Arc keeps its copy).
-            let listing = Arc::make_mut(&mut st.listing);
-            remove_shard(listing, &shard);
-            for b in blobs {
-                listing.blobs.insert(b.hex.clone(), b);
-            }
-            st.shards.insert(shard, fp);
-            changed = true;
-        }
-        if changed {
-            let listing = Arc::make_mut(&mut st.listing);
-            let mut labels: BTreeMap<String, (SystemTime, String)> = BTreeMap::new();
-            for b in listing.blobs.values() {
-                if let Some(s) = &b.sidecar
-                    && let Some(label) = &s.label
-                {
-                    // The newest sidecar wins a shared label (ties: the larger id, so the
-                    // choice does not depend on scan order).
-                    let newer = labels
-                        .get(label)
-                        .is_none_or(|(t, h)| s.mtime > *t || (s.mtime == *t && b.hex > *h));
-                    if newer {
-                        labels.insert(label.clone(), (s.mtime, b.hex.clone()));
-                    }
-                }
-            }
-            listing.labels = labels.into_iter().map(|(l, (_, h))| (l, h)).collect();
-            st.built = true;
-            // SAFETY: malloc_trim only returns free heap pages to the kernel.
-            unsafe { libc::malloc_trim(0) };
-        }
-        Ok(st.listing.clone())
-    }
-}
-
-fn remove_shard(listing: &mut Listing, shard: &str) {
-    let doomed: Vec<String> = listing
-        .blobs
-        .range(shard.to_string()..)
-        .take_while(|(k, _)| k.starts_with(shard))
-        .map(|(k, _)| k.clone())
-        .collect();
-    for k in doomed {
-        listing.blobs.remove(&k);
+        self.index.listing()
     }
 }
 
@@ -210,32 +73,6 @@ pub fn valid_label(label: &str) -> bool {
     super::collection::safe_name(label)
         && !is_hex64(label)
         && !label.strip_suffix(".json").is_some_and(is_hex64)
-}
-
-fn scan_shard(dir: &Path) -> Result<Vec<Blob>> {
-    let mut out = Vec::new();
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(StoreError::io(format!("read dir {}", dir.display()), e)),
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !is_hex64(&name) {
-            continue;
-        }
-        let Ok(meta) = e.metadata() else { continue };
-        let fp = Fingerprint::of(&meta);
-        let sidecar = read_sidecar(&dir.join(format!("{name}.json")));
-        out.push(Blob {
-            hex: name,
-            size: fp.size,
-            mtime: fp.mtime(),
-            ctime: fp.ctime(),
-            sidecar,
-        });
-    }
-    Ok(out)
 }
 
 /// A sidecar's full JSON and the fingerprint of the bytes it was parsed from (for a rewrite).
@@ -248,55 +85,6 @@ pub fn read_sidecar_value(path: &Path) -> Option<(Value, Fingerprint)> {
             Some((Value::Null, fp))
         }
     }
-}
-
-#[derive(serde::Deserialize)]
-struct SidecarFields {
-    label: Option<String>,
-    media_type: Option<MediaTypeFields>,
-}
-
-#[derive(serde::Deserialize)]
-struct MediaTypeFields {
-    kind: Option<String>,
-    #[serde(rename = "type")]
-    ty: Option<String>,
-}
-
-/// What the index keeps of a sidecar, parsed straight into those fields (no JSON tree per
-/// sidecar: at 100,000 attachments the trees' churn alone fragments the heap by ~100 MiB).
-pub fn read_sidecar(path: &Path) -> Option<Arc<Sidecar>> {
-    let (bytes, fp) = fingerprint::read_with_fingerprint(path).ok()??;
-    let (label, media_type) = match serde_json::from_slice::<SidecarFields>(&bytes) {
-        Ok(f) => {
-            let kind = f
-                .media_type
-                .as_ref()
-                .and_then(|m| m.kind.as_deref())
-                .unwrap_or("file");
-            let ty = f
-                .media_type
-                .as_ref()
-                .and_then(|m| m.ty.as_deref())
-                .unwrap_or("application/octet-stream");
-            let mt = if kind == "image" {
-                format!("image/{ty}")
-            } else {
-                ty.to_string()
-            };
-            (f.label.filter(|l| valid_label(l)), mt)
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "attachment sidecar does not parse");
-            (None, "application/octet-stream".to_string())
-        }
-    };
-    Some(Arc::new(Sidecar {
-        label,
-        media_type,
-        mtime: fp.mtime(),
-        fp,
-    }))
 }
 
 /// An attachment being written: bytes go to a temp file in the store while they are hashed,

@@ -170,16 +170,37 @@ impl<T: Default> CachedFile<T> {
         &self,
         mut change: impl FnMut(&Loaded<T>) -> Result<Option<(Vec<u8>, T, R)>>,
     ) -> Result<(Arc<Loaded<T>>, Option<R>)> {
+        let bytes = std::cell::RefCell::new(Vec::new());
+        self.update_streamed(
+            |cur| {
+                Ok(change(cur)?.map(|(b, v, r)| {
+                    *bytes.borrow_mut() = b;
+                    (v, r)
+                }))
+            },
+            |_, w| w.write_all(&bytes.borrow()),
+        )
+    }
+
+    /// `update` for a large file: `change` computes only the new value, and `write` writes
+    /// it straight into the temp file.
+    pub fn update_streamed<R>(
+        &self,
+        mut change: impl FnMut(&Loaded<T>) -> Result<Option<(T, R)>>,
+        write: impl Fn(&T, &mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<(Arc<Loaded<T>>, Option<R>)> {
         const ATTEMPTS: usize = 32;
         for _ in 0..ATTEMPTS {
             let cur = self.current()?;
             if let Some(e) = cur.corrupt_error(&self.path) {
                 return Err(e);
             }
-            let Some((bytes, value, r)) = change(&cur)? else {
+            let Some((value, r)) = change(&cur)? else {
                 return Ok((cur, None));
             };
-            match super::atomic::replace_file(&self.path, &bytes, cur.fp)? {
+            let expected = cur.fp;
+            drop(cur);
+            match super::atomic::replace_file_with(&self.path, |w| write(&value, w), expected)? {
                 super::atomic::Replaced::Done(fp) => return Ok((self.install(fp, value), Some(r))),
                 super::atomic::Replaced::Raced => {
                     tracing::warn!(path = %self.path.display(), "another writer replaced the file during our update; redoing the change on its version");

@@ -196,9 +196,10 @@ impl Store {
         }
         if !opts.dry_run {
             // Bytes are gone before their intents are forgotten: a crash in between leaves
-            // an intent without bytes, which the next run forgets.
-            self.manifest.forget(&forget)?;
-            self.manifest.commit(&commit)?;
+            // an intent without bytes, which the next run forgets. (Our copy of the old
+            // manifest goes first: a large one is not held twice while it is rewritten.)
+            drop(doc);
+            self.manifest.settle(&forget, &commit)?;
         }
         report.finished = chrono::Utc::now().to_rfc3339();
         tracing::info!(

@@ -8,6 +8,7 @@
 //! kept as its JSON tree, so nothing is lost.
 
 use std::collections::HashSet;
+use std::io::{self, Write};
 use std::sync::Arc;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -169,10 +170,12 @@ impl ManifestDoc {
         self.rows.iter().find(|r| r.id() == Some(id))
     }
 
-    /// The whole file: exactly what pretty-printing the manifest as one JSON tree gives.
-    fn bytes(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(self.rows.len() * 280 + 64);
-        push_top_object(&mut out, &self.top, KEY, |out| {
+    /// The whole file, written in pieces: exactly what pretty-printing the manifest as one
+    /// JSON tree gives.
+    fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(64 << 10);
+        let mut io_err = None;
+        let r = push_top_object(&mut buf, &self.top, KEY, |out| {
             if self.rows.is_empty() {
                 out.extend_from_slice(b"[]");
                 return Ok(());
@@ -181,12 +184,23 @@ impl ManifestDoc {
             for (i, r) in self.rows.iter().enumerate() {
                 out.extend_from_slice(if i == 0 { b"\n    " } else { b",\n    " });
                 r.push_pretty(out)?;
+                if out.len() >= 60 << 10 {
+                    if let Err(e) = w.write_all(out) {
+                        io_err = Some(e);
+                        return Err(StoreError::Invalid("manifest write failed".into()));
+                    }
+                    out.clear();
+                }
             }
             out.extend_from_slice(b"\n  ]");
             Ok(())
-        })?;
-        out.push(b'\n');
-        Ok(out)
+        });
+        if let Some(e) = io_err {
+            return Err(e);
+        }
+        r.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        buf.push(b'\n');
+        w.write_all(&buf)
     }
 }
 
@@ -296,13 +310,13 @@ impl Manifest {
     /// Applies `f` to a copy of the manifest and writes it if `f` says it changed something.
     /// The caller holds the writer lock.
     fn modify(&self, mut f: impl FnMut(&mut ManifestDoc) -> bool) -> Result<()> {
-        self.file.update(|cur| {
-            let mut doc = (*cur.value).clone();
-            if !f(&mut doc) {
-                return Ok(None);
-            }
-            Ok(Some((doc.bytes()?, doc, ())))
-        })?;
+        self.file.update_streamed(
+            |cur| {
+                let mut doc = (*cur.value).clone();
+                Ok(f(&mut doc).then_some((doc, ())))
+            },
+            |doc, w| doc.write_to(w),
+        )?;
         Ok(())
     }
 
@@ -341,6 +355,28 @@ impl Manifest {
             marked > 0
         })?;
         Ok(marked)
+    }
+
+    /// What a garbage collection leaves: the rows of `forget` removed, those of `commit`
+    /// committed now, in one rewrite.
+    pub fn settle(&self, forget: &HashSet<String>, commit: &HashSet<String>) -> Result<()> {
+        if forget.is_empty() && commit.is_empty() {
+            return Ok(());
+        }
+        self.modify(|doc| {
+            let before = doc.rows.len();
+            doc.rows
+                .retain(|r| !r.id().is_some_and(|id| forget.contains(id)));
+            let mut changed = doc.rows.len() != before;
+            let now = now_ms();
+            for row in &mut doc.rows {
+                if row.id().is_some_and(|id| commit.contains(id)) && !row.committed() {
+                    row.set_committed(now);
+                    changed = true;
+                }
+            }
+            changed
+        })
     }
 
     /// Removes the rows of `ids`.
@@ -397,12 +433,27 @@ mod tests {
             .map(|r| matches!(r, Intent::Std(_)))
             .collect();
         assert_eq!(kinds, [true, true, false, false, false, false]);
+        let bytes = |d: &ManifestDoc| {
+            let mut out = Vec::new();
+            d.write_to(&mut out).unwrap();
+            out
+        };
         assert_eq!(
-            String::from_utf8(doc.bytes().unwrap()).unwrap(),
+            String::from_utf8(bytes(&doc)).unwrap(),
             String::from_utf8(pretty(&v)).unwrap()
         );
         let empty = parse(b"{\"intents\": []}").unwrap();
-        assert_eq!(empty.bytes().unwrap(), b"{\n  \"intents\": []\n}\n");
+        assert_eq!(bytes(&empty), b"{\n  \"intents\": []\n}\n");
+        // Large enough to be written in several pieces.
+        let rows: Vec<Value> = (0..2000)
+            .map(|i| {
+                json!({"attachment_id": format!("{i:064x}"), "session_id": null,
+                    "canonical_uri": format!("sha256:{i:064x}"), "intent_at_epoch_ms": i,
+                    "committed_at_epoch_ms": null})
+            })
+            .collect();
+        let many = json!({ "intents": rows });
+        assert_eq!(bytes(&parse(&pretty(&many)).unwrap()), pretty(&many));
         assert!(parse(b"{\"intents\": {}}").unwrap_err().contains("array"));
         assert!(parse(b"[]").unwrap_err().contains("object"));
     }

@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod attachments;
+pub mod blob_index;
 pub mod cached;
 pub mod collection;
 pub mod fingerprint;
@@ -23,7 +24,8 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use self::atomic::WriterLock;
-use self::attachments::{Attachments, Ingest, Listing};
+use self::attachments::{Attachments, Ingest};
+use self::blob_index::Listing;
 use self::cached::{CacheStats, CachedFile};
 use self::collection::{Change, Doc, Record, Shape};
 use self::fingerprint::Fingerprint;
@@ -618,19 +620,13 @@ impl Store {
         }
         let _lock = self.lock.acquire()?;
         let listing = self.attachments.listing()?;
-        for b in listing.blobs.values() {
+        for b in listing.blobs() {
             let l = b.sidecar.as_ref().and_then(|s| s.label.as_deref());
-            if b.hex != hex && (l == Some(label) || (old.is_some() && l == old)) {
-                self.write_sidecar(&b.hex, |v| {
-                    v.and_then(Value::as_object).map(|m| {
-                        let mut m = m.clone();
-                        m.remove("label");
-                        m
-                    })
-                })?;
+            if b.hex() != hex && (l == Some(label) || (old.is_some() && l == old)) {
+                self.drop_label(&b.hex())?;
             }
         }
-        let size = listing.blobs.get(hex).map(|b| b.size).unwrap_or(0);
+        let size = listing.get_hex(hex).map(|b| b.size).unwrap_or(0);
         self.write_sidecar(hex, |v| {
             let mut m = match v {
                 Some(Value::Object(m)) => m.clone(),
@@ -641,22 +637,27 @@ impl Store {
         })
     }
 
+    /// Removes the `label` field of blob `hex`'s sidecar (caller holds the writer lock).
+    fn drop_label(&self, hex: &str) -> Result<()> {
+        self.write_sidecar(hex, |v| {
+            v.and_then(Value::as_object).map(|m| {
+                let mut m = m.clone();
+                m.remove("label");
+                m
+            })
+        })
+    }
+
     /// Removes a label (the name only: bytes leave only through gc).
     pub fn unlabel(&self, label: &str) -> Result<()> {
         self.writable()?;
         let _lock = self.lock.acquire()?;
         let listing = self.attachments.listing()?;
         let mut found = false;
-        for b in listing.blobs.values() {
+        for b in listing.blobs() {
             if b.sidecar.as_ref().and_then(|s| s.label.as_deref()) == Some(label) {
                 found = true;
-                self.write_sidecar(&b.hex, |v| {
-                    v.and_then(Value::as_object).map(|m| {
-                        let mut m = m.clone();
-                        m.remove("label");
-                        m
-                    })
-                })?;
+                self.drop_label(&b.hex())?;
             }
         }
         if !found {
