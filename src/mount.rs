@@ -323,7 +323,7 @@ fn serve(
         _ => "",
     };
     let (session, unmounter) = if root {
-        let mut s = Session::new(AgentFs { core: core.clone() }, &args.mountpoint, &config)
+        let mut s = Session::new(AgentFs::new(core.clone()), &args.mountpoint, &config)
             .map_err(|e| format!("{e}{}", permission_hint(&e)))?;
         let u = Unmounter::Session(s.unmount_callable());
         (s, u)
@@ -340,13 +340,8 @@ fn serve(
         }
         let fd = crate::fusermount::mount(&args.mountpoint, &opts)
             .map_err(|e| format!("{e}{}", permission_hint(&e)))?;
-        let s = Session::from_fd(
-            AgentFs { core: core.clone() },
-            fd,
-            config.acl,
-            config.clone(),
-        )
-        .map_err(|e| e.to_string())?;
+        let s = Session::from_fd(AgentFs::new(core.clone()), fd, config.acl, config.clone())
+            .map_err(|e| e.to_string())?;
         (s, Unmounter::Fusermount(args.mountpoint.clone()))
     };
     let rx = core.inval.connect(session.notifier());

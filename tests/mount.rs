@@ -804,5 +804,8 @@ fn large_attachment_listings_page_every_name_once_and_follow_external_changes() 
     .expect("an attachment removed outside stayed visible");
     let s = json(&m.p(".status"));
     assert_eq!(s["attachment_index"], "inotify");
+    // As root on this kernel, attachment bytes are read by the kernel from the store file.
+    let path = s["data_path"]["attachments"].as_str().unwrap();
+    assert!(path.starts_with("passthrough"), "{path}");
     assert_eq!(s["counts"]["attachments"], n + 2);
 }

@@ -87,6 +87,16 @@ fn an_ordinary_user_mounts_through_fusermount3() {
             .unwrap()
             .contains("g-00000abc")
     );
+    // Attachment bytes read back for a user too: FUSE passthrough needs CAP_SYS_ADMIN, so
+    // the mount falls back to the page cache and says so.
+    let r = as_user(
+        "cmp mnt/attachments/pixel.png store/attachments/sha256/b1/b1ff9c8ea3a780bad09b346c423d2d0e46815926879b18e841d928376a946640 && cat mnt/.status",
+        d.path(),
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let path = status["data_path"]["attachments"].as_str().unwrap();
+    assert!(path.starts_with("page cache"), "{path}");
     // The store's new files belong to the user, not root.
     assert_eq!(
         std::fs::metadata(d.path().join("store/sm/goals.json"))

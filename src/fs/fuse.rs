@@ -1,22 +1,86 @@
 //! The fuser adapter: turns kernel requests into calls on `Core` and its results into
 //! replies. No filesystem rules live here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+
+use parking_lot::Mutex;
 
 use super::{Attr, Core, FileKind, FsError, OpenMode, SetAttr};
 
 pub struct AgentFs {
     pub core: Arc<Core>,
+    passthrough: Passthrough,
+}
+
+impl AgentFs {
+    pub fn new(core: Arc<Core>) -> Self {
+        AgentFs {
+            core,
+            passthrough: Passthrough::default(),
+        }
+    }
+}
+
+/// FUSE passthrough for attachment bytes: the kernel reads the store file itself, so warm
+/// reads run at the backing filesystem's speed. The kernel fails an open (EIO) that mixes
+/// passthrough and cached modes on one inode, so every open of a blob shares one backing id
+/// while any is open, and the first failure to make one (no CAP_SYS_ADMIN, say) turns
+/// passthrough off for good: later blobs are served from the page cache (keep_cache).
+#[derive(Default)]
+struct Passthrough {
+    /// Whether new backing ids may be made (negotiated at init, cleared on a failure).
+    enabled: AtomicBool,
+    by_ino: Mutex<HashMap<u64, Weak<BackingId>>>,
+    by_fh: Mutex<HashMap<u64, Arc<BackingId>>>,
+}
+
+impl Passthrough {
+    /// The backing id for `ino`'s open `fh`: the one its other opens share, or a new one
+    /// from `make`. `None`: serve this open from the page cache.
+    fn backing(
+        &self,
+        ino: u64,
+        fh: u64,
+        make: impl FnOnce() -> Option<std::io::Result<BackingId>>,
+        on_failure: impl FnOnce(&std::io::Error),
+    ) -> Option<Arc<BackingId>> {
+        let mut by_ino = self.by_ino.lock();
+        let id = match by_ino.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None if !self.enabled.load(Ordering::Relaxed) => return None,
+            None => match make()? {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    by_ino.insert(ino, Arc::downgrade(&id));
+                    id
+                }
+                Err(e) => {
+                    self.enabled.store(false, Ordering::Relaxed);
+                    on_failure(&e);
+                    return None;
+                }
+            },
+        };
+        by_ino.retain(|_, w| w.strong_count() > 0);
+        self.by_fh.lock().insert(fh, id.clone());
+        Some(id)
+    }
+
+    fn release(&self, fh: u64) {
+        self.by_fh.lock().remove(&fh);
+    }
 }
 
 fn to_attr(core: &Core, a: &Attr) -> FileAttr {
@@ -93,6 +157,29 @@ impl Filesystem for AgentFs {
             }
         }
         let _ = config.set_max_write(1 << 20);
+        // Passthrough needs the kernel's consent and a stacking depth for the backing files
+        // (2: the store may itself be on overlayfs).
+        let why_not = match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+            Err(_) => Some("the kernel does not offer FUSE passthrough".to_string()),
+            Ok(()) => match config.set_max_stack_depth(2) {
+                Ok(_) => None,
+                Err(max) => config
+                    .set_max_stack_depth(max)
+                    .err()
+                    .map(|_| "the kernel refused a passthrough stacking depth".to_string()),
+            },
+        };
+        let path = match why_not {
+            None => {
+                self.passthrough.enabled.store(true, Ordering::Relaxed);
+                "passthrough (the kernel reads the store file)".to_string()
+            }
+            Some(why) => {
+                tracing::info!("attachment reads through the page cache: {why}");
+                format!("page cache (keep_cache): {why}")
+            }
+        };
+        *self.core.attachment_data_path.lock() = path;
         Ok(())
     }
 
@@ -271,9 +358,36 @@ impl Filesystem for AgentFs {
         let acc = flags.0 & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let trunc = flags.0 & libc::O_TRUNC != 0;
-        match self.core.open(ino.0, write, trunc) {
-            Ok((fh, m)) => reply.opened(FileHandle(fh), fopen(m)),
-            Err(e) => reply.error(errno(&e)),
+        let (fh, m) = match self.core.open(ino.0, write, trunc) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let backing = if m.passthrough {
+            self.passthrough.backing(
+                ino.0,
+                fh,
+                || self.core.with_blob_file(fh, |f| reply.open_backing(f)),
+                |e| {
+                    tracing::warn!(error = %e, "FUSE passthrough unavailable; attachment reads go through the page cache");
+                    *self.core.attachment_data_path.lock() =
+                        format!("page cache (keep_cache): passthrough failed: {e}");
+                },
+            )
+        } else {
+            None
+        };
+        match backing {
+            // The kernel takes only passthrough-compatible flags here (no KEEP_CACHE: the
+            // backing file's own page cache is used).
+            Some(id) => reply.opened_passthrough(
+                FileHandle(fh),
+                fopen(OpenMode {
+                    keep_cache: false,
+                    ..m
+                }),
+                &id,
+            ),
+            None => reply.opened(FileHandle(fh), fopen(m)),
         }
     }
 
@@ -339,6 +453,7 @@ impl Filesystem for AgentFs {
         // A last flush in case the kernel did not send one (its errors cannot reach close).
         let _ = self.core.flush(fh.0, "release");
         self.core.release(fh.0);
+        self.passthrough.release(fh.0);
         reply.ok();
     }
 

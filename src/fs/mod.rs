@@ -111,6 +111,8 @@ pub struct OpenMode {
     pub keep_cache: bool,
     /// Read-only opens: a close has nothing to commit, so the kernel need not send flush.
     pub noflush: bool,
+    /// Immutable bytes in a store file: the kernel may read the backing file itself.
+    pub passthrough: bool,
 }
 
 enum Handle {
@@ -230,6 +232,8 @@ pub struct Core {
     pending: Mutex<HashMap<(Kind, String), SystemTime>>,
     ingests: Mutex<HashMap<String, Arc<Mutex<IngestState>>>>,
     last_size: Mutex<HashMap<u64, u64>>,
+    /// How attachment bytes reach readers, as `.status` shows it (set by the FUSE adapter).
+    pub attachment_data_path: Mutex<String>,
 
     started: Instant,
     started_wall: SystemTime,
@@ -279,6 +283,7 @@ impl Core {
             pending: Mutex::new(HashMap::new()),
             ingests: Mutex::new(HashMap::new()),
             last_size: Mutex::new(HashMap::new()),
+            attachment_data_path: Mutex::new("page cache (keep_cache)".into()),
 
             started: Instant::now(),
             started_wall: SystemTime::now(),
@@ -885,6 +890,15 @@ impl Core {
         fh
     }
 
+    /// Runs `f` on the store file behind an open attachment (for kernel passthrough).
+    pub fn with_blob_file<R>(&self, fh: u64, f: impl FnOnce(&File) -> R) -> Option<R> {
+        let h = self.handle(fh)?;
+        match &*h.lock() {
+            Handle::Blob { file } => Some(f(file)),
+            _ => None,
+        }
+    }
+
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let list = Arc::new(self.dir_list(ino)?);
         Ok(self.add_handle(Handle::Dir { list }))
@@ -974,6 +988,7 @@ impl Core {
                     OpenMode {
                         direct_io: false,
                         keep_cache: true,
+                        passthrough: true,
                         ..Default::default()
                     },
                 ))
@@ -1811,7 +1826,10 @@ impl Core {
                 "max_latency_us": fs.max_latency_us.load(Ordering::Relaxed),
                 "ttl_ms": self.opts.ttl.as_millis() as u64,
             },
-            "data_path": { "records": "direct_io", "attachments": "page cache (keep_cache)" },
+            "data_path": {
+                "records": "direct_io",
+                "attachments": self.attachment_data_path.lock().clone(),
+            },
             "attachment_index": self.store.attachments.index.mode(),
             "last_error": errs,
         });
