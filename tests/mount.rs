@@ -460,7 +460,8 @@ fn cp_into_attachments_stores_bytes_by_hash_and_leaves_a_label() {
     let st = fixture_copy();
     let m = Mount::new(st.path(), &[]);
     let src = tempfile::tempdir().unwrap();
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // Past 4 MiB the hash runs on a helper thread and writeback starts early: 12 MB.
+    let data: Vec<u8> = (0..12_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(src.path().join("big.bin"), &data).unwrap();
     sh_ok(
         &format!("cp {}/big.bin attachments/", src.path().display()),
@@ -490,7 +491,7 @@ fn cp_into_attachments_stores_bytes_by_hash_and_leaves_a_label() {
     let meta = json(&m.p(&format!("attachments/{hex}.json")));
     assert_eq!(
         (meta["byte_len"].as_u64(), meta["label"].as_str()),
-        (Some(3_000_000), Some("big.bin"))
+        (Some(12_000_000), Some("big.bin"))
     );
     // Identical bytes under another name: deduplicated, a second label, one blob.
     sh_ok(
@@ -518,7 +519,7 @@ fn cp_into_attachments_stores_bytes_by_hash_and_leaves_a_label() {
         std::fs::read(m.p(&format!("attachments/{hex}")))
             .unwrap()
             .len(),
-        3_000_000
+        data.len()
     );
 }
 

@@ -98,7 +98,7 @@ fn to_attr(core: &Core, a: &Attr) -> FileAttr {
         uid: core.opts.uid,
         gid: core.opts.gid,
         rdev: 0,
-        blksize: 4096,
+        blksize: a.blksize,
         flags: 0,
     }
 }

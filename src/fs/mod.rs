@@ -77,7 +77,13 @@ pub struct Attr {
     pub ctime: SystemTime,
     pub perm: u16,
     pub ttl: Duration,
+    /// The I/O size tools should use (`st_blksize`): `cp` reads and writes in pieces of it.
+    pub blksize: u32,
 }
+
+/// `st_blksize` of attachment files: `cp` then copies in 1 MiB writes (the FUSE maximum
+/// negotiated at init) instead of 128 KiB ones, an eighth of the round trips.
+pub const ATTACHMENT_BLKSIZE: u32 = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -339,6 +345,7 @@ impl Core {
             ctime,
             perm,
             ttl,
+            blksize: 4096,
         }
     }
 
@@ -430,6 +437,14 @@ impl Core {
     }
 
     fn attr_of(&self, ino: u64, node: &Node, fh: Option<u64>) -> FsResult<Attr> {
+        let mut a = self.attr_of_node(ino, node, fh)?;
+        if matches!(node, Node::Blob(_) | Node::Ingest(_)) {
+            a.blksize = ATTACHMENT_BLKSIZE;
+        }
+        Ok(a)
+    }
+
+    fn attr_of_node(&self, ino: u64, node: &Node, fh: Option<u64>) -> FsResult<Attr> {
         let ttl = self.opts.ttl;
         let file_perm = |p: u16| if self.opts.read_only { p & 0o555 } else { p };
         match node {
@@ -765,11 +780,15 @@ impl Core {
         };
         let ino = self.inodes.ino(&node);
         let (size, m, c, ttl) = attr;
+        let mut a = self.attr(ino, FileKind::File, size, (m, c), 0o444, ttl);
+        if !sidecar {
+            a.blksize = ATTACHMENT_BLKSIZE;
+        }
         DirEntry {
             ino,
             kind: FileKind::File,
             name: node.name(),
-            attr: Some(self.attr(ino, FileKind::File, size, (m, c), 0o444, ttl)),
+            attr: Some(a),
         }
     }
 

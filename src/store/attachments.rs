@@ -2,17 +2,20 @@
 //! `<hex>.json` lash's AttachmentMeta sidecar. Labels (file names) come from the sidecars.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
 
 use super::atomic;
 use super::blob_index::{BlobIndex, Listing};
 use super::fingerprint::{self, Fingerprint};
+use super::hash::Sha256;
 use crate::error::{Result, StoreError};
 
 pub fn is_hex64(s: &str) -> bool {
@@ -89,14 +92,105 @@ pub fn read_sidecar_value(path: &Path) -> Option<(Value, Fingerprint)> {
 
 /// An attachment being written: bytes go to a temp file in the store while they are hashed,
 /// so the hash costs no second pass and no memory (unless writes arrive out of order).
+///
+/// Why the pipeline: without SHA extensions one SHA-256 stream runs at about 0.26 GB/s,
+/// slower than the FUSE data path and the disk. So past `INLINE_HASH` bytes the hashing
+/// moves to a helper thread fed through a bounded queue (at most `HASH_QUEUE` chunks, so
+/// memory stays constant and a writer waits only when hashing falls behind), and
+/// writeback of the temp file starts as the bytes arrive, so the fsync at close has little
+/// left to do: copy, hash and disk overlap instead of adding up.
 pub struct Ingest {
     file: File,
     tmp: PathBuf,
-    hasher: Sha256,
+    hasher: StreamHasher,
     hashed: u64,
     len: u64,
     in_order: bool,
+    /// Bytes handed to writeback so far (`sync_file_range`).
+    started_writeback: u64,
     done: bool,
+}
+
+const INLINE_HASH: u64 = 4 << 20;
+const HASH_QUEUE: usize = 8;
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// A SHA-256 over a stream of chunks: on the caller's thread at first, on a helper thread
+/// (see `Ingest`) once the stream is long.
+struct StreamHasher {
+    inline: Option<Sha256>,
+    piped: Option<(SyncSender<Vec<u8>>, JoinHandle<Sha256>)>,
+}
+
+impl StreamHasher {
+    fn new() -> Self {
+        StreamHasher {
+            inline: Some(Sha256::new()),
+            piped: None,
+        }
+    }
+
+    fn update(&mut self, data: &[u8], hashed_before: u64) -> Result<()> {
+        if let Some(h) = self.inline.as_mut() {
+            if hashed_before + data.len() as u64 <= INLINE_HASH {
+                h.update(data);
+                return Ok(());
+            }
+            let (tx, rx) = sync_channel::<Vec<u8>>(HASH_QUEUE);
+            let mut state = h.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ingest-hash".into())
+                .spawn(move || {
+                    for chunk in rx {
+                        state.update(&chunk);
+                    }
+                    state
+                });
+            match spawned {
+                Ok(join) => {
+                    self.inline = None;
+                    self.piped = Some((tx, join));
+                }
+                Err(e) => {
+                    // The hash is as right inline, only not overlapped with the writes.
+                    tracing::warn!(error = %e, "cannot start a hashing thread; hashing on the request thread");
+                    h.update(data);
+                    return Ok(());
+                }
+            }
+        }
+        match &self.piped {
+            Some((tx, _)) => tx.send(data.to_vec()).map_err(|_| {
+                StoreError::io(
+                    "hash attachment",
+                    io::Error::other("the hashing thread stopped"),
+                )
+            }),
+            None => Err(StoreError::io(
+                "hash attachment",
+                io::Error::other("no hasher"),
+            )),
+        }
+    }
+
+    fn finish(mut self) -> Result<String> {
+        if let Some(h) = self.inline.take() {
+            return Ok(h.finish_hex());
+        }
+        let Some((tx, join)) = self.piped.take() else {
+            return Err(StoreError::io(
+                "hash attachment",
+                io::Error::other("no hasher"),
+            ));
+        };
+        drop(tx);
+        join.join().map(Sha256::finish_hex).map_err(|_| {
+            StoreError::io(
+                "hash attachment",
+                io::Error::other("the hashing thread panicked"),
+            )
+        })
+    }
 }
 
 impl Ingest {
@@ -112,10 +206,11 @@ impl Ingest {
         Ok(Ingest {
             file,
             tmp,
-            hasher: Sha256::new(),
+            hasher: StreamHasher::new(),
             hashed: 0,
             len: 0,
             in_order: true,
+            started_writeback: 0,
             done: false,
         })
     }
@@ -133,13 +228,35 @@ impl Ingest {
             .write_all_at(data, offset)
             .map_err(|e| StoreError::io(format!("write {}", self.tmp.display()), e))?;
         if self.in_order && offset == self.hashed {
-            self.hasher.update(data);
+            self.hasher.update(data, self.hashed)?;
             self.hashed += data.len() as u64;
         } else {
             self.in_order = false;
         }
         self.len = self.len.max(offset + data.len() as u64);
+        if self.len - self.started_writeback >= WRITEBACK_CHUNK {
+            self.start_writeback();
+        }
         Ok(())
+    }
+
+    /// Asks the kernel to start writing what has arrived, without waiting for it.
+    fn start_writeback(&mut self) {
+        let (from, len) = (self.started_writeback, self.len - self.started_writeback);
+        // SAFETY: sync_file_range on a descriptor we own; no memory is passed.
+        let r = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                from as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r != 0 {
+            // Only an early start is lost: the fsync at close still makes the bytes durable.
+            tracing::debug!(error = %io::Error::last_os_error(), "sync_file_range failed");
+        }
+        self.started_writeback = self.len;
     }
 
     pub fn read_at(&self, offset: u64, size: usize) -> Result<Vec<u8>> {
@@ -156,36 +273,29 @@ impl Ingest {
             .set_len(size)
             .map_err(|e| StoreError::io(format!("truncate {}", self.tmp.display()), e))?;
         if size == 0 {
-            self.hasher = Sha256::new();
+            self.hasher = StreamHasher::new();
             self.hashed = 0;
             self.in_order = true;
         } else if size != self.hashed {
             self.in_order = false;
         }
         self.len = size;
+        self.started_writeback = self.started_writeback.min(size);
         Ok(())
     }
 
     /// The hash of the bytes; a second pass only if writes came out of order.
     fn digest(&mut self) -> Result<String> {
+        let hasher = std::mem::replace(&mut self.hasher, StreamHasher::new());
         if !self.in_order || self.hashed != self.len {
             tracing::debug!(path = %self.tmp.display(), "writes arrived out of order; hashing in a second pass");
-            let mut h = Sha256::new();
-            let mut f = File::open(&self.tmp)
+            let f = File::open(&self.tmp)
                 .map_err(|e| StoreError::io(format!("open {}", self.tmp.display()), e))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f
-                    .read(&mut buf)
-                    .map_err(|e| StoreError::io(format!("read {}", self.tmp.display()), e))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            return Ok(to_hex(&h.finalize()));
+            let (hex, _) = super::hash::hash_reader(f)
+                .map_err(|e| StoreError::io(format!("read {}", self.tmp.display()), e))?;
+            return Ok(hex);
         }
-        Ok(to_hex(&std::mem::take(&mut self.hasher).finalize()))
+        hasher.finish()
     }
 
     /// Hashes, fsyncs and returns (hex, head bytes for media detection, temp path).

@@ -3,12 +3,9 @@
 //! (those of dead writers are removed and reported as repaired).
 
 use std::fs;
-use std::io::Read;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
-use super::attachments::{is_hex64, to_hex};
+use super::attachments::is_hex64;
 use super::{Kind, Store, atomic};
 
 #[derive(Debug, Default)]
@@ -25,19 +22,7 @@ impl FsckReport {
 }
 
 fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n_total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        n_total += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((to_hex(&h.finalize()), n_total))
+    super::hash::hash_reader(fs::File::open(path)?)
 }
 
 impl Store {

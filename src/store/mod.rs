@@ -9,6 +9,7 @@ pub mod collection;
 pub mod fingerprint;
 pub mod fsck;
 pub mod gc;
+pub mod hash;
 pub mod manifest;
 pub mod validate;
 
