@@ -22,6 +22,7 @@ pub struct MountArgs {
     pub allow_other: bool,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    pub no_xattr: bool,
     pub threads: usize,
     pub log_level: String,
     pub mountpoint: PathBuf,
@@ -35,6 +36,7 @@ pub fn run_cli(cmd: Command) -> ExitCode {
         allow_other,
         uid,
         gid,
+        no_xattr,
         threads,
         log_level,
         mountpoint,
@@ -49,6 +51,7 @@ pub fn run_cli(cmd: Command) -> ExitCode {
         allow_other,
         uid,
         gid,
+        no_xattr,
         threads,
         log_level,
         mountpoint,
@@ -285,6 +288,7 @@ fn serve(
     let store = Arc::new(store);
     let mut opts = MountOptions {
         read_only: args.read_only,
+        xattrs: !args.no_xattr,
         ..Default::default()
     };
     if let Some(u) = args.uid {

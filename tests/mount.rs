@@ -810,3 +810,25 @@ fn large_attachment_listings_page_every_name_once_and_follow_external_changes() 
     assert!(path.starts_with("passthrough"), "{path}");
     assert_eq!(s["counts"]["attachments"], n + 2);
 }
+
+/// `--no-xattr` trades the attachments' xattrs for `ls -l` speed: extended-attribute calls
+/// get "not supported" (so the kernel stops forwarding them), everything else is the same.
+#[test]
+fn no_xattr_mounts_answer_attribute_calls_not_supported() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &["--no-xattr"]);
+    let out = sh("getfattr -n user.sha256 attachments/pixel.png", m.path());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not supported"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = sh_ok("ls -l sessions attachments | wc -l", m.path());
+    assert!(listed.trim().parse::<u32>().unwrap() >= 9, "{listed}");
+    assert_eq!(
+        std::fs::read(m.p("attachments/pixel.png")).unwrap().len(),
+        69
+    );
+    assert_eq!(json(&m.p(".status"))["xattrs"], false);
+}

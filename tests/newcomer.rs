@@ -245,8 +245,8 @@ fn mount_helper_works_from_mount_t_and_an_fstab_line() {
 fn helper_maps_fstab_options_to_flags() {
     let args = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
     assert_eq!(
-        agentmount::cli::helper_args(&args("/srv/store /mnt/a -o rw,ro,allow_other,uid=5,gid=6,threads=2,_netdev,x-systemd.automount")).unwrap(),
-        args("agentmount mount --store /srv/store --read-only --allow-other --uid 5 --gid 6 --threads 2 /mnt/a")
+        agentmount::cli::helper_args(&args("/srv/store /mnt/a -o rw,ro,allow_other,noxattr,uid=5,gid=6,threads=2,_netdev,x-systemd.automount")).unwrap(),
+        args("agentmount mount --store /srv/store --read-only --allow-other --no-xattr --uid 5 --gid 6 --threads 2 /mnt/a")
     );
     assert!(agentmount::cli::helper_args(&args("/srv/store")).is_err());
     assert!(agentmount::cli::helper_args(&args("/a /b -o frobnicate")).is_err());

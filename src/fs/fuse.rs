@@ -579,6 +579,10 @@ impl Filesystem for AgentFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // ENOSYS once, and the kernel stops asking: every later call gets EOPNOTSUPP.
+        if !self.core.opts.xattrs {
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         let attrs = match self.core.xattrs(ino.0) {
             Ok(a) => a,
             Err(e) => return reply.error(errno(&e)),
@@ -596,6 +600,9 @@ impl Filesystem for AgentFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.core.opts.xattrs {
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         let attrs = match self.core.xattrs(ino.0) {
             Ok(a) => a,
             Err(e) => return reply.error(errno(&e)),

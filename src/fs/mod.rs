@@ -94,6 +94,8 @@ pub struct MountOptions {
     pub ttl: Duration,
     /// TTL for immutable attachment bytes and sidecars.
     pub blob_ttl: Duration,
+    /// Whether extended attributes are offered (`--no-xattr` turns them off).
+    pub xattrs: bool,
 }
 
 impl Default for MountOptions {
@@ -106,6 +108,7 @@ impl Default for MountOptions {
             read_only: false,
             ttl: Duration::from_secs(1),
             blob_ttl: Duration::from_secs(3600),
+            xattrs: true,
         }
     }
 }
@@ -1820,6 +1823,7 @@ impl Core {
             "pid": std::process::id(),
             "uptime_secs": self.started.elapsed().as_secs(),
             "read_only": self.opts.read_only,
+            "xattrs": self.opts.xattrs,
             "store": {
                 "root": l.root, "sessions": l.sessions, "goals": l.goals,
                 "conversations": l.conversations, "attachments": l.attachments,
