@@ -710,8 +710,58 @@ mod fuzz {
 
         #[test]
         fn collection_parsers_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-            let _ = agentmount::store::collection::parse_doc(agentmount::store::collection::Shape::Map("sessions"), &bytes);
-            let _ = agentmount::store::collection::parse_doc(agentmount::store::collection::Shape::Array, &bytes);
+            let _ = agentmount::store::collection::parse_doc(agentmount::store::collection::Shape::Map("sessions"), &bytes, None);
+            let _ = agentmount::store::collection::parse_doc(agentmount::store::collection::Shape::Array, &bytes, None);
+        }
+
+        /// A reload reuses the records whose text did not change; what it gives must be
+        /// exactly what parsing the new version from nothing gives.
+        #[test]
+        fn reparsing_against_the_previous_version_equals_a_fresh_parse(
+            a in prop::collection::vec(json_value(), 0..6),
+            b in prop::collection::vec(json_value(), 0..6),
+            keep in prop::collection::vec(any::<bool>(), 6),
+            pretty in any::<bool>(),
+        ) {
+            use agentmount::store::collection::{parse_doc, Shape};
+            // Records keyed by their slot; version 2 keeps some of version 1 and changes,
+            // drops or adds others.
+            let named = |i: usize, v: &serde_json::Value| {
+                let mut v = v.clone();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("id".into(), format!("g-{i}").into());
+                }
+                (i, v)
+            };
+            let v1: Vec<_> = a.iter().enumerate().map(|(i, v)| named(i, v)).collect();
+            let v2: Vec<_> = (0..6)
+                .filter_map(|i| if keep[i] { a.get(i) } else { b.get(i) }.map(|v| named(i, v)))
+                .collect();
+            let map = |rs: &[(usize, serde_json::Value)]| serde_json::json!({
+                "version": 1,
+                "sessions": rs.iter().map(|(i, v)| (format!("s{i}"), v.clone())).collect::<serde_json::Map<_, _>>(),
+            });
+            let arr = |rs: &[(usize, serde_json::Value)]| serde_json::Value::Array(rs.iter().map(|(_, v)| v.clone()).collect());
+            let enc = |v: &serde_json::Value, pretty: bool| if pretty { serde_json::to_vec_pretty(v).unwrap() } else { serde_json::to_vec(v).unwrap() };
+            for (shape, d1, d2) in [
+                (Shape::Map("sessions"), map(&v1), map(&v2)),
+                (Shape::Array, arr(&v1), arr(&v2)),
+            ] {
+                let old = parse_doc(shape, &enc(&d1, true), None).unwrap();
+                let bytes = enc(&d2, pretty);
+                let fresh = parse_doc(shape, &bytes, None).unwrap();
+                let reused = parse_doc(shape, &bytes, Some(&old)).unwrap();
+                let view = |d: &agentmount::store::collection::Doc| d.records.iter().map(|r| (r.id.clone(), r.bytes.to_vec())).collect::<Vec<_>>();
+                prop_assert_eq!(view(&reused), view(&fresh));
+                prop_assert_eq!(&reused.top, &fresh.top);
+                // And the reuse happens: an unchanged session in a pretty file is not rebuilt.
+                if pretty && shape == Shape::Map("sessions") {
+                    for i in (0..a.len()).filter(|&i| keep[i]) {
+                        let id = format!("s{i}");
+                        prop_assert!(std::sync::Arc::ptr_eq(reused.get(&id).unwrap(), old.get(&id).unwrap()));
+                    }
+                }
+            }
         }
     }
 }

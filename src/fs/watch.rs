@@ -18,6 +18,7 @@ use super::{ATTACH_DIR, Core, kind_dir_ino};
 use crate::store::Kind;
 use crate::store::atomic::TEMP_MARKER;
 use crate::store::blob_index::{BlobId, Listing, parse_id};
+use crate::store::collection::Doc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Target {
@@ -35,7 +36,10 @@ pub struct Watcher {
     inotify: Inotify,
     watched: HashMap<PathBuf, WatchDescriptor>,
     by_wd: HashMap<WatchDescriptor, PathBuf>,
-    records: HashMap<Kind, HashMap<String, Arc<[u8]>>>,
+    /// The versions of sessions.json and goals.json the kernel was last told about.
+    docs: HashMap<Kind, Arc<Doc>>,
+    /// The conversations the kernel was last told about (one file each).
+    conversations: HashMap<String, Arc<[u8]>>,
     /// The attachment listing the kernel was last told about (shared, not copied).
     attachments: Arc<Listing>,
 }
@@ -48,24 +52,33 @@ impl Watcher {
             inotify,
             watched: HashMap::new(),
             by_wd: HashMap::new(),
-            records: HashMap::new(),
+            docs: HashMap::new(),
+            conversations: HashMap::new(),
             attachments: Arc::default(),
         };
         w.ensure_watches();
-        for k in Kind::ALL {
-            w.records.insert(k, w.snapshot(k));
-        }
+        w.snapshot_all();
         if let Ok(l) = w.core.store.attachment_listing() {
             w.attachments = l;
         }
         Ok(w)
     }
 
-    fn snapshot(&self, kind: Kind) -> HashMap<String, Arc<[u8]>> {
-        match self.core.store.list(kind) {
-            Ok(l) => l.records.into_iter().map(|r| (r.id, r.bytes)).collect(),
-            Err(_) => self.records.get(&kind).cloned().unwrap_or_default(),
+    /// Takes the current version of every collection as the one the kernel knows.
+    fn snapshot_all(&mut self) {
+        for k in [Kind::Sessions, Kind::Goals] {
+            if let Ok(Some(d)) = self.core.store.doc(k) {
+                self.docs.insert(k, d);
+            }
         }
+        if let Some(c) = self.conversation_snapshot() {
+            self.conversations = c;
+        }
+    }
+
+    fn conversation_snapshot(&self) -> Option<HashMap<String, Arc<[u8]>>> {
+        let l = self.core.store.list(Kind::Conversations).ok()?;
+        Some(l.records.into_iter().map(|r| (r.id, r.bytes)).collect())
     }
 
     /// Watches every store directory that exists now (the store may be created later).
@@ -217,29 +230,53 @@ impl Watcher {
     fn refresh(&mut self, t: Target, out: &mut Vec<Inval>) {
         match t {
             Target::Collection(Kind::Conversations) => {
-                let new = self.snapshot(Kind::Conversations);
-                self.diff(Kind::Conversations, new, out);
+                if let Some(new) = self.conversation_snapshot() {
+                    let old = std::mem::replace(&mut self.conversations, new);
+                    for (id, bytes) in &old {
+                        let now = self.conversations.get(id).cloned();
+                        self.record_changed(
+                            Kind::Conversations,
+                            id,
+                            Some(bytes),
+                            now.as_ref(),
+                            out,
+                        );
+                    }
+                }
             }
             Target::Collection(kind) => {
-                let new = self.snapshot(kind);
-                self.diff(kind, new, out);
+                let Ok(Some(new)) = self.core.store.doc(kind) else {
+                    return;
+                };
+                let Some(old) = self.docs.insert(kind, new.clone()) else {
+                    return;
+                };
+                if Arc::ptr_eq(&old, &new) {
+                    return;
+                }
+                for r in old.addressable() {
+                    match new.get(&r.id) {
+                        Some(n) if Arc::ptr_eq(n, r) => {}
+                        n => self.record_changed(
+                            kind,
+                            &r.id,
+                            Some(&r.bytes),
+                            n.map(|n| &n.bytes),
+                            out,
+                        ),
+                    }
+                }
             }
             Target::Conversation(id) => {
-                let mut new = self
-                    .records
-                    .get(&Kind::Conversations)
-                    .cloned()
-                    .unwrap_or_default();
-                match self.core.store.get(Kind::Conversations, &id) {
-                    Ok(Some(v)) => {
-                        new.insert(id, v.bytes);
-                    }
-                    Ok(None) => {
-                        new.remove(&id);
-                    }
+                let now = match self.core.store.get(Kind::Conversations, &id) {
+                    Ok(v) => v.map(|v| v.bytes),
                     Err(_) => return,
-                }
-                self.diff(Kind::Conversations, new, out);
+                };
+                let before = match &now {
+                    Some(b) => self.conversations.insert(id.clone(), b.clone()),
+                    None => self.conversations.remove(&id),
+                };
+                self.record_changed(Kind::Conversations, &id, before.as_ref(), now.as_ref(), out);
             }
             Target::Blob(_) | Target::Attachments => {
                 let Ok(l) = self.core.store.attachment_listing() else {
@@ -299,20 +336,30 @@ impl Watcher {
         out.push(Inval::Entry(parent, node.name()));
     }
 
-    fn diff(&mut self, kind: Kind, new: HashMap<String, Arc<[u8]>>, out: &mut Vec<Inval>) {
-        let old = self.records.remove(&kind).unwrap_or_default();
-        for (id, bytes) in &old {
-            match new.get(id) {
-                None => self.gone(Node::Record(kind, id.clone()), out),
-                Some(nb) if nb[..] != bytes[..] => {
-                    if let Some(ino) = self.core.inodes.existing(&Node::Record(kind, id.clone())) {
-                        out.push(Inval::Inode(ino));
-                    }
+    /// One record the kernel may know, before and now: a removed record loses its entry, a
+    /// changed one its attributes and pages. (New records need nothing: negative entries
+    /// are never cached.)
+    fn record_changed(
+        &self,
+        kind: Kind,
+        id: &str,
+        before: Option<&Arc<[u8]>>,
+        now: Option<&Arc<[u8]>>,
+        out: &mut Vec<Inval>,
+    ) {
+        match (before, now) {
+            (Some(_), None) => self.gone(Node::Record(kind, id.to_string()), out),
+            (Some(b), Some(n)) if b[..] != n[..] => {
+                if let Some(ino) = self
+                    .core
+                    .inodes
+                    .existing(&Node::Record(kind, id.to_string()))
+                {
+                    out.push(Inval::Inode(ino));
                 }
-                Some(_) => {}
             }
+            _ => {}
         }
-        self.records.insert(kind, new);
     }
 
     fn invalidate_everything(&mut self) {
@@ -323,9 +370,6 @@ impl Watcher {
                 self.send(Inval::Entry(node.parent_ino(), node.name()));
             }
         }
-        for k in Kind::ALL {
-            let s = self.snapshot(k);
-            self.records.insert(k, s);
-        }
+        self.snapshot_all();
     }
 }

@@ -39,7 +39,9 @@ impl<T> Loaded<T> {
     }
 }
 
-pub type Parser<T> = fn(&[u8]) -> std::result::Result<T, String>;
+/// Parses one version of a file; the second argument is the version parsed before, which
+/// a parser may reuse parts of.
+pub type Parser<T> = fn(&[u8], Option<&T>) -> std::result::Result<T, String>;
 
 pub struct CachedFile<T> {
     path: PathBuf,
@@ -115,7 +117,7 @@ impl<T: Default> CachedFile<T> {
                     bad_fp: Some(fp),
                 }
             }
-            Some((bytes, fp)) => match (self.parse)(&bytes) {
+            Some((bytes, fp)) => match (self.parse)(&bytes, previous.as_ref().map(|p| &*p.value)) {
                 Ok(v) => Loaded {
                     fp: Some(fp),
                     value: Arc::new(v),

@@ -172,7 +172,7 @@ pub struct ListView {
 #[derive(Default, Debug)]
 struct ConvFile(Option<Arc<Record>>);
 
-fn parse_conv(bytes: &[u8]) -> std::result::Result<ConvFile, String> {
+fn parse_conv(bytes: &[u8], _prev: Option<&ConvFile>) -> std::result::Result<ConvFile, String> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
     if !v.is_object() {
         return Err("a conversation must be a JSON object".into());
@@ -180,12 +180,12 @@ fn parse_conv(bytes: &[u8]) -> std::result::Result<ConvFile, String> {
     Ok(ConvFile(Some(Arc::new(Record::new(String::new(), &v)))))
 }
 
-fn parse_sessions(bytes: &[u8]) -> std::result::Result<Doc, String> {
-    collection::parse_doc(Shape::Map("sessions"), bytes)
+fn parse_sessions(bytes: &[u8], prev: Option<&Doc>) -> std::result::Result<Doc, String> {
+    collection::parse_doc(Shape::Map("sessions"), bytes, prev)
 }
 
-fn parse_goals(bytes: &[u8]) -> std::result::Result<Doc, String> {
-    collection::parse_doc(Shape::Array, bytes)
+fn parse_goals(bytes: &[u8], prev: Option<&Doc>) -> std::result::Result<Doc, String> {
+    collection::parse_doc(Shape::Array, bytes, prev)
 }
 
 pub struct Store {
@@ -294,6 +294,16 @@ impl Store {
                 }
                 self.conv_view(id)
             }
+        }
+    }
+
+    /// The parsed document of a single-file collection (sessions, goals), reload-checked;
+    /// `None` for conversations. Records unchanged since the version before are the same
+    /// `Arc`s, so comparing two versions costs a pointer compare per record.
+    pub fn doc(&self, kind: Kind) -> Result<Option<Arc<Doc>>> {
+        match self.single(kind) {
+            Some((file, _)) => Ok(Some(file.current()?.value.clone())),
+            None => Ok(None),
         }
     }
 
