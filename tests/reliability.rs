@@ -721,6 +721,63 @@ mod fuzz {
             let _ = agentmount::store::collection::parse_doc(agentmount::store::collection::Shape::Array, &bytes, None);
         }
 
+        /// A reload parses only where the file changed: after random byte edits of a pretty
+        /// collection file (commas, brackets, quotes, digits, whitespace anywhere), a parse
+        /// against the previous version must accept exactly what a fresh parse accepts, with
+        /// the same records, and the result must serve as the previous version again.
+        #[test]
+        fn reparsing_edited_bytes_against_the_previous_version_equals_a_fresh_parse(
+            recs in prop::collection::vec(json_value(), 1..6),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), 0..3u8, prop::sample::select(vec![b',', b'{', b'}', b'[', b']', b'"', b':', b' ', b'\n', b'a', b'1', b'\\', b'0', 0x0c, b'\t'])), 1..8),
+            array in any::<bool>(),
+        ) {
+            use agentmount::store::collection::{parse_doc, Doc, Shape};
+            let recs: Vec<serde_json::Value> = recs.into_iter().enumerate().map(|(i, v)| match v {
+                serde_json::Value::Object(mut o) => { o.insert("id".into(), format!("g-{i}").into()); o.into() }
+                v => v,
+            }).collect();
+            let (shape, doc) = if array {
+                (Shape::Array, serde_json::Value::Array(recs))
+            } else {
+                (Shape::Map("sessions"), serde_json::json!({"v": 1, "sessions": recs.into_iter().enumerate().map(|(i, v)| (format!("s{i}"), v)).collect::<serde_json::Map<_, _>>(), "after": [1]}))
+            };
+            let mut bytes = serde_json::to_vec_pretty(&doc).unwrap();
+            let view = |d: &Doc| (d.records.iter().map(|r| (r.id.clone(), r.bytes.to_vec())).collect::<Vec<_>>(), d.top.clone());
+            let mut prev = parse_doc(shape, &bytes, None).unwrap();
+            for (at, op, byte) in edits {
+                let i = at.index(bytes.len() + 1);
+                match op {
+                    0 => bytes.insert(i, byte),
+                    1 if i < bytes.len() => { bytes.remove(i); }
+                    _ if i < bytes.len() => bytes[i] = byte,
+                    _ => bytes.push(byte),
+                }
+                let fresh = parse_doc(shape, &bytes, None);
+                let diffed = parse_doc(shape, &bytes, Some(&prev));
+                prop_assert_eq!(fresh.is_ok(), diffed.is_ok(), "{}", String::from_utf8_lossy(&bytes));
+                // And both agree with serde_json reading the whole file as one tree.
+                let present = |v: &serde_json::Value| { let mut b = serde_json::to_vec_pretty(v).unwrap(); b.push(b'\n'); b };
+                let blank = bytes.iter().all(u8::is_ascii_whitespace);
+                let oracle: Option<Vec<(String, Vec<u8>)>> = if blank { Some(vec![]) } else { serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| match (array, v) {
+                    (true, serde_json::Value::Array(a)) => Some(a.iter().map(|r| (r.get("id").and_then(|i| i.as_str()).unwrap_or_default().to_string(), present(r))).collect()),
+                    (false, serde_json::Value::Object(o)) => match o.get("sessions") {
+                        None | Some(serde_json::Value::Null) => Some(vec![]),
+                        Some(serde_json::Value::Object(m)) => Some(m.iter().map(|(k, r)| (k.clone(), present(r))).collect()),
+                        Some(_) => None,
+                    },
+                    _ => None,
+                }) };
+                prop_assert_eq!(oracle.is_some(), fresh.is_ok(), "{}", String::from_utf8_lossy(&bytes));
+                if let (Some(o), Ok(f)) = (&oracle, &fresh) {
+                    prop_assert_eq!(&view(f).0, o);
+                }
+                if let (Ok(f), Ok(d)) = (fresh, diffed) {
+                    prop_assert_eq!(view(&d), view(&f), "{}", String::from_utf8_lossy(&bytes));
+                    prev = d;
+                }
+            }
+        }
+
         /// A reload reuses the records whose text did not change; what it gives must be
         /// exactly what parsing the new version from nothing gives.
         #[test]

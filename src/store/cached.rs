@@ -41,7 +41,7 @@ impl<T> Loaded<T> {
 
 /// Parses one version of a file; the second argument is the version parsed before, which
 /// a parser may reuse parts of.
-pub type Parser<T> = fn(&[u8], Option<&T>) -> std::result::Result<T, String>;
+pub type Parser<T> = fn(Vec<u8>, Option<&T>) -> std::result::Result<T, String>;
 
 pub struct CachedFile<T> {
     path: PathBuf,
@@ -117,7 +117,7 @@ impl<T: Default> CachedFile<T> {
                     bad_fp: Some(fp),
                 }
             }
-            Some((bytes, fp)) => match (self.parse)(&bytes, previous.as_ref().map(|p| &*p.value)) {
+            Some((bytes, fp)) => match (self.parse)(bytes, previous.as_ref().map(|p| &*p.value)) {
                 Ok(v) => Loaded {
                     fp: Some(fp),
                     value: Arc::new(v),

@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::incremental::{self, Source};
 use crate::error::{Result, StoreError};
 
 /// One record as the mount presents it. Only its presented bytes are kept (a parsed tree
@@ -70,7 +71,11 @@ pub struct Doc {
     /// Every record in file order, addressable or not.
     pub records: Vec<Arc<Record>>,
     /// id → position, for records whose id is a usable file name.
-    pub index: HashMap<String, usize>,
+    /// Shared between versions whose ids sit at the same places.
+    pub index: Arc<HashMap<String, usize>>,
+    /// The file this version was parsed from or written as, when known: the next version
+    /// is then parsed by difference (see `incremental`).
+    pub source: Option<Source>,
 }
 
 impl Doc {
@@ -86,7 +91,7 @@ impl Doc {
         })
     }
 
-    fn from_records(top: Map<String, Value>, records: Vec<Arc<Record>>) -> Doc {
+    pub(crate) fn from_records(top: Map<String, Value>, records: Vec<Arc<Record>>) -> Doc {
         let mut index = HashMap::with_capacity(records.len());
         for (i, r) in records.iter().enumerate() {
             if safe_name(&r.id) {
@@ -96,27 +101,116 @@ impl Doc {
         Doc {
             top,
             records,
-            index,
+            index: Arc::new(index),
+            source: None,
         }
     }
 }
 
-/// Parses a collection file one record at a time: each record's tree lives only while its
-/// presented bytes are made, so parsing never holds the whole file as a tree.
-///
-/// `prev` is the version parsed before (if any). A record whose text in the file is exactly
-/// its previous presented bytes, nested as the pretty printer nests it, is the same value:
-/// its `Arc<Record>` is taken over without building a tree. Another process changing one
-/// session of 10,000 then costs one scan of the file instead of 10,000 parses (a file in
-/// another layout simply parses every record).
+/// Parses a collection file (see `parse_doc_owned`).
 pub fn parse_doc(
     shape: Shape,
     bytes: &[u8],
     prev: Option<&Doc>,
 ) -> std::result::Result<Doc, String> {
+    parse_doc_owned(shape, bytes.to_vec(), prev)
+}
+
+/// Parses a collection file one record at a time: each record's tree lives only while its
+/// presented bytes are made, so parsing never holds the whole file as a tree.
+///
+/// `prev` is the version parsed before (if any). When it knows its file, only the records
+/// where the two files differ are parsed (`incremental::splice`). Otherwise a record whose
+/// text is exactly its previous presented bytes, nested as the pretty printer nests it, is
+/// the same value and keeps its `Arc<Record>` without a parse. A file in another layout
+/// simply parses every record.
+pub fn parse_doc_owned(
+    shape: Shape,
+    bytes: Vec<u8>,
+    prev: Option<&Doc>,
+) -> std::result::Result<Doc, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Doc::default());
     }
+    let bytes = match prev {
+        Some(p) => match incremental::splice(shape, bytes, p) {
+            Ok(doc) => return Ok(doc),
+            Err(bytes) => bytes,
+        },
+        None => bytes,
+    };
+    if let Some((mut doc, spans)) = parse_located(shape, &bytes, prev) {
+        doc.source = Source::new(bytes.into_boxed_slice(), spans);
+        return Ok(doc);
+    }
+    parse_whole(shape, &bytes, prev)
+}
+
+/// The common case: a well-formed file whose map keys are all different, parsed with the
+/// place of every record. `None` for anything else.
+fn parse_located(
+    shape: Shape,
+    bytes: &[u8],
+    prev: Option<&Doc>,
+) -> Option<(Doc, Vec<std::ops::Range<usize>>)> {
+    let (top, container) = match shape {
+        Shape::Map(key) => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let (top, container) = de.deserialize_map(TopRaw { key }).ok()?;
+            de.end().ok()?;
+            (top, container?)
+        }
+        Shape::Array => {
+            let start = bytes.iter().position(|&b| !incremental::is_ws(b))?;
+            let end = bytes.iter().rposition(|&b| !incremental::is_ws(b))? + 1;
+            (Map::new(), bytes.get(start..end)?)
+        }
+    };
+    if container == b"null" {
+        return None;
+    }
+    let e = incremental::parse_container(shape, bytes, container, prev)?;
+    Some((Doc::from_records(top, e.records), e.spans))
+}
+
+/// The top-level object with the records container left as text; `None` for the
+/// container when the key is missing or given twice.
+struct TopRaw {
+    key: &'static str,
+}
+
+impl<'de> Visitor<'de> for TopRaw {
+    type Value = (Map<String, Value>, Option<&'de [u8]>);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut top = Map::new();
+        let mut container = None;
+        let mut twice = false;
+        while let Some(k) = map.next_key::<String>()? {
+            if k == self.key {
+                let raw: &'de RawValue = map.next_value()?;
+                twice |= container.is_some();
+                container = Some(raw.get().as_bytes());
+                top.insert(k, Value::Null);
+            } else {
+                let v: Value = map.next_value()?;
+                top.insert(k, v);
+            }
+        }
+        Ok((top, if twice { None } else { container }))
+    }
+}
+
+/// Parses the whole file with serde (any layout, duplicate keys, and the error message
+/// when it does not parse).
+fn parse_whole(shape: Shape, bytes: &[u8], prev: Option<&Doc>) -> std::result::Result<Doc, String> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let parsed = match shape {
         Shape::Map(key) => de.deserialize_any(MapDoc { key, prev }),
@@ -154,16 +248,36 @@ fn same_text(raw: &[u8], presented: &[u8], indent: usize) -> bool {
 }
 
 /// The record for `raw`: the previous version's when the text is unchanged, else parsed.
-fn record_of<E: serde::de::Error>(
+pub(crate) fn record_from_raw(
     id: String,
     raw: &RawValue,
     prev: Option<&Arc<Record>>,
     indent: usize,
-) -> std::result::Result<Arc<Record>, E> {
+) -> serde_json::Result<Arc<Record>> {
     if let Some(p) = prev.filter(|p| same_text(raw.get().as_bytes(), &p.bytes, indent)) {
         return Ok(p.clone());
     }
-    let v: Value = serde_json::from_str(raw.get()).map_err(E::custom)?;
+    let v: Value = serde_json::from_str(raw.get())?;
+    Ok(Arc::new(Record::new(id, &v)))
+}
+
+/// The record for `raw`, an element of the goals array (named by its `id`; records sit one
+/// level deep). Anything odd about the id (missing, not a string, given twice) just means a
+/// full parse, which decides it as before.
+pub(crate) fn array_record(raw: &RawValue, prev: Option<&Doc>) -> serde_json::Result<Arc<Record>> {
+    let prev = prev.and_then(|d| {
+        let id = serde_json::from_str::<IdOnly>(raw.get()).ok()?.id?;
+        d.get(&id)
+    });
+    if let Some(p) = prev.filter(|p| same_text(raw.get().as_bytes(), &p.bytes, 2)) {
+        return Ok(p.clone());
+    }
+    let v: Value = serde_json::from_str(raw.get())?;
+    let id = v
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     Ok(Arc::new(Record::new(id, &v)))
 }
 
@@ -240,10 +354,12 @@ impl<'de> Visitor<'de> for RecordMapSeed<'_> {
             // A key given twice keeps its first position and its last value, as a JSON map
             // (and the platform's own parser) reads it.
             match seen.get(&k) {
-                Some(&i) => records[i] = record_of(k, raw, prev, 4)?,
+                Some(&i) => {
+                    records[i] = record_from_raw(k, raw, prev, 4).map_err(A::Error::custom)?
+                }
                 None => {
                     seen.insert(k.clone(), records.len());
-                    records.push(record_of(k, raw, prev, 4)?);
+                    records.push(record_from_raw(k, raw, prev, 4).map_err(A::Error::custom)?);
                 }
             }
         }
@@ -276,23 +392,7 @@ impl<'de> Visitor<'de> for RecordSeq<'_> {
     ) -> std::result::Result<Self::Value, A::Error> {
         let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
         while let Some(raw) = seq.next_element::<&RawValue>()? {
-            // Records sit one level deep. Anything odd about the id (missing, not a string,
-            // given twice) just means a full parse, which decides it as before.
-            let prev = self.prev.and_then(|d| {
-                let id = serde_json::from_str::<IdOnly>(raw.get()).ok()?.id?;
-                d.get(&id)
-            });
-            if let Some(p) = prev.filter(|p| same_text(raw.get().as_bytes(), &p.bytes, 2)) {
-                records.push(p.clone());
-                continue;
-            }
-            let v: Value = serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
-            let id = v
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            records.push(Arc::new(Record::new(id, &v)));
+            records.push(array_record(raw, self.prev).map_err(A::Error::custom)?);
         }
         Ok(records)
     }
@@ -391,8 +491,13 @@ pub(crate) fn push_key(out: &mut Vec<u8>, key: &str) -> Result<()> {
     Ok(())
 }
 
-/// `{"<id>": record, …}` at nesting depth `indent`.
-fn push_record_map(out: &mut Vec<u8>, records: &[Arc<Record>], indent: usize) -> Result<()> {
+/// `{"<id>": record, …}` at nesting depth `indent`; each record's span goes to `spans`.
+fn push_record_map(
+    out: &mut Vec<u8>,
+    records: &[Arc<Record>],
+    indent: usize,
+    spans: &mut Vec<std::ops::Range<usize>>,
+) -> Result<()> {
     if records.is_empty() {
         out.extend_from_slice(b"{}");
         return Ok(());
@@ -401,8 +506,10 @@ fn push_record_map(out: &mut Vec<u8>, records: &[Arc<Record>], indent: usize) ->
     for (i, r) in records.iter().enumerate() {
         out.extend_from_slice(if i == 0 { b"\n" } else { b",\n" });
         out.resize(out.len() + indent + 2, b' ');
+        let start = out.len();
         push_key(out, &r.id)?;
         push_indented(out, &r.bytes, indent + 2);
+        spans.push(start..out.len());
     }
     out.push(b'\n');
     out.resize(out.len() + indent, b' ');
@@ -440,6 +547,15 @@ pub(crate) fn push_top_object(
 /// `serde_json::to_vec_pretty` of the whole document would give), made by splicing each
 /// record's presented bytes rather than serialising every record again.
 pub fn serialize_doc(shape: Shape, doc: &Doc) -> Result<Vec<u8>> {
+    Ok(serialize_doc_spans(shape, doc)?.0)
+}
+
+/// `serialize_doc`, and where each record went (for the written version's `Source`).
+pub fn serialize_doc_spans(
+    shape: Shape,
+    doc: &Doc,
+) -> Result<(Vec<u8>, Vec<std::ops::Range<usize>>)> {
+    let mut spans = Vec::with_capacity(doc.records.len());
     let total: usize = doc
         .records
         .iter()
@@ -448,20 +564,22 @@ pub fn serialize_doc(shape: Shape, doc: &Doc) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(total + total / 8 + 64);
     match shape {
         Shape::Map(key) => push_top_object(&mut out, &doc.top, key, |out| {
-            push_record_map(out, &doc.records, 2)
+            push_record_map(out, &doc.records, 2, &mut spans)
         })?,
         Shape::Array if doc.records.is_empty() => out.extend_from_slice(b"[]"),
         Shape::Array => {
             out.push(b'[');
             for (i, r) in doc.records.iter().enumerate() {
                 out.extend_from_slice(if i == 0 { b"\n  " } else { b",\n  " });
+                let start = out.len();
                 push_indented(&mut out, &r.bytes, 2);
+                spans.push(start..out.len());
             }
             out.extend_from_slice(b"\n]");
         }
     }
     out.push(b'\n');
-    Ok(out)
+    Ok((out, spans))
 }
 
 /// Every `sha256:<64 lowercase hex>` reference in some bytes.
@@ -520,6 +638,45 @@ mod tests {
         ] {
             let doc = Doc::default();
             assert_eq!(serialize_doc(shape, &doc).unwrap(), empty.as_bytes());
+        }
+    }
+
+    /// A version we wrote knows its file: another writer's change to one record of it is
+    /// parsed by difference, and gives what a fresh parse gives.
+    #[test]
+    fn a_written_version_is_the_base_of_the_next_reload() {
+        let shape = Shape::Map("sessions");
+        let v = serde_json::json!({"sessions": {"a": {"id": "a", "n": 1}, "b": {"id": "b", "n": 2}, "c": {"id": "c"}}});
+        let doc = parse_doc(shape, &serde_json::to_vec_pretty(&v).unwrap(), None).unwrap();
+        let change = Change::Upsert {
+            id: "b".into(),
+            value: serde_json::json!({"id": "b", "n": 3})
+                .as_object()
+                .unwrap()
+                .clone(),
+        };
+        let mut ours = apply(shape, &doc, &change).unwrap();
+        let (bytes, spans) = serialize_doc_spans(shape, &ours).unwrap();
+        ours.source = Source::new(bytes.clone().into_boxed_slice(), spans);
+        assert!(ours.source.is_some());
+        let theirs = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"n\": 3", "\"n\": 30");
+        let fresh = parse_doc(shape, theirs.as_bytes(), None).unwrap();
+        let diffed = parse_doc(shape, theirs.as_bytes(), Some(&ours)).unwrap();
+        let view = |d: &Doc| {
+            d.records
+                .iter()
+                .map(|r| (r.id.clone(), r.bytes.to_vec()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(view(&diffed), view(&fresh));
+        assert_eq!(
+            &diffed.get("b").unwrap().bytes[..],
+            b"{\n  \"id\": \"b\",\n  \"n\": 30\n}\n"
+        );
+        for id in ["a", "c"] {
+            assert!(Arc::ptr_eq(diffed.get(id).unwrap(), ours.get(id).unwrap()));
         }
     }
 

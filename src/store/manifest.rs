@@ -204,7 +204,11 @@ impl ManifestDoc {
     }
 }
 
-fn parse(bytes: &[u8], _prev: Option<&ManifestDoc>) -> std::result::Result<ManifestDoc, String> {
+fn parse(bytes: Vec<u8>, _prev: Option<&ManifestDoc>) -> std::result::Result<ManifestDoc, String> {
+    parse_bytes(&bytes)
+}
+
+fn parse_bytes(bytes: &[u8]) -> std::result::Result<ManifestDoc, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(ManifestDoc::default());
     }
@@ -426,7 +430,7 @@ mod tests {
             {"attachment_id": h, "session_id": null, "canonical_uri": "u", "intent_at_epoch_ms": 1.0, "committed_at_epoch_ms": null},
             "not a row"
         ], "after": null});
-        let doc = parse(&pretty(&v), None).unwrap();
+        let doc = parse_bytes(&pretty(&v)).unwrap();
         let kinds: Vec<bool> = doc
             .rows
             .iter()
@@ -442,7 +446,7 @@ mod tests {
             String::from_utf8(bytes(&doc)).unwrap(),
             String::from_utf8(pretty(&v)).unwrap()
         );
-        let empty = parse(b"{\"intents\": []}", None).unwrap();
+        let empty = parse_bytes(b"{\"intents\": []}").unwrap();
         assert_eq!(bytes(&empty), b"{\n  \"intents\": []\n}\n");
         // Large enough to be written in several pieces.
         let rows: Vec<Value> = (0..2000)
@@ -453,12 +457,12 @@ mod tests {
             })
             .collect();
         let many = json!({ "intents": rows });
-        assert_eq!(bytes(&parse(&pretty(&many), None).unwrap()), pretty(&many));
+        assert_eq!(bytes(&parse_bytes(&pretty(&many)).unwrap()), pretty(&many));
         assert!(
-            parse(b"{\"intents\": {}}", None)
+            parse_bytes(b"{\"intents\": {}}")
                 .unwrap_err()
                 .contains("array")
         );
-        assert!(parse(b"[]", None).unwrap_err().contains("object"));
+        assert!(parse_bytes(b"[]").unwrap_err().contains("object"));
     }
 }

@@ -10,6 +10,7 @@ pub mod fingerprint;
 pub mod fsck;
 pub mod gc;
 pub mod hash;
+pub mod incremental;
 pub mod manifest;
 pub mod validate;
 
@@ -30,6 +31,7 @@ use self::blob_index::Listing;
 use self::cached::{CacheStats, CachedFile};
 use self::collection::{Change, Doc, Record, Shape};
 use self::fingerprint::Fingerprint;
+use self::incremental::Source;
 use self::manifest::Manifest;
 use crate::error::{Result, StoreError};
 
@@ -172,20 +174,20 @@ pub struct ListView {
 #[derive(Default, Debug)]
 struct ConvFile(Option<Arc<Record>>);
 
-fn parse_conv(bytes: &[u8], _prev: Option<&ConvFile>) -> std::result::Result<ConvFile, String> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+fn parse_conv(bytes: Vec<u8>, _prev: Option<&ConvFile>) -> std::result::Result<ConvFile, String> {
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))?;
     if !v.is_object() {
         return Err("a conversation must be a JSON object".into());
     }
     Ok(ConvFile(Some(Arc::new(Record::new(String::new(), &v)))))
 }
 
-fn parse_sessions(bytes: &[u8], prev: Option<&Doc>) -> std::result::Result<Doc, String> {
-    collection::parse_doc(Shape::Map("sessions"), bytes, prev)
+fn parse_sessions(bytes: Vec<u8>, prev: Option<&Doc>) -> std::result::Result<Doc, String> {
+    collection::parse_doc_owned(Shape::Map("sessions"), bytes, prev)
 }
 
-fn parse_goals(bytes: &[u8], prev: Option<&Doc>) -> std::result::Result<Doc, String> {
-    collection::parse_doc(Shape::Array, bytes, prev)
+fn parse_goals(bytes: Vec<u8>, prev: Option<&Doc>) -> std::result::Result<Doc, String> {
+    collection::parse_doc_owned(Shape::Array, bytes, prev)
 }
 
 pub struct Store {
@@ -437,8 +439,12 @@ impl Store {
         tracing::debug!(collection = kind.dir_name(), change = %change.describe(), "write");
         if let Some((file, shape)) = self.single(kind) {
             let (l, _) = file.update(|cur| {
-                let doc = collection::apply(shape, &cur.value, &change)?;
-                Ok(Some((collection::serialize_doc(shape, &doc)?, doc, ())))
+                let mut doc = collection::apply(shape, &cur.value, &change)?;
+                let (bytes, spans) = collection::serialize_doc_spans(shape, &doc)?;
+                // The written version knows its file, so the next external change to it is
+                // parsed by difference (a copy: the bytes also go to the temp file).
+                doc.source = Source::new(bytes.clone().into_boxed_slice(), spans);
+                Ok(Some((bytes, doc, ())))
             })?;
             let id = match &change {
                 Change::Upsert { id, .. } | Change::Remove { id } => id,
