@@ -254,6 +254,16 @@ impl Watcher {
                 if Arc::ptr_eq(&old, &new) {
                     return;
                 }
+                if Arc::ptr_eq(&old.index, &new.index) {
+                    // Every id where it was (a reload by difference that changed values
+                    // only): compare the records pair by pair, no lookups.
+                    for (i, (o, n)) in old.records.iter().zip(&new.records).enumerate() {
+                        if !Arc::ptr_eq(o, n) && old.index.get(&o.id) == Some(&i) {
+                            self.record_changed(kind, &o.id, Some(&o.bytes), Some(&n.bytes), out);
+                        }
+                    }
+                    return;
+                }
                 for r in old.addressable() {
                     match new.get(&r.id) {
                         Some(n) if Arc::ptr_eq(n, r) => {}
