@@ -1795,7 +1795,12 @@ impl Core {
 
     pub fn render_status(&self) -> Vec<u8> {
         let l = &self.store.layout;
-        let count = |k: Kind| self.store.list(k).map(|v| v.records.len()).unwrap_or(0);
+        // Sessions and goals are counted on the parsed document, without a view per record.
+        let count = |k: Kind| match self.store.doc(k) {
+            Ok(Some(d)) => d.addressable().count(),
+            Ok(None) => self.store.list(k).map(|v| v.records.len()).unwrap_or(0),
+            Err(_) => 0,
+        };
         let (blobs, labels) = self
             .store
             .attachment_listing()

@@ -158,46 +158,52 @@ pub fn parse_entries(
 /// The next version of `prev`'s file, parsed by difference; the bytes back when that
 /// cannot be decided (the caller parses the whole file).
 pub fn splice(shape: Shape, new: Vec<u8>, prev: &Doc) -> Result<Doc, Vec<u8>> {
-    match splice_spans(shape, &new, prev) {
-        Some((records, open, close, spans)) => {
-            // When every id is where it was, the index is the previous one.
-            let same_ids = records.len() == prev.records.len()
-                && records
-                    .iter()
-                    .zip(&prev.records)
-                    .all(|(a, b)| Arc::ptr_eq(a, b) || a.id == b.id);
-            let mut doc = if same_ids {
-                Doc {
-                    top: prev.top.clone(),
-                    records,
-                    index: prev.index.clone(),
-                    source: None,
-                }
-            } else {
-                Doc::from_records(prev.top.clone(), records)
-            };
-            doc.source = Some(Source {
-                bytes: new.into_boxed_slice(),
-                open,
-                close,
-                spans,
-            });
-            Ok(doc)
+    let Some(sp) = splice_spans(shape, &new, prev) else {
+        return Err(new);
+    };
+    let mut doc = if sp.same_ids {
+        Doc {
+            top: prev.top.clone(),
+            records: sp.records,
+            index: prev.index.clone(),
+            source: None,
         }
-        None => Err(new),
-    }
+    } else {
+        Doc::from_records(prev.top.clone(), sp.records)
+    };
+    doc.source = Some(Source {
+        bytes: new.into_boxed_slice(),
+        open: sp.open,
+        close: sp.close,
+        spans: sp.spans,
+    });
+    Ok(doc)
 }
 
-type Spliced = (Vec<Arc<Record>>, usize, usize, Vec<Range<usize>>);
+/// The records and their places in the new version.
+struct Spliced {
+    records: Vec<Arc<Record>>,
+    open: usize,
+    close: usize,
+    spans: Vec<Range<usize>>,
+    /// Every id is where it was, so the previous index serves as is.
+    same_ids: bool,
+}
 
 fn splice_spans(shape: Shape, new: &[u8], prev: &Doc) -> Option<Spliced> {
     let src = prev.source.as_ref()?;
     let old = &src.bytes[..];
     if old == new {
-        return Some((prev.records.clone(), src.open, src.close, src.spans.clone()));
+        return Some(Spliced {
+            records: prev.records.clone(),
+            open: src.open,
+            close: src.close,
+            spans: src.spans.clone(),
+            same_ids: true,
+        });
     }
     let p = common_prefix(old, new);
-    let s = common_prefix_rev(&old[p..], &new[p..]);
+    let s = common_suffix(&old[p..], &new[p..]);
     let (old_end, new_end) = (old.len() - s, new.len() - s);
     // The change must lie inside the records container (its brackets unchanged).
     if p <= src.open || old_end > src.close {
@@ -241,6 +247,14 @@ fn splice_spans(shape: Shape, new: &[u8], prev: &Doc) -> Option<Spliced> {
             }
         }
     }
+    // The kept records are the same Arcs in the same order, so the ids are where they were
+    // exactly when the window holds the ids it replaces.
+    let same_ids = window.records.len() == j - i
+        && window
+            .records
+            .iter()
+            .zip(&prev.records[i..j])
+            .all(|(a, b)| a.id == b.id);
     let n = src.spans.len() - (j - i) + window.records.len();
     let mut records = Vec::with_capacity(n);
     let mut spans = Vec::with_capacity(n);
@@ -257,7 +271,13 @@ fn splice_spans(shape: Shape, new: &[u8], prev: &Doc) -> Option<Spliced> {
     for r in &src.spans[j..] {
         spans.push(shift(r.start)?..shift(r.end)?);
     }
-    Some((records, src.open, shift(src.close)?, spans))
+    Some(Spliced {
+        records,
+        open: src.open,
+        close: shift(src.close)?,
+        spans,
+        same_ids,
+    })
 }
 
 /// Parses a whole file whose records container is `container` (a slice of `bytes`), keeping
@@ -301,7 +321,7 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 }
 
 /// Length of the common suffix.
-fn common_prefix_rev(a: &[u8], b: &[u8]) -> usize {
+fn common_suffix(a: &[u8], b: &[u8]) -> usize {
     const BLOCK: usize = 512;
     let n = a.len().min(b.len());
     let (a, b) = (&a[a.len() - n..], &b[b.len() - n..]);
