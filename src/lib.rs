@@ -3,6 +3,7 @@
 //! `store` knows the backing store and needs no mount (the CLI's gc and fsck use it
 //! directly); `fs` is the mounted tree and its thin adapter onto fuser.
 
+pub mod backend;
 pub mod cli;
 pub mod error;
 pub mod fs;

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
+use crate::backend::{Backend, StoreKind};
 use crate::cli::{Command, StoreArgs};
 use crate::fs::fuse::AgentFs;
-use crate::fs::{Core, MountOptions, invalidate, watch};
+use crate::fs::{Core, MountOptions, invalidate};
 use crate::store::Store;
 
 pub struct MountArgs {
@@ -228,7 +229,25 @@ fn which(bin: &str) -> Option<PathBuf> {
     })
 }
 
-fn init_logging(args: &MountArgs, layout_root: &Path) -> Result<Option<PathBuf>, String> {
+/// The log file's name: `agentmount.log` in a directory store, `<db>.agentmount.log`
+/// beside a database.
+fn log_name(root: &Path, kind: &StoreKind) -> String {
+    match kind {
+        StoreKind::Directory => "agentmount.log".into(),
+        StoreKind::Sqlite => format!(
+            "{}.agentmount.log",
+            root.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "store".into())
+        ),
+    }
+}
+
+fn init_logging(
+    args: &MountArgs,
+    layout_root: &Path,
+    log_name: &str,
+) -> Result<Option<PathBuf>, String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
         .map_err(|e| format!("bad --log-level {:?}: {e}", args.log_level))?;
@@ -245,7 +264,7 @@ fn init_logging(args: &MountArgs, layout_root: &Path) -> Result<Option<PathBuf>,
             layout_root.display()
         )
     })?;
-    let path = layout_root.join("agentmount.log");
+    let path = layout_root.join(log_name);
     let file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -277,17 +296,38 @@ fn serve(
     report: Option<&std::cell::RefCell<Option<File>>>,
 ) -> Result<(), String> {
     let layout = args.store.layout();
-    let log_path = init_logging(args, &layout.root)?;
+    let kind = crate::backend::detect(&layout.root).map_err(|e| e.to_string())?;
+    let log_dir = match kind {
+        StoreKind::Directory => layout.root.clone(),
+        StoreKind::Sqlite => layout
+            .root
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    let log_path = init_logging(args, &log_dir, &log_name(&layout.root, &kind))?;
     block_signals();
     limit_malloc_arenas();
-    let store = Store::open(layout, args.store.options(args.read_only))
-        .map_err(|e| format!("cannot open the store: {e}"))?;
-    // A long-lived process: the attachment index learns of changes from inotify (one
-    // non-blocking read per access) instead of a stat of every shard directory.
-    store.attachments.index.watch();
-    let store = Arc::new(store);
+    let store: Arc<dyn Backend> = match kind {
+        StoreKind::Directory => {
+            let store = Store::open(layout, args.store.options(args.read_only))
+                .map_err(|e| format!("cannot open the store: {e}"))?;
+            // A long-lived process: the attachment index learns of changes from inotify
+            // (one non-blocking read per access) instead of a stat of every shard directory.
+            store.attachments.index.watch();
+            Arc::new(store)
+        }
+        StoreKind::Sqlite => Arc::new(
+            crate::backend::sqlite::Sqlite::open(&layout.root, args.store.options(args.read_only))
+                .map_err(|e| format!("cannot mount {}: {e}", layout.root.display()))?,
+        ),
+    };
+    let read_only = args.read_only || store.read_only_reason().is_some();
+    if let Some(why) = store.read_only_reason() {
+        tracing::warn!(reason = %why, "the store is mounted read-only");
+    }
     let mut opts = MountOptions {
-        read_only: args.read_only,
+        read_only,
         xattrs: !args.no_xattr,
         ..Default::default()
     };
@@ -299,14 +339,14 @@ fn serve(
     }
     let core = Core::new(store.clone(), opts);
     let mut mount_options = vec![
-        MountOption::FSName(format!("agentmount:{}", store.layout.root.display())),
+        MountOption::FSName(format!("agentmount:{}", store.location())),
         MountOption::Subtype("agentmount".into()),
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    if args.read_only {
+    if read_only {
         mount_options.push(MountOption::RO);
     }
     let mut config = Config::default();
@@ -334,9 +374,9 @@ fn serve(
     } else {
         let mut opts = format!(
             "fsname=agentmount:{},subtype=agentmount,default_permissions,noatime,nodev,nosuid",
-            store.layout.root.display().to_string().replace(',', "_")
+            store.location().replace(',', "_")
         );
-        if args.read_only {
+        if read_only {
             opts.push_str(",ro");
         }
         if args.allow_other {
@@ -356,16 +396,8 @@ fn serve(
             .spawn(move || invalidate::run_sender(core, rx))
             .map_err(|e| e.to_string())?;
     }
-    match watch::Watcher::new(core.clone()) {
-        Ok(w) => {
-            std::thread::Builder::new()
-                .name("watch".into())
-                .spawn(move || w.run())
-                .map_err(|e| e.to_string())?;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start the store watcher; external changes are seen when the TTL runs out")
-        }
+    if let Err(e) = store.clone().watch(core.clone()) {
+        tracing::warn!(error = %e, "cannot start the store watcher; external changes are seen when the TTL runs out")
     }
     let mp = args.mountpoint.clone();
     std::thread::Builder::new()
@@ -378,7 +410,7 @@ fn serve(
             }
         })
         .map_err(|e| e.to_string())?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), store = %store.layout.root.display(), read_only = args.read_only, log = ?log_path, "mounted");
+    tracing::info!(mountpoint = %args.mountpoint.display(), store = %store.location(), backend = store.backend_name(), read_only, log = ?log_path, "mounted");
     if let Some(r) = report.and_then(|r| r.borrow_mut().take()) {
         // Closing the pipe (dropping `r`) is what lets the parent return.
         let mut r = r;

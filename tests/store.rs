@@ -865,7 +865,7 @@ mod model {
         match kind {
             Kind::Sessions => format!("00000000-0000-4000-8000-{n:012}"),
             Kind::Goals => format!("g-{n:08x}"),
-            Kind::Conversations => format!("conv-{n}"),
+            _ => format!("conv-{n}"),
         }
     }
 
@@ -873,9 +873,7 @@ mod model {
         match kind {
             Kind::Sessions => session(&format!("t{v}")),
             Kind::Goals => json!({"description": format!("d{v}"), "status": "pending"}),
-            Kind::Conversations => {
-                json!({"compressed_context": format!("c{v}"), "total_rounds": v})
-            }
+            _ => json!({"compressed_context": format!("c{v}"), "total_rounds": v}),
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use parking_lot::RwLock;
 
-use crate::store::Kind;
+use crate::backend::Kind;
 use crate::store::attachments::to_hex;
 use crate::store::blob_index::BlobId;
 
@@ -44,11 +44,13 @@ impl Node {
             Node::Gc => 6,
             Node::Status => 7,
             Node::Errors => 8,
+            Node::Dir(Kind::Agents) => 9,
+            Node::Dir(Kind::Delegations) => 10,
             _ => return None,
         })
     }
 
-    const FIXED: [Node; 8] = [
+    const FIXED: [Node; 10] = [
         Node::Root,
         Node::Dir(Kind::Sessions),
         Node::Dir(Kind::Goals),
@@ -57,6 +59,8 @@ impl Node {
         Node::Gc,
         Node::Status,
         Node::Errors,
+        Node::Dir(Kind::Agents),
+        Node::Dir(Kind::Delegations),
     ];
 
     /// The directory this node is listed in.

@@ -5,7 +5,6 @@ pub mod errors_log;
 pub mod fuse;
 pub mod inodes;
 pub mod invalidate;
-pub mod watch;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,11 +19,11 @@ use serde_json::json;
 use self::errors_log::ErrorLog;
 use self::inodes::{Inodes, Node};
 use self::invalidate::{Inval, Invalidator};
+use crate::backend::{AttachmentStore, Backend, ChangeSink, Kind, StoreEvent};
 use crate::error::StoreError;
 use crate::store::attachments::{self, Ingest, to_hex};
 use crate::store::blob_index::{Blob, BlobId, Listing, parse_id};
 use crate::store::gc::GcOptions;
-use crate::store::{Kind, Store, validate};
 
 /// An errno for the kernel, with the reason when it is a refusal worth reporting.
 #[derive(Debug)]
@@ -229,7 +228,7 @@ pub struct FsStats {
 }
 
 pub struct Core {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Backend>,
     pub opts: MountOptions,
     pub inodes: Inodes,
     pub errors: ErrorLog,
@@ -255,12 +254,12 @@ enum Class {
     Invalid(String),
 }
 
-fn classify(kind: Kind, name: &str) -> Class {
+fn classify(store: &dyn Backend, kind: Kind, name: &str) -> Class {
     if name.starts_with('.') || !name.ends_with(".json") {
         return Class::Scratch;
     }
     let id = &name[..name.len() - 5];
-    match validate::check_id(kind, id) {
+    match store.check_id(kind, id) {
         Ok(()) => Class::Record(id.to_string()),
         Err(e) => Class::Invalid(format!("{name}: {e}")),
     }
@@ -271,6 +270,8 @@ fn dir_kind(ino: u64) -> Option<Kind> {
         2 => Some(Kind::Sessions),
         3 => Some(Kind::Goals),
         4 => Some(Kind::Conversations),
+        9 => Some(Kind::Agents),
+        10 => Some(Kind::Delegations),
         _ => None,
     }
 }
@@ -278,7 +279,7 @@ fn dir_kind(ino: u64) -> Option<Kind> {
 pub const ATTACH_DIR: u64 = 5;
 
 impl Core {
-    pub fn new(store: Arc<Store>, opts: MountOptions) -> Arc<Core> {
+    pub fn new(store: Arc<dyn Backend>, opts: MountOptions) -> Arc<Core> {
         Arc::new(Core {
             store,
             opts,
@@ -352,15 +353,20 @@ impl Core {
         }
     }
 
+    /// The attachment store, or ENOENT for a backend without one.
+    fn attach(&self) -> FsResult<&dyn AttachmentStore> {
+        self.store
+            .attachments()
+            .ok_or_else(|| FsError::new(libc::ENOENT))
+    }
+
+    /// Whether the store serves `kind`'s directory.
+    fn serves(&self, kind: Kind) -> bool {
+        self.store.collections().contains(&kind)
+    }
+
     fn dir_attr(&self, ino: u64) -> Attr {
-        let t = self
-            .store
-            .layout
-            .root
-            .metadata()
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let t = self.store.root_time();
         self.attr(ino, FileKind::Dir, 0, (t, t), 0o755, self.opts.ttl)
     }
 
@@ -371,25 +377,31 @@ impl Core {
         check_name_len(name)?;
         let enoent = || FsError::new(libc::ENOENT);
         if parent == inodes::ROOT {
+            if let Some(k) = self
+                .store
+                .collections()
+                .iter()
+                .find(|k| k.dir_name() == name)
+            {
+                return Ok(Node::Dir(*k));
+            }
+            let attachments = self.store.attachments().is_some();
             return Ok(match name {
-                "sessions" => Node::Dir(Kind::Sessions),
-                "goals" => Node::Dir(Kind::Goals),
-                "conversations" => Node::Dir(Kind::Conversations),
-                "attachments" => Node::AttachDir,
-                ".gc" => Node::Gc,
+                "attachments" if attachments => Node::AttachDir,
+                ".gc" if attachments => Node::Gc,
                 ".status" => Node::Status,
                 ".errors" => Node::Errors,
                 _ => return Err(enoent()),
             });
         }
-        if let Some(kind) = dir_kind(parent) {
+        if let Some(kind) = dir_kind(parent).filter(|k| self.serves(*k)) {
             let sn = Node::Scratch(kind, name.to_string());
             if let Some(ino) = self.inodes.existing(&sn)
                 && self.scratch.lock().contains_key(&ino)
             {
                 return Ok(sn);
             }
-            let Class::Record(id) = classify(kind, name) else {
+            let Class::Record(id) = classify(&*self.store, kind, name) else {
                 return Err(enoent());
             };
             if self.store.get(kind, &id)?.is_some()
@@ -403,11 +415,11 @@ impl Core {
             // The index is exact at every access (it drains the store's inotify queue), so
             // it answers for the blob and sidecar names without a stat.
             if let Some(id) = parse_id(name) {
-                let listing = self.store.attachment_listing()?;
+                let listing = self.attach()?.listing()?;
                 return listing.get(&id).map(|_| Node::Blob(id)).ok_or_else(enoent);
             }
             if let Some(id) = name.strip_suffix(".json").and_then(parse_id) {
-                let listing = self.store.attachment_listing()?;
+                let listing = self.attach()?.listing()?;
                 return listing
                     .get(&id)
                     .filter(|b| b.sidecar.is_some())
@@ -417,7 +429,7 @@ impl Core {
             if self.ingests.lock().contains_key(name) {
                 return Ok(Node::Ingest(name.to_string()));
             }
-            if self.store.attachment_listing()?.label(name).is_some() {
+            if self.attach()?.listing()?.label(name).is_some() {
                 return Ok(Node::Label(name.to_string()));
             }
             return Err(enoent());
@@ -505,7 +517,7 @@ impl Core {
                 ))
             }
             Node::Blob(id) => {
-                let listing = self.store.attachment_listing()?;
+                let listing = self.attach()?.listing()?;
                 let b = listing.get(id).ok_or_else(|| FsError::new(libc::ENOENT))?;
                 Ok(self.attr(
                     ino,
@@ -517,7 +529,7 @@ impl Core {
                 ))
             }
             Node::Sidecar(id) => {
-                let listing = self.store.attachment_listing()?;
+                let listing = self.attach()?.listing()?;
                 let sc = listing
                     .get(id)
                     .and_then(|b| b.sidecar.as_ref())
@@ -532,7 +544,7 @@ impl Core {
                 ))
             }
             Node::Label(label) => {
-                let listing = self.store.attachment_listing()?;
+                let listing = self.attach()?.listing()?;
                 let id = listing
                     .label(label)
                     .ok_or_else(|| FsError::new(libc::ENOENT))?;
@@ -608,7 +620,8 @@ impl Core {
             Node::Gc => {
                 let t = self
                     .store
-                    .last_gc()
+                    .attachments()
+                    .and_then(|a| a.last_gc())
                     .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.finished).ok())
                     .map(SystemTime::from)
                     .unwrap_or(self.started_wall);
@@ -629,13 +642,15 @@ impl Core {
         };
         let st = state.lock();
         let hex = st.done.clone().ok_or_else(|| FsError::new(libc::ENOENT))?;
-        let fp = crate::store::fingerprint::stat(&self.store.attachments.blob_path(&hex))?
+        let (size, mtime, ctime) = self
+            .attach()?
+            .blob_meta(&hex)?
             .ok_or_else(|| FsError::new(libc::ENOENT))?;
         Ok(self.attr(
             ino,
             FileKind::File,
-            fp.size,
-            (fp.mtime(), fp.ctime()),
+            size,
+            (mtime, ctime),
             0o444,
             Duration::ZERO,
         ))
@@ -683,19 +698,17 @@ impl Core {
             };
         match node {
             Node::Root => {
-                for n in [
-                    Node::Dir(Kind::Sessions),
-                    Node::Dir(Kind::Goals),
-                    Node::Dir(Kind::Conversations),
-                    Node::AttachDir,
-                ] {
+                let attachments = self.store.attachments().is_some();
+                let dirs = self.store.collections().iter().map(|k| Node::Dir(*k));
+                for n in dirs.chain(attachments.then_some(Node::AttachDir)) {
                     add(
                         n,
                         FileKind::Dir,
                         Some((0, dir.mtime, dir.ctime, 0o755, ttl)),
                     );
                 }
-                for n in [Node::Gc, Node::Status, Node::Errors] {
+                let control = attachments.then_some(Node::Gc).into_iter();
+                for n in control.chain([Node::Status, Node::Errors]) {
                     add(n, FileKind::File, None);
                 }
             }
@@ -731,7 +744,7 @@ impl Core {
             Node::AttachDir => {
                 // Blobs, sidecars and labels are paged from a snapshot of the index as the
                 // kernel asks for them: 300,000 names are never built at once.
-                let listing = self.store.attachment_listing()?;
+                let listing = self.attach()?.listing()?;
                 let mut starts = Vec::with_capacity(257);
                 let mut n = head.len();
                 for b in 0..=255u8 {
@@ -890,7 +903,7 @@ impl Core {
         match node {
             Node::Blob(id) => Ok(Some(*id)),
             Node::Label(label) => {
-                let listing = self.store.attachment_listing()?;
+                let listing = self.attach()?.listing()?;
                 let id = listing
                     .label(label)
                     .ok_or_else(|| FsError::new(libc::ENOENT))?;
@@ -1002,9 +1015,7 @@ impl Core {
                 let id = self
                     .blob_of(&node)?
                     .ok_or_else(|| FsError::new(libc::ENOENT))?;
-                let path = self.store.attachments.blob_path(&to_hex(&id));
-                let file = File::open(&path)
-                    .map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
+                let file = self.attach()?.open_blob(&to_hex(&id))?;
                 Ok((
                     self.add_handle(Handle::Blob { file }),
                     OpenMode {
@@ -1017,13 +1028,8 @@ impl Core {
             }
             Node::Sidecar(id) => {
                 refuse_write("attachment metadata")?;
-                let path = self.store.attachments.sidecar_path(&to_hex(&id));
-                let data: Arc<[u8]> = std::fs::read(&path)
-                    .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?
-                    .into();
-                let mtime = std::fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                let (data, mtime) = self.attach()?.sidecar_bytes(&to_hex(&id))?;
+                let data: Arc<[u8]> = data.into();
                 Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
             Node::Ingest(name) => {
@@ -1078,8 +1084,8 @@ impl Core {
             ..Default::default()
         };
         let now = SystemTime::now();
-        if let Some(kind) = dir_kind(parent) {
-            match classify(kind, name) {
+        if let Some(kind) = dir_kind(parent).filter(|k| self.serves(*k)) {
+            match classify(&*self.store, kind, name) {
                 Class::Invalid(reason) => Err(FsError::refuse(libc::EINVAL, reason)),
                 Class::Scratch => {
                     let node = Node::Scratch(kind, name.to_string());
@@ -1130,7 +1136,7 @@ impl Core {
                     ),
                 ));
             }
-            let ingest = self.store.begin_ingest()?;
+            let ingest = self.attach()?.begin_ingest()?;
             let node = Node::Ingest(name.to_string());
             let ino = self.inodes.ino(&node);
             let st = Arc::new(Mutex::new(IngestState {
@@ -1189,8 +1195,7 @@ impl Core {
                 match (&st.ingest, &st.done) {
                     (Some(i), _) => Ok(i.read_at(offset, size as usize)?),
                     (None, Some(hex)) => {
-                        let f = File::open(self.store.attachments.blob_path(hex))
-                            .map_err(|e| StoreError::io("open attachment", e))?;
+                        let f = self.attach()?.open_blob(hex)?;
                         let mut buf = vec![0u8; size as usize];
                         let n = f
                             .read_at(&mut buf, offset)
@@ -1237,7 +1242,7 @@ impl Core {
                 ..
             } => {
                 *written = true;
-                let limit = self.store.options.max_record_bytes;
+                let limit = self.store.max_record_bytes();
                 if offset + data.len() as u64 > limit {
                     return Err(FsError::refuse(
                         libc::EFBIG,
@@ -1268,7 +1273,7 @@ impl Core {
                 drop(h);
                 let text = String::from_utf8_lossy(data);
                 let opts = GcOptions::parse_command(&text)?;
-                self.store.gc(&opts)?;
+                self.attach()?.gc(&opts)?;
             }
             _ => return Err(FsError::refuse(libc::EPERM, "this file cannot be written")),
         }
@@ -1339,7 +1344,7 @@ impl Core {
                 }
                 let name = st.name.clone();
                 self.ingests.lock().remove(&name);
-                match self.store.finish_ingest(ingest, Some(&name)) {
+                match self.attach()?.finish_ingest(ingest, Some(&name)) {
                     Ok(hex) => {
                         st.done = Some(hex);
                         // The name is now a label symlink: the kernel must look it up again.
@@ -1553,7 +1558,7 @@ impl Core {
                     self.scratch.lock().remove(&ino);
                 }
             }
-            Node::Label(label) => self.store.unlabel(label)?,
+            Node::Label(label) => self.attach()?.unlabel(label)?,
             Node::Ingest(n) => {
                 if let Some(st) = self.ingests.lock().remove(n) {
                     st.lock().unlinked = true;
@@ -1617,7 +1622,7 @@ impl Core {
             ));
         }
         if parent != newparent {
-            let movable = |p: u64| dir_kind(p).is_some() || p == ATTACH_DIR;
+            let movable = |p: u64| dir_kind(p).is_some_and(|k| self.serves(k)) || p == ATTACH_DIR;
             if movable(parent) && movable(newparent) {
                 return Err(FsError::refuse(
                     libc::EXDEV,
@@ -1642,8 +1647,8 @@ impl Core {
         if target.as_ref() == Some(&node) {
             return Ok(());
         }
-        if let Some(kind) = dir_kind(parent) {
-            let class = classify(kind, newname);
+        if let Some(kind) = dir_kind(parent).filter(|k| self.serves(*k)) {
+            let class = classify(&*self.store, kind, newname);
             if let Class::Invalid(reason) = &class {
                 return Err(FsError::refuse(libc::EINVAL, reason.clone()));
             }
@@ -1724,7 +1729,7 @@ impl Core {
                 Node::Label(old) => {
                     let hex = String::from_utf8_lossy(&self.readlink(self.inodes.ino(&node))?)
                         .into_owned();
-                    self.store.relabel(&hex, Some(old), newname)?;
+                    self.attach()?.relabel(&hex, Some(old), newname)?;
                 }
                 Node::Ingest(old) => {
                     let mut map = self.ingests.lock();
@@ -1771,7 +1776,7 @@ impl Core {
         let Some(id) = self.blob_of(&node)? else {
             return Ok(Vec::new());
         };
-        let listing = self.store.attachment_listing()?;
+        let listing = self.attach()?.listing()?;
         let mut out = vec![("user.sha256".to_string(), to_hex(&id).into_bytes())];
         if let Some(s) = listing.get(&id).and_then(|b| b.sidecar.as_ref()) {
             out.push(("user.media_type".into(), s.media_type.as_bytes().to_vec()));
@@ -1785,7 +1790,7 @@ impl Core {
     // ---- control files ----
 
     fn gc_report(&self) -> Vec<u8> {
-        let mut v = match self.store.last_gc() {
+        let mut v = match self.store.attachments().and_then(|a| a.last_gc()) {
             Some(r) => serde_json::to_vec_pretty(&r).unwrap_or_default(),
             None => b"{\"last_run\": null, \"usage\": \"echo run > .gc | echo dry-run > .gc | echo grace=SECONDS > .gc\"}".to_vec(),
         };
@@ -1794,57 +1799,34 @@ impl Core {
     }
 
     pub fn render_status(&self) -> Vec<u8> {
-        let l = &self.store.layout;
-        // Sessions and goals are counted on the parsed document, without a view per record.
-        let count = |k: Kind| match self.store.doc(k) {
-            Ok(Some(d)) => d.addressable().count(),
-            Ok(None) => self.store.list(k).map(|v| v.records.len()).unwrap_or(0),
-            Err(_) => 0,
-        };
-        let (blobs, labels) = self
-            .store
-            .attachment_listing()
+        let fs = &self.stats;
+        let attach = self.store.attachments();
+        let (blobs, labels) = attach
+            .and_then(|a| a.listing().ok())
             .map(|a| (a.len(), a.labels().len()))
             .unwrap_or((0, 0));
-        let cs = &self.store.stats;
-        let fs = &self.stats;
-        let errs: serde_json::Map<String, serde_json::Value> = Kind::ALL
+        let mut counts: serde_json::Map<String, serde_json::Value> = self
+            .store
+            .collections()
             .iter()
-            .map(|k| {
-                (
-                    k.dir_name().to_string(),
-                    json!(self.store.collection_error(*k)),
-                )
-            })
-            .chain(std::iter::once((
-                "manifest".to_string(),
-                // The manifest can be large (a row per attachment): report what the last write or
-                // gc found rather than parse it for a status read.
-                json!(self.store.manifest.known_error()),
-            )))
+            .map(|k| (k.dir_name().to_string(), json!(self.store.count(*k))))
             .collect();
-        let v = json!({
+        if attach.is_some() {
+            counts.insert("attachments".into(), json!(blobs));
+            counts.insert("labels".into(), json!(labels));
+        }
+        counts.insert("scratch_files".into(), json!(self.scratch.lock().len()));
+        counts.insert("open_handles".into(), json!(self.handles.lock().len()));
+        counts.insert("inodes".into(), json!(self.inodes.len()));
+        counts.insert("refusals".into(), json!(self.errors.count()));
+        let mut v = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "uptime_secs": self.started.elapsed().as_secs(),
             "read_only": self.opts.read_only,
+            "read_only_reason": self.store.read_only_reason(),
             "xattrs": self.opts.xattrs,
-            "store": {
-                "root": l.root, "sessions": l.sessions, "goals": l.goals,
-                "conversations": l.conversations, "attachments": l.attachments,
-                "manifest": l.manifest, "lock": l.lock,
-            },
-            "counts": {
-                "sessions": count(Kind::Sessions), "goals": count(Kind::Goals),
-                "conversations": count(Kind::Conversations), "attachments": blobs, "labels": labels,
-                "scratch_files": self.scratch.lock().len(), "open_handles": self.handles.lock().len(),
-                "inodes": self.inodes.len(), "refusals": self.errors.count(),
-            },
-            "cache": {
-                "reloads": cs.reloads.load(Ordering::Relaxed),
-                "hits": cs.hits.load(Ordering::Relaxed),
-                "parse_errors": cs.parse_errors.load(Ordering::Relaxed),
-            },
+            "counts": counts,
             "invalidation": {
                 "external_changes": fs.external_changes.load(Ordering::Relaxed),
                 "sent": fs.invalidations.load(Ordering::Relaxed),
@@ -1854,20 +1836,27 @@ impl Core {
                 "max_latency_us": fs.max_latency_us.load(Ordering::Relaxed),
                 "ttl_ms": self.opts.ttl.as_millis() as u64,
             },
-            "data_path": {
-                "records": "direct_io",
-                "attachments": self.attachment_data_path.lock().clone(),
-            },
-            "attachment_index": self.store.attachments.index.mode(),
-            "last_error": errs,
         });
+        if let (Some(o), serde_json::Value::Object(b)) = (v.as_object_mut(), self.store.status()) {
+            o.extend(b);
+            let mut path = serde_json::Map::new();
+            path.insert("records".into(), json!("direct_io"));
+            if let Some(a) = attach {
+                path.insert(
+                    "attachments".into(),
+                    json!(self.attachment_data_path.lock().clone()),
+                );
+                o.insert("attachment_index".into(), json!(a.index_mode()));
+            }
+            o.insert("data_path".into(), serde_json::Value::Object(path));
+        }
         let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
         out.push(b'\n');
         out
     }
 
     pub fn statfs(&self) -> libc::statvfs {
-        let mut dir = self.store.layout.root.clone();
+        let mut dir = self.store.statfs_path();
         while !dir.exists() {
             if !dir.pop() {
                 break;
@@ -1898,5 +1887,75 @@ pub fn kind_dir_ino(kind: Kind) -> u64 {
         Kind::Sessions => 2,
         Kind::Goals => 3,
         Kind::Conversations => 4,
+        Kind::Agents => 9,
+        Kind::Delegations => 10,
+    }
+}
+
+/// The mount hears of other writers' changes from the backend's watcher and drops exactly
+/// what the kernel caches of them.
+impl ChangeSink for Core {
+    fn store_changed(&self, events: Vec<StoreEvent>, since: Instant) {
+        let mut out = Vec::new();
+        for e in events {
+            match e {
+                StoreEvent::Record { kind, id, gone } => {
+                    let node = Node::Record(kind, id);
+                    if gone {
+                        self.gone(node, &mut out);
+                    } else if let Some(ino) = self.inodes.existing(&node) {
+                        out.push(Inval::Inode(ino));
+                    }
+                }
+                StoreEvent::Blob { id, gone: false } => {
+                    if let Some(ino) = self.inodes.existing(&Node::Sidecar(id)) {
+                        out.push(Inval::Inode(ino));
+                    }
+                }
+                StoreEvent::Blob { id, gone: true } => {
+                    // Blob names never move, so no rename of ours can race this: drop its
+                    // table entries too.
+                    self.gone(Node::Blob(id), &mut out);
+                    self.gone(Node::Sidecar(id), &mut out);
+                    self.inodes.remove(&Node::Blob(id));
+                }
+                StoreEvent::LabelGone(label) => self.gone(Node::Label(label), &mut out),
+                StoreEvent::Everything => {
+                    self.stats.overflows.fetch_add(1, Ordering::Relaxed);
+                    for (ino, node) in self.inodes.all() {
+                        out.push(Inval::Inode(ino));
+                        if !matches!(node, Node::Root) {
+                            out.push(Inval::Entry(node.parent_ino(), node.name()));
+                        }
+                    }
+                }
+            }
+        }
+        self.stats.external_changes.fetch_add(1, Ordering::Relaxed);
+        for i in out {
+            let ok = self.inval.now(i);
+            self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+            if !ok {
+                self.stats
+                    .invalidation_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let us = since.elapsed().as_micros() as u64;
+        self.stats.last_latency_us.store(us, Ordering::Relaxed);
+        self.stats.max_latency_us.fetch_max(us, Ordering::Relaxed);
+    }
+}
+
+impl Core {
+    /// A name that no longer exists (or now means something else): drop the kernel's
+    /// entry. The inode table is left alone: the mount's own rename/unlink may be moving
+    /// this very name right now, and only the operation itself may change its mapping (a
+    /// stale mapping is harmless: the store answers ENOENT for it).
+    fn gone(&self, node: Node, out: &mut Vec<Inval>) {
+        if let Some(ino) = self.inodes.existing(&node) {
+            out.push(Inval::Inode(ino));
+        }
+        out.push(Inval::Entry(node.parent_ino(), node.name()));
     }
 }

@@ -35,34 +35,7 @@ use self::incremental::Source;
 use self::manifest::Manifest;
 use crate::error::{Result, StoreError};
 
-/// The three record collections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Sessions,
-    Goals,
-    Conversations,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Sessions, Kind::Goals, Kind::Conversations];
-
-    /// The directory name in the mount.
-    pub fn dir_name(self) -> &'static str {
-        match self {
-            Kind::Sessions => "sessions",
-            Kind::Goals => "goals",
-            Kind::Conversations => "conversations",
-        }
-    }
-
-    pub fn singular(self) -> &'static str {
-        match self {
-            Kind::Sessions => "session",
-            Kind::Goals => "goal",
-            Kind::Conversations => "conversation",
-        }
-    }
-}
+pub use crate::backend::{Kind, ListView, RecordView};
 
 /// Where each store file lives. Every path can be overridden, so other platforms' layouts mount.
 #[derive(Clone, Debug)]
@@ -140,35 +113,18 @@ impl Default for Options {
     }
 }
 
-/// One record as the mount shows it: its presented bytes and the store's times.
-#[derive(Clone, Debug)]
-pub struct RecordView {
-    pub id: String,
-    pub bytes: Arc<[u8]>,
-    pub mtime: SystemTime,
-    pub ctime: SystemTime,
-}
-
-impl RecordView {
-    fn new(id: &str, rec: &Record, fp: Option<Fingerprint>) -> Self {
-        let (mtime, ctime) = fp
-            .map(|f| (f.mtime(), f.ctime()))
-            .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
-        RecordView {
-            id: id.to_string(),
-            bytes: rec.bytes.clone(),
-            mtime,
-            ctime,
-        }
+/// The view of a record as the mount shows it: its presented bytes and its store file's
+/// times.
+fn view(id: &str, rec: &Record, fp: Option<Fingerprint>) -> RecordView {
+    let (mtime, ctime) = fp
+        .map(|f| (f.mtime(), f.ctime()))
+        .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
+    RecordView {
+        id: id.to_string(),
+        bytes: rec.bytes.clone(),
+        mtime,
+        ctime,
     }
-}
-
-/// A listing of a collection; `error` is set when a store file does not parse (the
-/// records are then the last good version).
-#[derive(Default, Debug)]
-pub struct ListView {
-    pub records: Vec<RecordView>,
-    pub error: Option<String>,
 }
 
 #[derive(Default, Debug)]
@@ -249,7 +205,7 @@ impl Store {
         match kind {
             Kind::Sessions => Some((&self.sessions, Shape::Map("sessions"))),
             Kind::Goals => Some((&self.goals, Shape::Array)),
-            Kind::Conversations => None,
+            _ => None,
         }
     }
 
@@ -280,15 +236,18 @@ impl Store {
                 }
             }
         }
-        Ok(l.value.0.as_ref().map(|r| RecordView::new(id, r, l.fp)))
+        Ok(l.value.0.as_ref().map(|r| view(id, r, l.fp)))
     }
 
     /// One record, reload-checked against the store (a stat when nothing changed).
     pub fn get(&self, kind: Kind, id: &str) -> Result<Option<RecordView>> {
+        if !Kind::ALL.contains(&kind) {
+            return Ok(None);
+        }
         match self.single(kind) {
             Some((file, _)) => {
                 let l = file.current()?;
-                Ok(l.value.get(id).map(|r| RecordView::new(id, r, l.fp)))
+                Ok(l.value.get(id).map(|r| view(id, r, l.fp)))
             }
             None => {
                 if !collection::safe_name(id) {
@@ -311,13 +270,16 @@ impl Store {
 
     /// Every addressable record of a collection, reload-checked.
     pub fn list(&self, kind: Kind) -> Result<ListView> {
+        if !Kind::ALL.contains(&kind) {
+            return Ok(ListView::default());
+        }
         if let Some((file, _)) = self.single(kind) {
             let l = file.current()?;
             return Ok(ListView {
                 records: l
                     .value
                     .addressable()
-                    .map(|r| RecordView::new(&r.id, r, l.fp))
+                    .map(|r| view(&r.id, r, l.fp))
                     .collect(),
                 error: l.error.clone(),
             });
@@ -363,6 +325,9 @@ impl Store {
 
     /// The current parse error of a collection, if a store file behind it does not parse.
     pub fn collection_error(&self, kind: Kind) -> Option<String> {
+        if !Kind::ALL.contains(&kind) {
+            return None;
+        }
         match self.single(kind) {
             Some((file, _)) => file.current().ok().and_then(|l| l.error.clone()),
             None => {
@@ -406,6 +371,7 @@ impl Store {
     /// Removes record `id`: one atomic write (sessions, goals) or an unlink (conversations).
     pub fn remove(&self, kind: Kind, id: &str) -> Result<()> {
         self.writable()?;
+        validate::check_id(kind, id)?;
         let _lock = self.lock.acquire()?;
         self.write_change(kind, Change::Remove { id: id.to_string() })?;
         Ok(())
@@ -450,7 +416,7 @@ impl Store {
                 Change::Upsert { id, .. } | Change::Remove { id } => id,
                 Change::Rekey { to, .. } => to,
             };
-            return Ok(l.value.get(id).map(|r| RecordView::new(id, r, l.fp)));
+            return Ok(l.value.get(id).map(|r| view(id, r, l.fp)));
         }
         match &change {
             Change::Upsert { id, value } => {
@@ -458,7 +424,7 @@ impl Store {
                 let (l, _) = self
                     .conv_file(id)
                     .update(|_| Ok(Some((rec.bytes.to_vec(), ConvFile(Some(rec.clone())), ()))))?;
-                Ok(l.value.0.as_ref().map(|r| RecordView::new(id, r, l.fp)))
+                Ok(l.value.0.as_ref().map(|r| view(id, r, l.fp)))
             }
             Change::Remove { id } => {
                 let path = self.layout.conversation_path(id);

@@ -28,6 +28,7 @@ pub fn valid_id(kind: Kind, id: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         }
+        Kind::Agents | Kind::Delegations => false,
     }
 }
 
@@ -37,6 +38,9 @@ pub fn check_id(kind: Kind, id: &str) -> Result<()> {
     }
     Err(StoreError::Invalid(match kind {
         Kind::Sessions => format!("{id:?} is not a session id: sessions are named by UUID"),
+        Kind::Agents | Kind::Delegations => {
+            format!("a directory store has no {} collection", kind.dir_name())
+        }
         _ => format!(
             "{id:?} is not a valid {} id: 1-128 characters of [A-Za-z0-9_-]",
             kind.singular()
@@ -99,6 +103,12 @@ pub fn parse_record(
         Kind::Sessions => v.session(&obj)?,
         Kind::Goals => v.goal(&obj)?,
         Kind::Conversations => v.conversation(&obj)?,
+        Kind::Agents | Kind::Delegations => {
+            return Err(StoreError::Invalid(format!(
+                "a directory store has no {} collection",
+                kind.dir_name()
+            )));
+        }
     }
     Ok(obj)
 }

@@ -1,21 +1,19 @@
-//! The store watcher: inotify on the store's directories. When another process (or we)
-//! replaces a store file, the collection is reloaded and exactly the kernel entries and
-//! inodes that changed are invalidated, so stat/lookup see the change within milliseconds
-//! while attribute TTLs stay long enough for native-speed stat.
+//! The directory store's watcher: inotify on the store's directories. When another process
+//! (or we) replaces a store file, the collection is reloaded and exactly the records,
+//! blobs and labels that changed are reported to the mount, which invalidates those kernel
+//! entries and inodes: stat/lookup see the change within milliseconds while attribute
+//! TTLs stay long enough for native-speed stat.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use super::inodes::Node;
-use super::invalidate::Inval;
-use super::{ATTACH_DIR, Core, kind_dir_ino};
-use crate::store::Kind;
+use super::{ChangeSink, Kind, StoreEvent};
+use crate::store::Store;
 use crate::store::atomic::TEMP_MARKER;
 use crate::store::blob_index::{BlobId, Listing, parse_id};
 use crate::store::collection::Doc;
@@ -32,7 +30,8 @@ enum Target {
 }
 
 pub struct Watcher {
-    core: Arc<Core>,
+    store: Arc<Store>,
+    sink: Arc<dyn ChangeSink>,
     inotify: Inotify,
     watched: HashMap<PathBuf, WatchDescriptor>,
     by_wd: HashMap<WatchDescriptor, PathBuf>,
@@ -45,10 +44,11 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn new(core: Arc<Core>) -> std::io::Result<Watcher> {
+    pub(super) fn new(store: Arc<Store>, sink: Arc<dyn ChangeSink>) -> std::io::Result<Watcher> {
         let inotify = Inotify::init()?;
         let mut w = Watcher {
-            core,
+            store,
+            sink,
             inotify,
             watched: HashMap::new(),
             by_wd: HashMap::new(),
@@ -58,7 +58,7 @@ impl Watcher {
         };
         w.ensure_watches();
         w.snapshot_all();
-        if let Ok(l) = w.core.store.attachment_listing() {
+        if let Ok(l) = w.store.attachment_listing() {
             w.attachments = l;
         }
         Ok(w)
@@ -67,7 +67,7 @@ impl Watcher {
     /// Takes the current version of every collection as the one the kernel knows.
     fn snapshot_all(&mut self) {
         for k in [Kind::Sessions, Kind::Goals] {
-            if let Ok(Some(d)) = self.core.store.doc(k) {
+            if let Ok(Some(d)) = self.store.doc(k) {
                 self.docs.insert(k, d);
             }
         }
@@ -77,14 +77,14 @@ impl Watcher {
     }
 
     fn conversation_snapshot(&self) -> Option<HashMap<String, Arc<[u8]>>> {
-        let l = self.core.store.list(Kind::Conversations).ok()?;
+        let l = self.store.list(Kind::Conversations).ok()?;
         Some(l.records.into_iter().map(|r| (r.id, r.bytes)).collect())
     }
 
     /// Watches every store directory that exists now (the store may be created later).
     fn ensure_watches(&mut self) {
-        let l = &self.core.store.layout;
-        let cas = self.core.store.attachments.cas_dir();
+        let l = &self.store.layout;
+        let cas = self.store.attachments.cas_dir();
         let mut dirs = l.dirs();
         dirs.push(l.root.clone());
         dirs.push(cas.clone());
@@ -119,7 +119,7 @@ impl Watcher {
         if name.contains(TEMP_MARKER) {
             return;
         }
-        let l = &self.core.store.layout;
+        let l = &self.store.layout;
         let is = |p: &Path| {
             p.parent() == Some(dir)
                 && p.file_name()
@@ -140,7 +140,7 @@ impl Watcher {
             out.insert(Target::Conversation(id.to_string()));
         }
         if dir.starts_with(&l.attachments) && !is(&l.manifest) {
-            let in_shard = dir.parent() == Some(self.core.store.attachments.cas_dir().as_path());
+            let in_shard = dir.parent() == Some(self.store.attachments.cas_dir().as_path());
             let id = parse_id(name.strip_suffix(".json").unwrap_or(&name));
             match id {
                 Some(id) if in_shard => out.insert(Target::Blob(id)),
@@ -175,9 +175,10 @@ impl Watcher {
                 }
             }
             if overflow {
-                self.core.stats.overflows.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("inotify queue overflowed: invalidating every cached entry");
-                self.invalidate_everything();
+                self.store.attachments.invalidate();
+                self.snapshot_all();
+                self.sink.store_changed(vec![StoreEvent::Everything], t0);
                 continue;
             }
             if targets.remove(&Target::Dirs) {
@@ -193,41 +194,15 @@ impl Watcher {
             if targets.is_empty() {
                 continue;
             }
-            self.core
-                .stats
-                .external_changes
-                .fetch_add(1, Ordering::Relaxed);
-            let mut invals = Vec::new();
+            let mut events = Vec::new();
             for t in targets {
-                self.refresh(t, &mut invals);
+                self.refresh(t, &mut events);
             }
-            for i in invals {
-                self.send(i);
-            }
-            let us = t0.elapsed().as_micros() as u64;
-            self.core.stats.last_latency_us.store(us, Ordering::Relaxed);
-            self.core
-                .stats
-                .max_latency_us
-                .fetch_max(us, Ordering::Relaxed);
+            self.sink.store_changed(events, t0);
         }
     }
 
-    fn send(&self, i: Inval) {
-        let ok = self.core.inval.now(i);
-        self.core
-            .stats
-            .invalidations
-            .fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.core
-                .stats
-                .invalidation_errors
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn refresh(&mut self, t: Target, out: &mut Vec<Inval>) {
+    fn refresh(&mut self, t: Target, out: &mut Vec<StoreEvent>) {
         match t {
             Target::Collection(Kind::Conversations) => {
                 if let Some(new) = self.conversation_snapshot() {
@@ -245,7 +220,7 @@ impl Watcher {
                 }
             }
             Target::Collection(kind) => {
-                let Ok(Some(new)) = self.core.store.doc(kind) else {
+                let Ok(Some(new)) = self.store.doc(kind) else {
                     return;
                 };
                 let Some(old) = self.docs.insert(kind, new.clone()) else {
@@ -278,7 +253,7 @@ impl Watcher {
                 }
             }
             Target::Conversation(id) => {
-                let now = match self.core.store.get(Kind::Conversations, &id) {
+                let now = match self.store.get(Kind::Conversations, &id) {
                     Ok(v) => v.map(|v| v.bytes),
                     Err(_) => return,
                 };
@@ -289,7 +264,7 @@ impl Watcher {
                 self.record_changed(Kind::Conversations, &id, before.as_ref(), now.as_ref(), out);
             }
             Target::Blob(_) | Target::Attachments => {
-                let Ok(l) = self.core.store.attachment_listing() else {
+                let Ok(l) = self.store.attachment_listing() else {
                     return;
                 };
                 let old = std::mem::replace(&mut self.attachments, l.clone());
@@ -307,7 +282,7 @@ impl Watcher {
                 if !Arc::ptr_eq(old.labels(), l.labels()) {
                     for (label, id) in old.labels().iter() {
                         if l.label(label) != Some(id) {
-                            self.gone(Node::Label(label.to_string()), out);
+                            out.push(StoreEvent::LabelGone(label.to_string()));
                         }
                     }
                 }
@@ -316,70 +291,36 @@ impl Watcher {
         }
     }
 
-    /// A blob or its sidecar changed on disk: drop what the kernel has of a removed blob
-    /// (its table entries too: blob names never move, so no rename of ours can race this),
-    /// and the attributes of a rewritten sidecar.
-    fn blob_changed(&self, l: &Listing, id: BlobId, out: &mut Vec<Inval>) {
-        if l.get(&id).is_some() {
-            if let Some(ino) = self.core.inodes.existing(&Node::Sidecar(id)) {
-                out.push(Inval::Inode(ino));
-            }
-            return;
-        }
-        self.gone(Node::Blob(id), out);
-        self.gone(Node::Sidecar(id), out);
-        self.core.inodes.remove(&Node::Blob(id));
+    /// A blob or its sidecar changed on disk: removed, or its sidecar rewritten.
+    fn blob_changed(&self, l: &Listing, id: BlobId, out: &mut Vec<StoreEvent>) {
+        out.push(StoreEvent::Blob {
+            id,
+            gone: l.get(&id).is_none(),
+        });
     }
 
-    /// A name that no longer exists (or now means something else): drop the kernel's entry.
-    /// The inode table is left alone: the mount's own rename/unlink may be moving this very
-    /// name right now, and only the operation itself may change its mapping (a stale mapping
-    /// is harmless: the store answers ENOENT for it).
-    fn gone(&self, node: Node, out: &mut Vec<Inval>) {
-        if let Some(ino) = self.core.inodes.existing(&node) {
-            out.push(Inval::Inode(ino));
-        }
-        let parent = match &node {
-            Node::Record(k, _) => kind_dir_ino(*k),
-            _ => ATTACH_DIR,
-        };
-        out.push(Inval::Entry(parent, node.name()));
-    }
-
-    /// One record the kernel may know, before and now: a removed record loses its entry, a
-    /// changed one its attributes and pages. (New records need nothing: negative entries
-    /// are never cached.)
+    /// One record the kernel may know, before and now: removed, or its bytes changed.
+    /// (New records need nothing: negative entries are never cached.)
     fn record_changed(
         &self,
         kind: Kind,
         id: &str,
         before: Option<&Arc<[u8]>>,
         now: Option<&Arc<[u8]>>,
-        out: &mut Vec<Inval>,
+        out: &mut Vec<StoreEvent>,
     ) {
         match (before, now) {
-            (Some(_), None) => self.gone(Node::Record(kind, id.to_string()), out),
-            (Some(b), Some(n)) if b[..] != n[..] => {
-                if let Some(ino) = self
-                    .core
-                    .inodes
-                    .existing(&Node::Record(kind, id.to_string()))
-                {
-                    out.push(Inval::Inode(ino));
-                }
-            }
+            (Some(_), None) => out.push(StoreEvent::Record {
+                kind,
+                id: id.to_string(),
+                gone: true,
+            }),
+            (Some(b), Some(n)) if b[..] != n[..] => out.push(StoreEvent::Record {
+                kind,
+                id: id.to_string(),
+                gone: false,
+            }),
             _ => {}
         }
-    }
-
-    fn invalidate_everything(&mut self) {
-        self.core.store.attachments.invalidate();
-        for (ino, node) in self.core.inodes.all() {
-            self.send(Inval::Inode(ino));
-            if !matches!(node, Node::Root) {
-                self.send(Inval::Entry(node.parent_ino(), node.name()));
-            }
-        }
-        self.snapshot_all();
     }
 }

@@ -1,0 +1,572 @@
+//! arbiter's SQLite database (arbiter-storage 0.5, WAL mode) behind the seam:
+//! `sessions/`, `agents/` and `delegations/`, one row a file.
+//!
+//! - **Reads** come from a snapshot of the three tables, rendered once per database
+//!   version: every lookup, getattr, readdir and open asks `PRAGMA data_version` (it moves
+//!   when another connection commits) and reloads only then. Rows whose bytes did not
+//!   change keep their rendering and their time, so the watcher compares by pointer.
+//! - **Writes** are one `BEGIN IMMEDIATE` transaction each (a busy database is retried up
+//!   to the lock timeout, then EAGAIN); our own commit patches the snapshot.
+//! - **Freshness in the kernel**: inotify on the database and its `-wal` (see `watch.rs`).
+//! - A database that stops reading (corrupted by another process) keeps serving the last
+//!   good snapshot; writes are refused (EIO) and SQLite never overwrites what it cannot read.
+
+pub mod arbiter;
+pub mod crypt;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use parking_lot::{Mutex, RwLock};
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use serde_json::json;
+
+use self::crypt::Crypt;
+use super::{Backend, ChangeSink, Kind, ListView, RecordView};
+use crate::error::{Result, StoreError};
+use crate::store::Options;
+
+const COLLECTIONS: [Kind; 3] = [Kind::Sessions, Kind::Agents, Kind::Delegations];
+
+/// One table as the mount shows it.
+#[derive(Default)]
+struct Table {
+    rows: BTreeMap<String, RecordView>,
+    /// Rows arbiter itself could not load (bad UUID, timestamp, enum, ciphertext): shown
+    /// as stored, and named here.
+    bad: Vec<String>,
+}
+
+/// The three tables at one database version.
+struct Snapshot {
+    data_version: i64,
+    tables: [Arc<Table>; 3],
+}
+
+impl Snapshot {
+    fn table(&self, kind: Kind) -> Option<&Arc<Table>> {
+        COLLECTIONS
+            .iter()
+            .position(|k| *k == kind)
+            .map(|i| &self.tables[i])
+    }
+}
+
+pub struct Sqlite {
+    path: PathBuf,
+    options: Options,
+    conn: Mutex<Connection>,
+    snap: RwLock<Arc<Snapshot>>,
+    crypt: Option<Crypt>,
+    read_only_reason: Option<String>,
+    /// Why the database cannot be read now (the last good snapshot is served).
+    error: Mutex<Option<String>>,
+    reloads: AtomicU64,
+    hits: AtomicU64,
+}
+
+/// The errno an SQLite failure deserves: a busy database EAGAIN, a corrupt one EIO.
+pub(crate) fn sql_error(what: &str, e: rusqlite::Error) -> StoreError {
+    let code = e.sqlite_error_code();
+    let msg = format!("{what}: {e}");
+    match code {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Again(format!(
+            "{msg} (the database stayed locked past the lock timeout)"
+        )),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreError::Corrupt(msg),
+        Some(ErrorCode::ReadOnly) => StoreError::ReadOnly(msg),
+        Some(ErrorCode::ConstraintViolation) => StoreError::Invalid(msg),
+        Some(ErrorCode::DiskFull) => {
+            StoreError::io(msg, std::io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        _ => StoreError::io(msg, std::io::Error::from_raw_os_error(libc::EIO)),
+    }
+}
+
+fn mtime_of(path: &Path) -> SystemTime {
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    [path, wal.as_path()]
+        .iter()
+        .filter_map(|p| p.metadata().ok().and_then(|m| m.modified().ok()))
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+impl Sqlite {
+    /// Opens arbiter's database. Refused, with the reason, when it lacks arbiter's tables
+    /// (the mount never runs migrations) or the encryption key is malformed.
+    pub fn open(path: &Path, options: Options) -> Result<Sqlite> {
+        let crypt = Crypt::from_env()?;
+        let flags = if options.read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(|e| sql_error(&format!("open {}", path.display()), e))?;
+        conn.busy_timeout(options.lock_timeout)
+            .map_err(|e| sql_error("set the busy timeout", e))?;
+        let tables: Vec<String> = {
+            let mut st = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .map_err(|e| sql_error("read the schema", e))?;
+            st.query_map([], |r| r.get(0))
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>())
+                .map_err(|e| sql_error("read the schema", e))?
+        };
+        let missing: Vec<&str> = ["sessions", "agents", "delegation_links"]
+            .into_iter()
+            .filter(|t| !tables.iter().any(|have| have == t))
+            .collect();
+        if !missing.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "{} is a SQLite database without arbiter's tables (missing: {}); agentmount never creates or migrates them: run arbiter (arbiter-storage 0.5) on it first",
+                path.display(),
+                missing.join(", ")
+            )));
+        }
+        let read_only_reason = match &crypt {
+            None if has_ciphertext(&conn)? => Some(format!(
+                "the sessions table holds encrypted fields and {} is not set: mounted read-only, encrypted fields are shown as stored",
+                crypt::KEY_VAR
+            )),
+            _ => None,
+        };
+        let s = Sqlite {
+            path: path.to_path_buf(),
+            options,
+            conn: Mutex::new(conn),
+            snap: RwLock::new(Arc::new(Snapshot {
+                data_version: i64::MIN,
+                tables: Default::default(),
+            })),
+            crypt,
+            read_only_reason,
+            error: Mutex::new(None),
+            reloads: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+        };
+        s.current()?;
+        if let Some(e) = s.error.lock().clone() {
+            return Err(StoreError::Corrupt(e));
+        }
+        Ok(s)
+    }
+
+    /// The snapshot at the database's current version: a `PRAGMA data_version` when
+    /// nothing changed, a reload of the three tables when another connection committed.
+    /// If the database cannot be read, the last good snapshot (and the error is kept).
+    fn current(&self) -> Result<Arc<Snapshot>> {
+        let conn = self.conn.lock();
+        let dv: std::result::Result<i64, _> =
+            conn.query_row("PRAGMA data_version", [], |r| r.get(0));
+        let prev = self.snap.read().clone();
+        match dv {
+            Ok(v) if v == prev.data_version && self.error.lock().is_none() => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(prev);
+            }
+            Ok(_) | Err(_) => {}
+        }
+        match self.load(&conn, &prev) {
+            Ok(new) => {
+                let new = Arc::new(new);
+                *self.snap.write() = new.clone();
+                if let Some(e) = self.error.lock().take() {
+                    tracing::info!(db = %self.path.display(), previous = %e, "the database reads again");
+                }
+                Ok(new)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let mut err = self.error.lock();
+                if err.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(db = %self.path.display(), error = %msg, "cannot read the database: serving the last good view, writes refused");
+                }
+                *err = Some(msg);
+                Ok(prev)
+            }
+        }
+    }
+
+    /// Reads the three tables in one read transaction. Rows whose bytes are unchanged keep
+    /// their view (bytes `Arc` and times); changed ones get the time they were first seen.
+    fn load(&self, conn: &Connection, prev: &Snapshot) -> Result<Snapshot> {
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        let sql = |e| sql_error("read the database", e);
+        conn.execute_batch("BEGIN DEFERRED").map_err(sql)?;
+        let r = (|| {
+            let dv: i64 = conn
+                .query_row("PRAGMA data_version", [], |r| r.get(0))
+                .map_err(sql)?;
+            let first = prev.data_version == i64::MIN;
+            let now = if first {
+                mtime_of(&self.path)
+            } else {
+                SystemTime::now()
+            };
+            let mut tables: [Arc<Table>; 3] = Default::default();
+            for (i, kind) in COLLECTIONS.iter().enumerate() {
+                let old = &prev.tables[i];
+                let mut t = Table::default();
+                let (name, key) = arbiter::table(*kind).unwrap_or(("", ""));
+                let mut st = conn
+                    .prepare_cached(&format!("SELECT * FROM {name} ORDER BY {key}"))
+                    .map_err(sql)?;
+                let mut rows = st.query([]).map_err(sql)?;
+                while let Some(row) = rows.next().map_err(sql)? {
+                    let (id, out) =
+                        arbiter::render(*kind, row, self.crypt.as_ref()).map_err(sql)?;
+                    let bytes = match out {
+                        Ok(b) => b,
+                        Err((why, raw)) => {
+                            t.bad.push(format!("{} {id}: {why}", kind.singular()));
+                            raw
+                        }
+                    };
+                    let view = match old.rows.get(&id) {
+                        Some(v) if v.bytes[..] == bytes[..] => v.clone(),
+                        _ => RecordView {
+                            id: id.clone(),
+                            bytes: bytes.into(),
+                            mtime: now,
+                            ctime: now,
+                        },
+                    };
+                    t.rows.insert(id, view);
+                }
+                // An unchanged table keeps its Arc: the watcher skips it by pointer.
+                tables[i] = if t.rows.len() == old.rows.len()
+                    && t.bad == old.bad
+                    && t.rows
+                        .values()
+                        .zip(old.rows.values())
+                        .all(|(a, b)| a.id == b.id && Arc::ptr_eq(&a.bytes, &b.bytes))
+                {
+                    old.clone()
+                } else {
+                    Arc::new(t)
+                };
+            }
+            Ok(Snapshot {
+                data_version: dv,
+                tables,
+            })
+        })();
+        let _ = conn.execute_batch("COMMIT");
+        r
+    }
+
+    fn writable(&self, kind: Kind) -> Result<()> {
+        if self.options.read_only {
+            return Err(StoreError::ReadOnly("the store is open read-only".into()));
+        }
+        if let Some(why) = &self.read_only_reason {
+            return Err(StoreError::ReadOnly(why.clone()));
+        }
+        if let Some(e) = self.error.lock().clone() {
+            return Err(StoreError::Corrupt(format!(
+                "the database cannot be read ({e}): writes are refused until it reads again"
+            )));
+        }
+        arbiter::table(kind).map(|_| ()).ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "an arbiter database has no {} collection",
+                kind.dir_name()
+            ))
+        })
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction and brings the snapshot up to date:
+    /// patched with the rows `touched` when nobody else committed meanwhile, reloaded
+    /// otherwise.
+    fn transact(
+        &self,
+        kind: Kind,
+        touched: &[&str],
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<()>,
+    ) -> Result<()> {
+        self.writable(kind)?;
+        // Bring the snapshot to the database's version first, so the patch below applies
+        // to the version this transaction starts from.
+        self.current()?;
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| sql_error("begin the write", e))?;
+        if kind == Kind::Sessions && self.crypt.is_none() && has_ciphertext(&tx)? {
+            return Err(StoreError::ReadOnly(format!(
+                "the sessions table holds encrypted fields and {} is not set: writing plaintext beside them is refused",
+                crypt::KEY_VAR
+            )));
+        }
+        f(&tx)?;
+        // Render the touched rows as the transaction leaves them, before committing.
+        let mut patched = Vec::new();
+        let (name, key) = arbiter::table(kind).unwrap_or(("", ""));
+        for id in touched {
+            let mut st = tx
+                .prepare_cached(&format!("SELECT * FROM {name} WHERE {key} = ?1"))
+                .map_err(|e| sql_error("read back the row", e))?;
+            let key_val: rusqlite::types::Value = match kind {
+                Kind::Delegations => rusqlite::types::Value::Integer(id.parse().unwrap_or(0)),
+                _ => rusqlite::types::Value::Text(id.to_string()),
+            };
+            let mut rows = st
+                .query([key_val])
+                .map_err(|e| sql_error("read back the row", e))?;
+            let r = match rows.next().map_err(|e| sql_error("read back the row", e))? {
+                Some(row) => Some(
+                    arbiter::render(kind, row, self.crypt.as_ref())
+                        .map_err(|e| sql_error("read back the row", e))?,
+                ),
+                None => None,
+            };
+            patched.push((id.to_string(), r));
+        }
+        tx.commit().map_err(|e| sql_error("commit", e))?;
+        let dv: i64 = conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| sql_error("read the data version", e))?;
+        let mut snap = self.snap.write();
+        if dv != snap.data_version {
+            // Another connection committed between our last look and our write: the next
+            // access reloads (the snapshot's version no longer matches).
+            return Ok(());
+        }
+        let i = COLLECTIONS.iter().position(|k| *k == kind).unwrap_or(0);
+        let mut t = Table {
+            rows: snap.tables[i].rows.clone(),
+            bad: snap.tables[i].bad.clone(),
+        };
+        let now = SystemTime::now();
+        for (id, r) in patched {
+            t.bad
+                .retain(|b| !b.starts_with(&format!("{} {id}:", kind.singular())));
+            match r {
+                None => {
+                    t.rows.remove(&id);
+                }
+                Some((rid, out)) => {
+                    let bytes = match out {
+                        Ok(b) => b,
+                        Err((why, raw)) => {
+                            t.bad.push(format!("{} {rid}: {why}", kind.singular()));
+                            raw
+                        }
+                    };
+                    t.rows.insert(
+                        rid.clone(),
+                        RecordView {
+                            id: rid,
+                            bytes: bytes.into(),
+                            mtime: now,
+                            ctime: now,
+                        },
+                    );
+                }
+            }
+        }
+        let mut tables = snap.tables.clone();
+        tables[i] = Arc::new(t);
+        *snap = Arc::new(Snapshot {
+            data_version: dv,
+            tables,
+        });
+        Ok(())
+    }
+
+    fn key_value(kind: Kind, id: &str) -> rusqlite::types::Value {
+        match kind {
+            Kind::Delegations => rusqlite::types::Value::Integer(id.parse().unwrap_or(0)),
+            _ => rusqlite::types::Value::Text(id.to_string()),
+        }
+    }
+
+    fn view(&self, kind: Kind, id: &str) -> Result<RecordView> {
+        self.current()?
+            .table(kind)
+            .and_then(|t| t.rows.get(id).cloned())
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("{} {id} vanished after its write", kind.singular()))
+            })
+    }
+}
+
+/// Whether any session row holds arbiter's ciphertext (a JSON-array column that is not
+/// a JSON array): such a database was written with `ARBITER_STORAGE_ENCRYPTION_KEY`.
+fn has_ciphertext(conn: &Connection) -> Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sessions
+            WHERE substr(ltrim(authorized_tools), 1, 1) <> '['
+               OR substr(ltrim(delegation_chain_snapshot), 1, 1) <> '[')",
+        [],
+        |r| r.get::<_, bool>(0),
+    )
+    .map_err(|e| sql_error("look for encrypted fields", e))
+}
+
+impl Backend for Sqlite {
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn collections(&self) -> &'static [Kind] {
+        &COLLECTIONS
+    }
+
+    fn check_id(&self, kind: Kind, id: &str) -> Result<()> {
+        arbiter::check_id(kind, id)
+    }
+
+    fn get(&self, kind: Kind, id: &str) -> Result<Option<RecordView>> {
+        Ok(self
+            .current()?
+            .table(kind)
+            .and_then(|t| t.rows.get(id).cloned()))
+    }
+
+    fn list(&self, kind: Kind) -> Result<ListView> {
+        let s = self.current()?;
+        Ok(ListView {
+            records: s
+                .table(kind)
+                .map(|t| t.rows.values().cloned().collect())
+                .unwrap_or_default(),
+            error: self.collection_error(kind),
+        })
+    }
+
+    fn count(&self, kind: Kind) -> usize {
+        self.current()
+            .ok()
+            .and_then(|s| s.table(kind).map(|t| t.rows.len()))
+            .unwrap_or(0)
+    }
+
+    fn upsert(&self, kind: Kind, id: &str, bytes: &[u8]) -> Result<RecordView> {
+        self.writable(kind)?;
+        let rec = arbiter::parse(kind, id, bytes, self.options.max_record_bytes)?;
+        self.transact(kind, &[id], |tx| {
+            arbiter::write(tx, &rec, self.crypt.as_ref())
+        })?;
+        self.view(kind, id)
+    }
+
+    fn remove(&self, kind: Kind, id: &str) -> Result<()> {
+        arbiter::check_id(kind, id)?;
+        let (name, key) = arbiter::table(kind).unwrap_or(("", ""));
+        self.transact(kind, &[id], |tx| {
+            let n = tx
+                .execute(
+                    &format!("DELETE FROM {name} WHERE {key} = ?1"),
+                    [Self::key_value(kind, id)],
+                )
+                .map_err(|e| sql_error("delete the row", e))?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("no {} {id}", kind.singular())));
+            }
+            Ok(())
+        })
+    }
+
+    fn rekey(&self, kind: Kind, from: &str, to: &str) -> Result<RecordView> {
+        arbiter::check_id(kind, to)?;
+        if from == to {
+            return self
+                .get(kind, from)?
+                .ok_or_else(|| StoreError::NotFound(format!("no {} {from}", kind.singular())));
+        }
+        let (name, key) = arbiter::table(kind).unwrap_or(("", ""));
+        self.transact(kind, &[from, to], |tx| {
+            tx.execute(
+                &format!("DELETE FROM {name} WHERE {key} = ?1"),
+                [Self::key_value(kind, to)],
+            )
+            .map_err(|e| sql_error("replace the target row", e))?;
+            let n = tx
+                .execute(
+                    &format!("UPDATE {name} SET {key} = ?1 WHERE {key} = ?2"),
+                    [Self::key_value(kind, to), Self::key_value(kind, from)],
+                )
+                .map_err(|e| sql_error("re-key the row", e))?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "no {} {from}",
+                    kind.singular()
+                )));
+            }
+            Ok(())
+        })?;
+        self.view(kind, to)
+    }
+
+    fn collection_error(&self, kind: Kind) -> Option<String> {
+        if let Some(e) = self.error.lock().clone() {
+            return Some(e);
+        }
+        let s = self.snap.read().clone();
+        let t = s.table(kind)?;
+        (!t.bad.is_empty()).then(|| {
+            format!(
+                "rows arbiter cannot load (shown as stored): {}",
+                t.bad.join("; ")
+            )
+        })
+    }
+
+    fn max_record_bytes(&self) -> u64 {
+        self.options.max_record_bytes
+    }
+
+    fn read_only_reason(&self) -> Option<String> {
+        self.read_only_reason.clone()
+    }
+
+    fn root_time(&self) -> SystemTime {
+        mtime_of(&self.path)
+    }
+
+    fn statfs_path(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
+    fn watch(self: Arc<Self>, sink: Arc<dyn ChangeSink>) -> Result<()> {
+        watch::start(self, sink)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let errs: serde_json::Map<String, serde_json::Value> = COLLECTIONS
+            .iter()
+            .map(|k| (k.dir_name().to_string(), json!(self.collection_error(*k))))
+            .collect();
+        json!({
+            "backend": "sqlite",
+            "store": {
+                "database": self.path,
+                "schema": "arbiter-storage 0.5",
+                "encryption": match (&self.crypt, &self.read_only_reason) {
+                    (Some(_), _) => "key set: encrypted fields are decrypted in files and encrypted in the database",
+                    (None, Some(_)) => "encrypted fields, no key: read-only",
+                    (None, None) => "none",
+                },
+            },
+            "cache": {
+                "reloads": self.reloads.load(Ordering::Relaxed),
+                "hits": self.hits.load(Ordering::Relaxed),
+            },
+            "last_error": errs,
+        })
+    }
+}
