@@ -36,6 +36,10 @@ pub struct StoreArgs {
     /// Largest record accepted, in bytes
     #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
     pub max_record_bytes: u64,
+    /// How long a write waits for the store's writer lock (a SQLite database: its lock)
+    /// before it fails with EAGAIN
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_secs)]
+    pub lock_timeout: std::time::Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,7 +168,10 @@ pub fn helper_args(args: &[String]) -> Result<Vec<String>, String> {
             ("allow_other", None) => out.push("--allow-other".into()),
             ("foreground", None) => out.push("--foreground".into()),
             ("noxattr", None) => out.push("--no-xattr".into()),
-            ("uid" | "gid" | "threads" | "max_record_bytes" | "log_level", Some(v)) => {
+            (
+                "uid" | "gid" | "threads" | "max_record_bytes" | "lock_timeout" | "log_level",
+                Some(v),
+            ) => {
                 out.push(format!("--{}", k.replace('_', "-")));
                 out.push(v.to_string());
             }
@@ -179,7 +186,7 @@ pub fn helper_args(args: &[String]) -> Result<Vec<String>, String> {
             (k, _) if k.starts_with("x-") || k.starts_with("comment") => {}
             _ => {
                 return Err(format!(
-                    "unknown mount option {o:?} (known: ro, allow_other, noxattr, uid=N, gid=N, threads=N, log_level=L, max_record_bytes=N)"
+                    "unknown mount option {o:?} (known: ro, allow_other, noxattr, uid=N, gid=N, threads=N, log_level=L, max_record_bytes=N, lock_timeout=SECONDS)"
                 ));
             }
         }
@@ -214,8 +221,16 @@ impl StoreArgs {
     pub fn options(&self, read_only: bool) -> crate::store::Options {
         crate::store::Options {
             max_record_bytes: self.max_record_bytes,
+            lock_timeout: self.lock_timeout,
             read_only,
-            ..Default::default()
         }
     }
+}
+
+/// Seconds as a duration: a non-negative number, fractions allowed.
+fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .and_then(|f| std::time::Duration::try_from_secs_f64(f).ok())
+        .ok_or_else(|| format!("{s:?} is not a number of seconds (0 or more)"))
 }

@@ -30,6 +30,9 @@ use super::{Backend, ChangeSink, Kind, ListView, RecordView};
 use crate::error::{Result, StoreError};
 use crate::store::Options;
 
+/// A database file's identity and version as stat shows it: inode, size, mtime (ns).
+type FileId = (u64, u64, i128);
+
 const COLLECTIONS: [Kind; 3] = [Kind::Sessions, Kind::Agents, Kind::Delegations];
 
 /// One table as the mount shows it.
@@ -67,6 +70,10 @@ pub struct Sqlite {
     error: Mutex<Option<String>>,
     reloads: AtomicU64,
     hits: AtomicU64,
+    /// The database file as last checked by `PRAGMA quick_check` (inode, size, mtime)
+    /// and what the check found (`Some`: damaged). Another process that scribbles on the
+    /// file (not through SQLite) changes it.
+    checked: Mutex<Option<(FileId, Option<String>)>>,
 }
 
 /// The errno an SQLite failure deserves: a busy database EAGAIN, a corrupt one EIO.
@@ -149,7 +156,9 @@ impl Sqlite {
             error: Mutex::new(None),
             reloads: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            checked: Mutex::new(None),
         };
+        s.verify_file()?;
         s.current()?;
         if let Some(e) = s.error.lock().clone() {
             return Err(StoreError::Corrupt(e));
@@ -161,6 +170,9 @@ impl Sqlite {
     /// nothing changed, a reload of the three tables when another connection committed.
     /// If the database cannot be read, the last good snapshot (and the error is kept).
     fn current(&self) -> Result<Arc<Snapshot>> {
+        if self.damage().is_some() && self.verify_file().is_err() {
+            return Ok(self.snap.read().clone());
+        }
         let conn = self.conn.lock();
         let dv: std::result::Result<i64, _> =
             conn.query_row("PRAGMA data_version", [], |r| r.get(0));
@@ -261,12 +273,82 @@ impl Sqlite {
         r
     }
 
+    /// Before a write: if the database file changed since it was last verified (a
+    /// checkpoint, or another program writing it without SQLite), `PRAGMA quick_check` on
+    /// a fresh connection (ours may hold cached pages). A database that fails is never
+    /// written: the last good view is served and writes get EIO until it checks again.
+    fn verify_file(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let fp = std::fs::metadata(&self.path)
+            .map(|m| {
+                (
+                    m.ino(),
+                    m.size(),
+                    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+                )
+            })
+            .map_err(|e| StoreError::io(format!("stat {}", self.path.display()), e))?;
+        if let Some((at, damage)) = &*self.checked.lock()
+            && *at == fp
+        {
+            return match damage {
+                None => Ok(()),
+                Some(msg) => Err(StoreError::Corrupt(msg.clone())),
+            };
+        }
+        let check = || -> std::result::Result<String, rusqlite::Error> {
+            let c = Connection::open_with_flags(
+                &self.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            c.busy_timeout(self.options.lock_timeout)?;
+            c.query_row("PRAGMA quick_check", [], |r| r.get(0))
+        };
+        match check() {
+            Ok(ok) if ok == "ok" => {
+                if self
+                    .checked
+                    .lock()
+                    .as_ref()
+                    .is_some_and(|(_, d)| d.is_some())
+                {
+                    tracing::info!(db = %self.path.display(), "the database checks again");
+                }
+                *self.checked.lock() = Some((fp, None));
+                Ok(())
+            }
+            Ok(problem) => self.damaged(fp, format!("PRAGMA quick_check: {problem}")),
+            Err(e) => match sql_error("PRAGMA quick_check", e) {
+                e @ StoreError::Again(_) => Err(e),
+                e => self.damaged(fp, e.to_string()),
+            },
+        }
+    }
+
+    fn damaged(&self, fp: FileId, why: String) -> Result<()> {
+        let msg = format!(
+            "{} is damaged ({why}): serving the last good view, refusing writes",
+            self.path.display()
+        );
+        tracing::error!("{msg}");
+        *self.checked.lock() = Some((fp, Some(msg.clone())));
+        Err(StoreError::Corrupt(msg))
+    }
+
+    /// Why the database is known damaged now, if it is.
+    fn damage(&self) -> Option<String> {
+        self.checked.lock().as_ref().and_then(|(_, d)| d.clone())
+    }
+
     fn writable(&self, kind: Kind) -> Result<()> {
         if self.options.read_only {
             return Err(StoreError::ReadOnly("the store is open read-only".into()));
         }
         if let Some(why) = &self.read_only_reason {
             return Err(StoreError::ReadOnly(why.clone()));
+        }
+        if let Some(e) = self.damage() {
+            return Err(StoreError::Corrupt(e));
         }
         if let Some(e) = self.error.lock().clone() {
             return Err(StoreError::Corrupt(format!(
@@ -291,6 +373,7 @@ impl Sqlite {
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<()>,
     ) -> Result<()> {
         self.writable(kind)?;
+        self.verify_file()?;
         // Bring the snapshot to the database's version first, so the patch below applies
         // to the version this transaction starts from.
         self.current()?;
@@ -510,7 +593,7 @@ impl Backend for Sqlite {
     }
 
     fn collection_error(&self, kind: Kind) -> Option<String> {
-        if let Some(e) = self.error.lock().clone() {
+        if let Some(e) = self.damage().or_else(|| self.error.lock().clone()) {
             return Some(e);
         }
         let s = self.snap.read().clone();
