@@ -7,9 +7,13 @@
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Instant;
 
 use fuser::{INodeNo, Notifier};
 use parking_lot::Mutex;
+
+use super::inodes::Node;
+use crate::backend::{ChangeSink, StoreEvent};
 
 #[derive(Debug, Clone)]
 pub enum Inval {
@@ -74,5 +78,73 @@ pub fn run_sender(core: std::sync::Arc<super::Core>, rx: Receiver<Inval>) {
                 .invalidation_errors
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The mount hears of other writers' changes from the backend's watcher and drops exactly
+/// what the kernel caches of them.
+impl ChangeSink for super::Core {
+    fn store_changed(&self, events: Vec<StoreEvent>, since: Instant) {
+        let mut out = Vec::new();
+        for e in events {
+            match e {
+                StoreEvent::Record { kind, id, gone } => {
+                    let node = Node::Record(kind, id);
+                    if gone {
+                        self.gone(node, &mut out);
+                    } else if let Some(ino) = self.inodes.existing(&node) {
+                        out.push(Inval::Inode(ino));
+                    }
+                }
+                StoreEvent::Blob { id, gone: false } => {
+                    if let Some(ino) = self.inodes.existing(&Node::Sidecar(id)) {
+                        out.push(Inval::Inode(ino));
+                    }
+                }
+                StoreEvent::Blob { id, gone: true } => {
+                    // Blob names never move, so no rename of ours can race this: drop its
+                    // table entries too.
+                    self.gone(Node::Blob(id), &mut out);
+                    self.gone(Node::Sidecar(id), &mut out);
+                    self.inodes.remove(&Node::Blob(id));
+                }
+                StoreEvent::LabelGone(label) => self.gone(Node::Label(label), &mut out),
+                StoreEvent::Everything => {
+                    self.stats.overflows.fetch_add(1, Ordering::Relaxed);
+                    for (ino, node) in self.inodes.all() {
+                        out.push(Inval::Inode(ino));
+                        if !matches!(node, Node::Root) {
+                            out.push(Inval::Entry(node.parent_ino(), node.name()));
+                        }
+                    }
+                }
+            }
+        }
+        self.stats.external_changes.fetch_add(1, Ordering::Relaxed);
+        for i in out {
+            let ok = self.inval.now(i);
+            self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+            if !ok {
+                self.stats
+                    .invalidation_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let us = since.elapsed().as_micros() as u64;
+        self.stats.last_latency_us.store(us, Ordering::Relaxed);
+        self.stats.max_latency_us.fetch_max(us, Ordering::Relaxed);
+    }
+}
+
+impl super::Core {
+    /// A name that no longer exists (or now means something else): drop the kernel's
+    /// entry. The inode table is left alone: the mount's own rename/unlink may be moving
+    /// this very name right now, and only the operation itself may change its mapping (a
+    /// stale mapping is harmless: the store answers ENOENT for it).
+    fn gone(&self, node: Node, out: &mut Vec<Inval>) {
+        if let Some(ino) = self.inodes.existing(&node) {
+            out.push(Inval::Inode(ino));
+        }
+        out.push(Inval::Entry(node.parent_ino(), node.name()));
     }
 }

@@ -1,0 +1,291 @@
+//! What a lookup does: which node a name is (reload-checked against the store), and the
+//! attributes each kind of node shows (records, scratch files, blobs, sidecars, labels,
+//! ingests, control files).
+
+use super::*;
+
+impl Core {
+    /// Which node a name in a directory is, if it exists now (reload-checked).
+    pub fn resolve(&self, parent: u64, name: &str) -> FsResult<Node> {
+        check_name_len(name)?;
+        let enoent = || FsError::new(libc::ENOENT);
+        if parent == inodes::ROOT {
+            if let Some(k) = self
+                .store
+                .collections()
+                .iter()
+                .find(|k| k.dir_name() == name)
+            {
+                return Ok(Node::Dir(*k));
+            }
+            let attachments = self.store.attachments().is_some();
+            return Ok(match name {
+                "attachments" if attachments => Node::AttachDir,
+                ".gc" if attachments => Node::Gc,
+                ".status" => Node::Status,
+                ".errors" => Node::Errors,
+                _ => return Err(enoent()),
+            });
+        }
+        if let Some(kind) = dir_kind(parent).filter(|k| self.serves(*k)) {
+            let sn = Node::Scratch(kind, name.to_string());
+            if let Some(ino) = self.inodes.existing(&sn)
+                && self.scratch.lock().contains_key(&ino)
+            {
+                return Ok(sn);
+            }
+            let Class::Record(id) = classify(&*self.store, kind, name) else {
+                return Err(enoent());
+            };
+            if self.store.get(kind, &id)?.is_some()
+                || self.pending.lock().contains_key(&(kind, id.clone()))
+            {
+                return Ok(Node::Record(kind, id));
+            }
+            return Err(enoent());
+        }
+        if parent == ATTACH_DIR {
+            // The index is exact at every access (it drains the store's inotify queue), so
+            // it answers for the blob and sidecar names without a stat.
+            if let Some(id) = parse_id(name) {
+                let listing = self.attach()?.listing()?;
+                return listing.get(&id).map(|_| Node::Blob(id)).ok_or_else(enoent);
+            }
+            if let Some(id) = name.strip_suffix(".json").and_then(parse_id) {
+                let listing = self.attach()?.listing()?;
+                return listing
+                    .get(&id)
+                    .filter(|b| b.sidecar.is_some())
+                    .map(|_| Node::Sidecar(id))
+                    .ok_or_else(enoent);
+            }
+            if self.ingests.lock().contains_key(name) {
+                return Ok(Node::Ingest(name.to_string()));
+            }
+            if self.attach()?.listing()?.label(name).is_some() {
+                return Ok(Node::Label(name.to_string()));
+            }
+            return Err(enoent());
+        }
+        Err(FsError::new(libc::ENOTDIR))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        let node = self.resolve(parent, name)?;
+        let ino = self.inodes.ino(&node);
+        self.attr_of(ino, &node, None)
+    }
+
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        let node = self
+            .inodes
+            .node(ino)
+            .ok_or_else(|| FsError::new(libc::ENOENT))?;
+        self.attr_of(ino, &node, fh)
+    }
+
+    pub(super) fn attr_of(&self, ino: u64, node: &Node, fh: Option<u64>) -> FsResult<Attr> {
+        let mut a = self.attr_of_node(ino, node, fh)?;
+        if matches!(node, Node::Blob(_) | Node::Ingest(_)) {
+            a.blksize = ATTACHMENT_BLKSIZE;
+        }
+        Ok(a)
+    }
+
+    pub(super) fn attr_of_node(&self, ino: u64, node: &Node, fh: Option<u64>) -> FsResult<Attr> {
+        let ttl = self.opts.ttl;
+        let file_perm = |p: u16| if self.opts.read_only { p & 0o555 } else { p };
+        match node {
+            Node::Root | Node::Dir(_) | Node::AttachDir => Ok(self.dir_attr(ino)),
+            Node::Record(kind, id) => {
+                // An open handle being written shows its own length, as a file would.
+                if let Some(fh) = fh
+                    && let Some(h) = self.handle(fh)
+                    && let Handle::Record {
+                        data, dirty: true, ..
+                    } = &*h.lock()
+                {
+                    let now = SystemTime::now();
+                    return Ok(self.attr(
+                        ino,
+                        FileKind::File,
+                        data.len() as u64,
+                        (now, now),
+                        file_perm(0o644),
+                        Duration::ZERO,
+                    ));
+                }
+                match self.store.get(*kind, id)? {
+                    Some(v) => Ok(self.attr(
+                        ino,
+                        FileKind::File,
+                        v.bytes.len() as u64,
+                        (v.mtime, v.ctime),
+                        file_perm(0o644),
+                        ttl,
+                    )),
+                    None => match self.pending.lock().get(&(*kind, id.clone())) {
+                        Some(&t) => Ok(self.attr(
+                            ino,
+                            FileKind::File,
+                            0,
+                            (t, t),
+                            file_perm(0o644),
+                            Duration::ZERO,
+                        )),
+                        None => Err(FsError::new(libc::ENOENT)),
+                    },
+                }
+            }
+            Node::Scratch(..) => {
+                let s = self.scratch.lock();
+                let s = s.get(&ino).ok_or_else(|| FsError::new(libc::ENOENT))?;
+                Ok(self.attr(
+                    ino,
+                    FileKind::File,
+                    s.data.len() as u64,
+                    (s.mtime, s.ctime),
+                    s.mode,
+                    Duration::ZERO,
+                ))
+            }
+            Node::Blob(id) => {
+                let listing = self.attach()?.listing()?;
+                let b = listing.get(id).ok_or_else(|| FsError::new(libc::ENOENT))?;
+                Ok(self.attr(
+                    ino,
+                    FileKind::File,
+                    b.size,
+                    (b.mtime, b.ctime),
+                    0o444,
+                    self.opts.blob_ttl,
+                ))
+            }
+            Node::Sidecar(id) => {
+                let listing = self.attach()?.listing()?;
+                let sc = listing
+                    .get(id)
+                    .and_then(|b| b.sidecar.as_ref())
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                Ok(self.attr(
+                    ino,
+                    FileKind::File,
+                    sc.size,
+                    (sc.mtime, sc.ctime),
+                    0o444,
+                    ttl,
+                ))
+            }
+            Node::Label(label) => {
+                let listing = self.attach()?.listing()?;
+                let id = listing
+                    .label(label)
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                let t = label_time(&listing, id);
+                Ok(self.attr(ino, FileKind::Symlink, 64, (t, t), 0o777, ttl))
+            }
+            Node::Ingest(name) => {
+                let st = self.ingests.lock().get(name).cloned();
+                match st {
+                    Some(st) => {
+                        let st = st.lock();
+                        let len = st.ingest.as_ref().map(Ingest::len).unwrap_or(0);
+                        Ok(self.attr(
+                            ino,
+                            FileKind::File,
+                            len,
+                            (st.mtime, st.mtime),
+                            file_perm(0o644),
+                            Duration::ZERO,
+                        ))
+                    }
+                    None => self.finished_ingest_attr(ino, fh),
+                }
+            }
+            Node::Gc | Node::Status | Node::Errors => {
+                // fstat of an open control file describes exactly the bytes it reads.
+                if let Some(fh) = fh
+                    && let Some(h) = self.handle(fh)
+                    && let Handle::Bytes { data, mtime } = &*h.lock()
+                {
+                    let size = if *node == Node::Status {
+                        0
+                    } else {
+                        data.len() as u64
+                    };
+                    return Ok(self.attr(
+                        ino,
+                        FileKind::File,
+                        size,
+                        (*mtime, *mtime),
+                        0o444,
+                        Duration::ZERO,
+                    ));
+                }
+                let (data, mtime) = self.control_bytes(node);
+                // .status is generated at open from live counters: like a /proc file it
+                // shows size 0 (read to EOF), so stat and read never disagree.
+                let size = if *node == Node::Status {
+                    0
+                } else {
+                    data.len() as u64
+                };
+                let perm = if *node == Node::Gc {
+                    file_perm(0o644)
+                } else {
+                    0o444
+                };
+                Ok(self.attr(
+                    ino,
+                    FileKind::File,
+                    size,
+                    (mtime, mtime),
+                    perm,
+                    Duration::ZERO,
+                ))
+            }
+        }
+    }
+
+    /// The current bytes of a control file and the mtime it shows.
+    pub(super) fn control_bytes(&self, node: &Node) -> (Arc<[u8]>, SystemTime) {
+        match node {
+            Node::Gc => {
+                let t = self
+                    .store
+                    .attachments()
+                    .and_then(|a| a.last_gc())
+                    .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.finished).ok())
+                    .map(SystemTime::from)
+                    .unwrap_or(self.started_wall);
+                (self.gc_report().into(), t)
+            }
+            Node::Errors => (self.errors.render().into(), self.errors.changed()),
+            _ => (self.render_status().into(), self.started_wall),
+        }
+    }
+
+    /// fstat of a descriptor whose ingest finished: the blob it became, still a regular file.
+    pub(super) fn finished_ingest_attr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        let h = fh
+            .and_then(|f| self.handle(f))
+            .ok_or_else(|| FsError::new(libc::ENOENT))?;
+        let Handle::Ingest { state } = &*h.lock() else {
+            return Err(FsError::new(libc::ENOENT));
+        };
+        let st = state.lock();
+        let hex = st.done.clone().ok_or_else(|| FsError::new(libc::ENOENT))?;
+        let (size, mtime, ctime) = self
+            .attach()?
+            .blob_meta(&hex)?
+            .ok_or_else(|| FsError::new(libc::ENOENT))?;
+        Ok(self.attr(
+            ino,
+            FileKind::File,
+            size,
+            (mtime, ctime),
+            0o444,
+            Duration::ZERO,
+        ))
+    }
+}

@@ -1,0 +1,240 @@
+//! Changes by name: unlink and rename (an upsert of a scratch file's content, a re-key,
+//! a relabel), each one atomic change in the store.
+
+use super::*;
+
+impl Core {
+    pub fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        let path = self.path_of(parent, name);
+        let r = self.unlink_inner(parent, name);
+        if let Err(e) = &r {
+            self.report(&path, "unlink", e);
+        }
+        r
+    }
+
+    pub(super) fn unlink_inner(&self, parent: u64, name: &str) -> FsResult<()> {
+        let node = self.resolve(parent, name)?;
+        self.writable()?;
+        match &node {
+            Node::Record(kind, id) => {
+                let had_pending = self.pending.lock().remove(&(*kind, id.clone())).is_some();
+                if self.store.get(*kind, id)?.is_some() {
+                    self.store.remove(*kind, id)?;
+                } else if !had_pending {
+                    return Err(FsError::new(libc::ENOENT));
+                }
+            }
+            Node::Scratch(..) => {
+                if let Some(ino) = self.inodes.existing(&node) {
+                    self.scratch.lock().remove(&ino);
+                }
+            }
+            Node::Label(label) => self.attach()?.unlabel(label)?,
+            Node::Ingest(n) => {
+                if let Some(st) = self.ingests.lock().remove(n) {
+                    st.lock().unlinked = true;
+                }
+            }
+            Node::Blob(_) | Node::Sidecar(_) => {
+                return Err(FsError::refuse(
+                    libc::EPERM,
+                    "attachment bytes leave only through garbage collection (.gc); rm a label to drop a name",
+                ));
+            }
+            Node::Gc | Node::Status | Node::Errors => {
+                return Err(FsError::refuse(
+                    libc::EPERM,
+                    "control files cannot be removed",
+                ));
+            }
+            Node::Root | Node::Dir(_) | Node::AttachDir => return Err(FsError::new(libc::EISDIR)),
+        }
+        self.inodes.remove(&node);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        noreplace: bool,
+        exchange: bool,
+    ) -> FsResult<()> {
+        let path = self.path_of(parent, name);
+        let r = self.rename_inner(parent, name, newparent, newname, noreplace, exchange);
+        if let Err(e) = &r {
+            self.report(
+                &format!("{path} -> {}", self.path_of(newparent, newname)),
+                "rename",
+                e,
+            );
+        }
+        r
+    }
+
+    pub(super) fn rename_inner(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        noreplace: bool,
+        exchange: bool,
+    ) -> FsResult<()> {
+        check_name_len(newname)?;
+        let node = self.resolve(parent, name)?;
+        self.writable()?;
+        if exchange {
+            return Err(FsError::refuse(
+                libc::EINVAL,
+                "RENAME_EXCHANGE is not supported",
+            ));
+        }
+        if parent != newparent {
+            let movable = |p: u64| dir_kind(p).is_some_and(|k| self.serves(k)) || p == ATTACH_DIR;
+            if movable(parent) && movable(newparent) {
+                return Err(FsError::refuse(
+                    libc::EXDEV,
+                    "records and attachments cannot move between directories (each directory is its own collection)",
+                ));
+            }
+            return Err(FsError::refuse(
+                libc::EPERM,
+                "the top-level names are fixed",
+            ));
+        }
+        if !crate::store::collection::safe_name(newname) {
+            return Err(FsError::refuse(
+                libc::EINVAL,
+                format!("{newname:?} is not a usable file name"),
+            ));
+        }
+        let target = self.resolve(newparent, newname).ok();
+        if noreplace && target.is_some() {
+            return Err(FsError::new(libc::EEXIST));
+        }
+        if target.as_ref() == Some(&node) {
+            return Ok(());
+        }
+        if let Some(kind) = dir_kind(parent).filter(|k| self.serves(*k)) {
+            let class = classify(&*self.store, kind, newname);
+            if let Class::Invalid(reason) = &class {
+                return Err(FsError::refuse(libc::EINVAL, reason.clone()));
+            }
+            let new_node = match (&node, class) {
+                (Node::Record(_, from), Class::Record(to)) => {
+                    if self.pending.lock().contains_key(&(kind, from.clone()))
+                        && self.store.get(kind, from)?.is_none()
+                    {
+                        return Err(FsError::refuse(
+                            libc::EBUSY,
+                            "the record is still being written: close it before renaming",
+                        ));
+                    }
+                    self.store.rekey(kind, from, &to)?;
+                    self.drop_scratch_target(&target);
+                    Node::Record(kind, to)
+                }
+                (Node::Record(_, from), Class::Scratch) => {
+                    let bytes = self
+                        .store
+                        .get(kind, from)?
+                        .map(|v| v.bytes.to_vec())
+                        .unwrap_or_default();
+                    self.store.remove(kind, from)?;
+                    self.drop_scratch_target(&target);
+                    let ino = self.inodes.ino(&node);
+                    let now = SystemTime::now();
+                    self.scratch.lock().insert(
+                        ino,
+                        Scratch {
+                            kind,
+                            name: newname.to_string(),
+                            data: bytes,
+                            mode: 0o644,
+                            mtime: now,
+                            ctime: now,
+                        },
+                    );
+                    Node::Scratch(kind, newname.to_string())
+                }
+                (Node::Scratch(..), Class::Record(to)) => {
+                    let ino = self.inodes.ino(&node);
+                    let data = self
+                        .scratch
+                        .lock()
+                        .get(&ino)
+                        .map(|s| s.data.clone())
+                        .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    self.store.upsert(kind, &to, &data)?;
+                    self.scratch.lock().remove(&ino);
+                    Node::Record(kind, to)
+                }
+                (Node::Scratch(..), Class::Scratch) => {
+                    self.drop_scratch_target(&target);
+                    let ino = self.inodes.ino(&node);
+                    if let Some(s) = self.scratch.lock().get_mut(&ino) {
+                        s.name = newname.to_string();
+                        s.ctime = SystemTime::now();
+                    }
+                    Node::Scratch(kind, newname.to_string())
+                }
+                _ => return Err(FsError::new(libc::EINVAL)),
+            };
+            self.inodes.rename(&node, &new_node);
+            if let Some(t) = target.filter(|t| *t != new_node) {
+                self.inodes.remove(&t);
+            }
+            return Ok(());
+        }
+        if parent == ATTACH_DIR {
+            if !attachments::valid_label(newname) {
+                return Err(FsError::refuse(
+                    libc::EPERM,
+                    format!("{newname:?} names attachment bytes or metadata"),
+                ));
+            }
+            match &node {
+                Node::Label(old) => {
+                    let hex = String::from_utf8_lossy(&self.readlink(self.inodes.ino(&node))?)
+                        .into_owned();
+                    self.attach()?.relabel(&hex, Some(old), newname)?;
+                }
+                Node::Ingest(old) => {
+                    let mut map = self.ingests.lock();
+                    let st = map.remove(old).ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    st.lock().name = newname.to_string();
+                    map.insert(newname.to_string(), st);
+                    let new_node = Node::Ingest(newname.to_string());
+                    drop(map);
+                    self.inodes.rename(&node, &new_node);
+                    return Ok(());
+                }
+                _ => {
+                    return Err(FsError::refuse(
+                        libc::EPERM,
+                        "attachment bytes and metadata keep their names",
+                    ));
+                }
+            }
+            let new_node = Node::Label(newname.to_string());
+            self.inodes.rename(&node, &new_node);
+            return Ok(());
+        }
+        Err(FsError::refuse(
+            libc::EPERM,
+            "the top-level names are fixed",
+        ))
+    }
+
+    pub(super) fn drop_scratch_target(&self, target: &Option<Node>) {
+        if let Some(t @ Node::Scratch(..)) = target
+            && let Some(ino) = self.inodes.existing(t)
+        {
+            self.scratch.lock().remove(&ino);
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! setattr: truncation of what is being written, and chmod/chown/utimes, which the store
+//! keeps none of (a change that changes nothing succeeds).
+
+use super::*;
+
+impl Core {
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+        let path = self.path_of_ino(ino);
+        let r = self.setattr_inner(ino, fh, set);
+        if let Err(e) = &r {
+            self.report(&path, "setattr", e);
+        }
+        r
+    }
+
+    pub(super) fn setattr_inner(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+        let SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+        } = set;
+        let node = self
+            .inodes
+            .node(ino)
+            .ok_or_else(|| FsError::new(libc::ENOENT))?;
+        let cur = self.attr_of(ino, &node, fh)?;
+        let changes_owner =
+            uid.is_some_and(|u| u != self.opts.uid) || gid.is_some_and(|g| g != self.opts.gid);
+        let changes_mode = mode.is_some_and(|m| (m & 0o7777) as u16 != cur.perm);
+        let changes = changes_owner || changes_mode || size.is_some();
+        if changes && self.opts.read_only {
+            return Err(FsError::refuse(libc::EROFS, "the mount is read-only"));
+        }
+        if changes_owner {
+            return Err(FsError::refuse(
+                libc::EPERM,
+                "the store keeps no owners: every file belongs to the mounting user",
+            ));
+        }
+        if let Node::Scratch(..) = node {
+            {
+                let mut table = self.scratch.lock();
+                let s = table
+                    .get_mut(&ino)
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                if let Some(m) = mode {
+                    s.mode = (m & 0o7777) as u16;
+                }
+                if let Some(n) = size {
+                    s.data.resize(n as usize, 0);
+                }
+                if let Some(t) = mtime {
+                    s.mtime = t;
+                }
+                s.ctime = SystemTime::now();
+            }
+            return self.attr_of(ino, &node, fh);
+        }
+        if changes_mode {
+            return Err(FsError::refuse(
+                libc::EPERM,
+                format!(
+                    "the store keeps no modes: {} stays {:o}",
+                    node.name(),
+                    cur.perm
+                ),
+            ));
+        }
+        if let Some(n) = size {
+            match &node {
+                Node::Record(kind, id) => {
+                    let h = fh.and_then(|f| self.handle(f));
+                    let in_handle = h.as_ref().is_some_and(|h| {
+                        if let Handle::Record {
+                            data,
+                            dirty,
+                            written,
+                            ..
+                        } = &mut *h.lock()
+                        {
+                            data.resize(n as usize, 0);
+                            *dirty = true;
+                            *written = true;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    if !in_handle {
+                        // truncate(2) by path: the record as it would be, validated now.
+                        let mut bytes = self
+                            .store
+                            .get(*kind, id)?
+                            .map(|v| v.bytes.to_vec())
+                            .unwrap_or_default();
+                        if bytes.len() as u64 == n {
+                            return Ok(cur);
+                        }
+                        bytes.resize(n as usize, 0);
+                        self.store.upsert(*kind, id, &bytes)?;
+                        self.inval.send(Inval::Inode(ino));
+                    }
+                }
+                Node::Ingest(name) => {
+                    let st = self
+                        .ingests
+                        .lock()
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    let mut st = st.lock();
+                    let i = st.ingest.as_mut().ok_or_else(|| {
+                        FsError::refuse(libc::EPERM, "attachment bytes cannot change")
+                    })?;
+                    i.truncate(n)?;
+                }
+                Node::Gc => {}
+                Node::Blob(_) | Node::Label(_) | Node::Sidecar(_) => {
+                    return Err(FsError::refuse(
+                        libc::EPERM,
+                        "attachment bytes and metadata cannot change",
+                    ));
+                }
+                Node::Status | Node::Errors => {
+                    return Err(FsError::refuse(libc::EPERM, "this file cannot be written"));
+                }
+                _ => return Err(FsError::new(libc::EISDIR)),
+            }
+        }
+        self.attr_of(ino, &node, fh)
+    }
+}

@@ -1,0 +1,202 @@
+//! Writes: bytes into a record's buffer, a scratch file or an ingest; the commit at
+//! flush/fsync/release (validated upsert, finished ingest, a `.gc` run).
+
+use super::*;
+
+impl Core {
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let h = self.handle(fh).ok_or_else(|| FsError::new(libc::EBADF))?;
+        let r = self.write_inner(&h, offset, data);
+        if let Err(e) = &r {
+            let ino = match &*h.lock() {
+                Handle::Record { ino, .. } | Handle::Scratch { ino } => *ino,
+                Handle::Gc => 6,
+                _ => 0,
+            };
+            self.report(&self.path_of_ino(ino), "write", e);
+        }
+        r
+    }
+
+    pub(super) fn write_inner(
+        &self,
+        h: &Arc<Mutex<Handle>>,
+        offset: u64,
+        data: &[u8],
+    ) -> FsResult<u32> {
+        let mut h = h.lock();
+        let put = |buf: &mut Vec<u8>| {
+            let end = offset as usize + data.len();
+            if buf.len() < end {
+                buf.resize(end, 0);
+            }
+            buf[offset as usize..end].copy_from_slice(data);
+        };
+        match &mut *h {
+            Handle::Record {
+                data: buf,
+                dirty,
+                written,
+                ..
+            } => {
+                *written = true;
+                let limit = self.store.max_record_bytes();
+                if offset + data.len() as u64 > limit {
+                    return Err(FsError::refuse(
+                        libc::EFBIG,
+                        format!("record over the size limit of {limit} bytes"),
+                    ));
+                }
+                put(buf);
+                *dirty = true;
+            }
+            Handle::Scratch { ino } => {
+                let mut s = self.scratch.lock();
+                let s = s.get_mut(ino).ok_or_else(|| FsError::new(libc::EBADF))?;
+                put(&mut s.data);
+                s.mtime = SystemTime::now();
+            }
+            Handle::Ingest { state } => {
+                let mut st = state.lock();
+                let Some(i) = st.ingest.as_mut() else {
+                    return Err(FsError::refuse(
+                        libc::EPERM,
+                        "attachment already stored at its first close; its bytes cannot change",
+                    ));
+                };
+                i.write_at(offset, data)?;
+                st.mtime = SystemTime::now();
+            }
+            Handle::Gc => {
+                drop(h);
+                let text = String::from_utf8_lossy(data);
+                let opts = GcOptions::parse_command(&text)?;
+                self.attach()?.gc(&opts)?;
+            }
+            _ => return Err(FsError::refuse(libc::EPERM, "this file cannot be written")),
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// close() and fsync(): a record's bytes are validated and upserted; an attachment's
+    /// are stored. The errno of a refusal comes back from the call that caused it.
+    pub fn flush(&self, fh: u64, op: &str) -> FsResult<()> {
+        let Some(h) = self.handle(fh) else {
+            return Ok(());
+        };
+        let mut guard = h.lock();
+        match &mut *guard {
+            Handle::Record { written: false, .. } if op == "close" => Ok(()),
+            Handle::Record {
+                ino, data, dirty, ..
+            } if *dirty => {
+                let ino = *ino;
+                let path = self.path_of_ino(ino);
+                let r = match self.inodes.node(ino) {
+                    Some(Node::Record(kind, id)) => self
+                        .store
+                        .upsert(kind, &id, data)
+                        .map_err(FsError::from)
+                        .map(|v| {
+                            self.pending.lock().remove(&(kind, id));
+                            self.last_size.lock().insert(ino, v.bytes.len() as u64);
+                        }),
+                    Some(Node::Scratch(..)) => {
+                        if let Some(s) = self.scratch.lock().get_mut(&ino) {
+                            s.data = data.clone();
+                        }
+                        Ok(())
+                    }
+                    _ => Err(FsError::refuse(
+                        libc::ENOENT,
+                        "the file was removed while open",
+                    )),
+                };
+                match r {
+                    Ok(()) => {
+                        *dirty = false;
+                        drop(guard);
+                        // The kernel extended its size as the bytes were written; the record
+                        // as stored may differ (pretty-printed): refresh its attributes.
+                        self.inval.send(Inval::Inode(ino));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // The caller got the errno; the refused bytes are dropped, not retried
+                        // (and reported again) at release.
+                        *dirty = false;
+                        self.report(&path, op, &e);
+                        Err(e)
+                    }
+                }
+            }
+            Handle::Ingest { state } => {
+                let state = state.clone();
+                drop(guard);
+                let mut st = state.lock();
+                let Some(ingest) = st.ingest.take() else {
+                    return Ok(());
+                };
+                if st.unlinked {
+                    return Ok(());
+                }
+                let name = st.name.clone();
+                self.ingests.lock().remove(&name);
+                match self.attach()?.finish_ingest(ingest, Some(&name)) {
+                    Ok(hex) => {
+                        st.done = Some(hex);
+                        // The name is now a label symlink: the kernel must look it up again.
+                        self.inval.send(Inval::Entry(ATTACH_DIR, name));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let e = FsError::from(e);
+                        self.report(&format!("/attachments/{name}"), op, &e);
+                        self.inodes.remove(&Node::Ingest(name.clone()));
+                        self.inval.send(Inval::Entry(ATTACH_DIR, name));
+                        Err(e)
+                    }
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn release(&self, fh: u64) {
+        let Some(h) = self.handles.lock().remove(&fh) else {
+            return;
+        };
+        let h = h.lock();
+        match &*h {
+            Handle::Record { ino, .. } => {
+                // A record created here whose bytes never made it into the store goes away.
+                if let Some(Node::Record(kind, id)) = self.inodes.node(*ino) {
+                    let still_open = self.handles.lock().values().any(|o| {
+                        o.try_lock().is_some_and(
+                            |o| matches!(&*o, Handle::Record { ino: i, .. } if i == ino),
+                        )
+                    });
+                    let pending = self.pending.lock().contains_key(&(kind, id.clone()));
+                    if pending && !still_open && self.store.get(kind, &id).ok().flatten().is_none()
+                    {
+                        self.pending.lock().remove(&(kind, id.clone()));
+                        self.inodes.remove(&Node::Record(kind, id.clone()));
+                        self.inval
+                            .send(Inval::Entry(kind_dir_ino(kind), format!("{id}.json")));
+                    }
+                }
+            }
+            Handle::Ingest { state } => {
+                let st = state.lock();
+                if st.ingest.is_none() {
+                    self.inodes.remove(&Node::Ingest(st.name.clone()));
+                } else if st.unlinked {
+                    self.ingests.lock().remove(&st.name);
+                    self.inodes.remove(&Node::Ingest(st.name.clone()));
+                }
+                let _ = st.ino;
+            }
+            _ => {}
+        }
+    }
+}
