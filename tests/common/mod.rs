@@ -99,6 +99,34 @@ impl Mount {
         }
     }
 
+    /// As [`Mount::new`], with the daemon's environment adjusted: `(name, Some(v))` sets a
+    /// variable, `(name, None)` removes it (the daemon inherits the mount command's env).
+    pub fn with_env(store: &Path, extra: &[&str], env: &[(&str, Option<&str>)]) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .arg("--store")
+            .arg(store)
+            .args(extra)
+            .arg(dir.path());
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            dir,
+            store: store.to_path_buf(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -65,7 +65,9 @@ pub struct Sqlite {
     conn: Mutex<Connection>,
     snap: RwLock<Arc<Snapshot>>,
     crypt: Option<Crypt>,
-    read_only_reason: Option<String>,
+    /// Why the database must not be written, found at mount or at a later write (arbiter
+    /// started storing ciphertext while we have no key).
+    read_only_reason: Mutex<Option<String>>,
     /// Why the database cannot be read now (the last good snapshot is served).
     error: Mutex<Option<String>>,
     reloads: AtomicU64,
@@ -152,7 +154,7 @@ impl Sqlite {
                 tables: Default::default(),
             })),
             crypt,
-            read_only_reason,
+            read_only_reason: Mutex::new(read_only_reason),
             error: Mutex::new(None),
             reloads: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -344,8 +346,8 @@ impl Sqlite {
         if self.options.read_only {
             return Err(StoreError::ReadOnly("the store is open read-only".into()));
         }
-        if let Some(why) = &self.read_only_reason {
-            return Err(StoreError::ReadOnly(why.clone()));
+        if let Some(why) = self.read_only_reason.lock().clone() {
+            return Err(StoreError::ReadOnly(why));
         }
         if let Some(e) = self.damage() {
             return Err(StoreError::Corrupt(e));
@@ -382,10 +384,13 @@ impl Sqlite {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| sql_error("begin the write", e))?;
         if kind == Kind::Sessions && self.crypt.is_none() && has_ciphertext(&tx)? {
-            return Err(StoreError::ReadOnly(format!(
+            let why = format!(
                 "the sessions table holds encrypted fields and {} is not set: writing plaintext beside them is refused",
                 crypt::KEY_VAR
-            )));
+            );
+            tracing::warn!("{why}");
+            *self.read_only_reason.lock() = Some(why.clone());
+            return Err(StoreError::ReadOnly(why));
         }
         f(&tx)?;
         // Render the touched rows as the transaction leaves them, before committing.
@@ -592,18 +597,12 @@ impl Backend for Sqlite {
         self.view(kind, to)
     }
 
+    /// Only a database that cannot be read (writes are refused); rows arbiter cannot load
+    /// are reported by `.status` (`unloadable_rows`) and block nothing: arbiter itself can
+    /// still write beside them.
     fn collection_error(&self, kind: Kind) -> Option<String> {
-        if let Some(e) = self.damage().or_else(|| self.error.lock().clone()) {
-            return Some(e);
-        }
-        let s = self.snap.read().clone();
-        let t = s.table(kind)?;
-        (!t.bad.is_empty()).then(|| {
-            format!(
-                "rows arbiter cannot load (shown as stored): {}",
-                t.bad.join("; ")
-            )
-        })
+        let _ = kind;
+        self.damage().or_else(|| self.error.lock().clone())
     }
 
     fn max_record_bytes(&self) -> u64 {
@@ -611,7 +610,7 @@ impl Backend for Sqlite {
     }
 
     fn read_only_reason(&self) -> Option<String> {
-        self.read_only_reason.clone()
+        self.read_only_reason.lock().clone()
     }
 
     fn root_time(&self) -> SystemTime {
@@ -634,12 +633,19 @@ impl Backend for Sqlite {
             .iter()
             .map(|k| (k.dir_name().to_string(), json!(self.collection_error(*k))))
             .collect();
+        let snap = self.snap.read().clone();
+        let unloadable: serde_json::Map<String, serde_json::Value> = COLLECTIONS
+            .iter()
+            .zip(&snap.tables)
+            .map(|(k, t)| (k.dir_name().to_string(), json!(t.bad)))
+            .collect();
         json!({
+            "unloadable_rows": unloadable,
             "backend": "sqlite",
             "store": {
                 "database": self.path,
                 "schema": "arbiter-storage 0.5",
-                "encryption": match (&self.crypt, &self.read_only_reason) {
+                "encryption": match (&self.crypt, &*self.read_only_reason.lock()) {
                     (Some(_), _) => "key set: encrypted fields are decrypted in files and encrypted in the database",
                     (None, Some(_)) => "encrypted fields, no key: read-only",
                     (None, None) => "none",
@@ -652,4 +658,46 @@ impl Backend for Sqlite {
             "last_error": errs,
         })
     }
+}
+
+/// `agentmount fsck` of a database: SQLite's `PRAGMA integrity_check`, arbiter's tables,
+/// and every row as arbiter would load it. Changes nothing.
+pub fn fsck(path: &Path, options: Options) -> Result<crate::store::fsck::FsckReport> {
+    let mut r = crate::store::fsck::FsckReport::default();
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| sql_error(&format!("open {}", path.display()), e))?;
+    conn.busy_timeout(options.lock_timeout)
+        .map_err(|e| sql_error("set the busy timeout", e))?;
+    let mut st = conn
+        .prepare("PRAGMA integrity_check")
+        .map_err(|e| sql_error("PRAGMA integrity_check", e))?;
+    let lines: Vec<String> = st
+        .query_map([], |row| row.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| sql_error("PRAGMA integrity_check", e))?;
+    r.problems.extend(
+        lines
+            .into_iter()
+            .filter(|l| l != "ok")
+            .map(|l| format!("integrity_check: {l}")),
+    );
+    drop(st);
+    drop(conn);
+    if !r.problems.is_empty() {
+        return Ok(r);
+    }
+    match Sqlite::open(path, options) {
+        Ok(s) => {
+            let snap = s.current()?;
+            for t in &snap.tables {
+                r.checked_files += t.rows.len() as u64;
+                r.problems.extend(t.bad.iter().cloned());
+            }
+        }
+        Err(e) => r.problems.push(e.to_string()),
+    }
+    Ok(r)
 }
