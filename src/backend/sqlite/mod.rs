@@ -35,13 +35,67 @@ type FileId = (u64, u64, i128);
 
 const COLLECTIONS: [Kind; 3] = [Kind::Sessions, Kind::Agents, Kind::Delegations];
 
-/// One table as the mount shows it.
-#[derive(Default)]
+/// One table as the mount shows it. Cloning it (to patch in our own write) copies
+/// pointers only.
+#[derive(Default, Clone)]
 struct Table {
-    rows: BTreeMap<String, RecordView>,
-    /// Rows arbiter itself could not load (bad UUID, timestamp, enum, ciphertext): shown
-    /// as stored, and named here.
-    bad: Vec<String>,
+    rows: BTreeMap<Arc<str>, Arc<Row>>,
+    /// Sessions only: whether any row holds arbiter's ciphertext.
+    ciphertext: bool,
+}
+
+/// One row: its file, the raw column values it was rendered from (a reload renders only
+/// rows whose raw values changed), and why arbiter could not load it, if it could not
+/// (such a row is shown as stored).
+struct Row {
+    view: RecordView,
+    raw: Box<[u8]>,
+    bad: Option<String>,
+}
+
+impl Table {
+    /// Rows arbiter itself could not load (bad UUID, timestamp, enum, ciphertext).
+    fn bad(&self) -> Vec<String> {
+        self.rows.values().filter_map(|r| r.bad.clone()).collect()
+    }
+}
+
+/// A row's column values, encoded so two versions compare by bytes.
+fn raw_row(row: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Vec<u8>> {
+    use rusqlite::types::ValueRef;
+    let mut out = Vec::with_capacity(256);
+    for i in 0..n {
+        match row.get_ref(i)? {
+            ValueRef::Null => out.push(0),
+            ValueRef::Integer(v) => {
+                out.push(1);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            ValueRef::Real(v) => {
+                out.push(2);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            ValueRef::Text(t) | ValueRef::Blob(t) => {
+                out.push(3);
+                out.extend_from_slice(&(t.len() as u64).to_le_bytes());
+                out.extend_from_slice(t);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a session row holds arbiter's ciphertext: a JSON-array column that is not a
+/// JSON array.
+fn row_has_ciphertext(row: &rusqlite::Row<'_>) -> rusqlite::Result<bool> {
+    for col in ["authorized_tools", "delegation_chain_snapshot"] {
+        if let rusqlite::types::ValueRef::Text(t) = row.get_ref(col)?
+            && t.trim_ascii_start().first() != Some(&b'[')
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The three tables at one database version.
@@ -119,6 +173,10 @@ impl Sqlite {
             .map_err(|e| sql_error(&format!("open {}", path.display()), e))?;
         conn.busy_timeout(options.lock_timeout)
             .map_err(|e| sql_error("set the busy timeout", e))?;
+        // Pages through mmap: after another connection commits SQLite drops its page cache,
+        // and the reload then reads the file's pages from memory instead of a pread each.
+        conn.query_row("PRAGMA mmap_size = 268435456", [], |_| Ok(()))
+            .map_err(|e| sql_error("set mmap_size", e))?;
         let tables: Vec<String> = {
             let mut st = conn
                 .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
@@ -231,36 +289,52 @@ impl Sqlite {
                 let mut st = conn
                     .prepare_cached(&format!("SELECT * FROM {name} ORDER BY {key}"))
                     .map_err(sql)?;
+                let n = st.column_count();
+                let key_col = st.column_index(key).map_err(sql)?;
                 let mut rows = st.query([]).map_err(sql)?;
+                let mut changed = false;
                 while let Some(row) = rows.next().map_err(sql)? {
+                    let raw = raw_row(row, n).map_err(sql)?;
+                    if *kind == Kind::Sessions && !t.ciphertext {
+                        t.ciphertext = row_has_ciphertext(row).map_err(sql)?;
+                    }
+                    let key: String = match row.get_ref(key_col).map_err(sql)? {
+                        rusqlite::types::ValueRef::Integer(k) => k.to_string(),
+                        v => v.as_str().map_err(|e| sql(e.into()))?.to_string(),
+                    };
+                    // Unchanged raw values: the row keeps its rendering, time and Arc.
+                    if let Some(r) = old.rows.get(key.as_str())
+                        && r.raw[..] == raw[..]
+                    {
+                        t.rows.insert(key.into(), r.clone());
+                        continue;
+                    }
+                    changed = true;
                     let (id, out) =
                         arbiter::render(*kind, row, self.crypt.as_ref()).map_err(sql)?;
-                    let bytes = match out {
-                        Ok(b) => b,
-                        Err((why, raw)) => {
-                            t.bad.push(format!("{} {id}: {why}", kind.singular()));
-                            raw
+                    let (bytes, bad) = match out {
+                        Ok(b) => (b, None),
+                        Err((why, shown)) => {
+                            (shown, Some(format!("{} {id}: {why}", kind.singular())))
                         }
                     };
-                    let view = match old.rows.get(&id) {
-                        Some(v) if v.bytes[..] == bytes[..] => v.clone(),
-                        _ => RecordView {
-                            id: id.clone(),
-                            bytes: bytes.into(),
-                            mtime: now,
-                            ctime: now,
-                        },
+                    let view = RecordView {
+                        id: id.clone(),
+                        bytes: bytes.into(),
+                        mtime: now,
+                        ctime: now,
                     };
-                    t.rows.insert(id, view);
+                    t.rows.insert(
+                        id.into(),
+                        Arc::new(Row {
+                            view,
+                            raw: raw.into(),
+                            bad,
+                        }),
+                    );
                 }
                 // An unchanged table keeps its Arc: the watcher skips it by pointer.
-                tables[i] = if t.rows.len() == old.rows.len()
-                    && t.bad == old.bad
-                    && t.rows
-                        .values()
-                        .zip(old.rows.values())
-                        .all(|(a, b)| a.id == b.id && Arc::ptr_eq(&a.bytes, &b.bytes))
-                {
+                tables[i] = if !changed && t.rows.len() == old.rows.len() {
                     old.clone()
                 } else {
                     Arc::new(t)
@@ -383,35 +457,65 @@ impl Sqlite {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| sql_error("begin the write", e))?;
-        if kind == Kind::Sessions && self.crypt.is_none() && has_ciphertext(&tx)? {
-            let why = format!(
-                "the sessions table holds encrypted fields and {} is not set: writing plaintext beside them is refused",
-                crypt::KEY_VAR
-            );
-            tracing::warn!("{why}");
-            *self.read_only_reason.lock() = Some(why.clone());
-            return Err(StoreError::ReadOnly(why));
+        if kind == Kind::Sessions && self.crypt.is_none() {
+            // The snapshot knows unless another connection committed since it was taken.
+            let snap = self.snap.read().clone();
+            let dv: i64 = tx
+                .query_row("PRAGMA data_version", [], |r| r.get(0))
+                .map_err(|e| sql_error("read the data version", e))?;
+            let ciphertext = match snap.table(Kind::Sessions) {
+                Some(t) if dv == snap.data_version => t.ciphertext,
+                _ => has_ciphertext(&tx)?,
+            };
+            if ciphertext {
+                let why = format!(
+                    "the sessions table holds encrypted fields and {} is not set: writing plaintext beside them is refused",
+                    crypt::KEY_VAR
+                );
+                tracing::warn!("{why}");
+                *self.read_only_reason.lock() = Some(why.clone());
+                return Err(StoreError::ReadOnly(why));
+            }
         }
         f(&tx)?;
         // Render the touched rows as the transaction leaves them, before committing.
         let mut patched = Vec::new();
         let (name, key) = arbiter::table(kind).unwrap_or(("", ""));
+        let now = SystemTime::now();
         for id in touched {
+            let read = |e| sql_error("read back the row", e);
             let mut st = tx
                 .prepare_cached(&format!("SELECT * FROM {name} WHERE {key} = ?1"))
-                .map_err(|e| sql_error("read back the row", e))?;
-            let key_val: rusqlite::types::Value = match kind {
-                Kind::Delegations => rusqlite::types::Value::Integer(id.parse().unwrap_or(0)),
-                _ => rusqlite::types::Value::Text(id.to_string()),
-            };
-            let mut rows = st
-                .query([key_val])
-                .map_err(|e| sql_error("read back the row", e))?;
-            let r = match rows.next().map_err(|e| sql_error("read back the row", e))? {
-                Some(row) => Some(
-                    arbiter::render(kind, row, self.crypt.as_ref())
-                        .map_err(|e| sql_error("read back the row", e))?,
-                ),
+                .map_err(read)?;
+            let n = st.column_count();
+            let mut rows = st.query([Self::key_value(kind, id)]).map_err(read)?;
+            let r = match rows.next().map_err(read)? {
+                Some(row) => {
+                    let raw = raw_row(row, n).map_err(read)?;
+                    let cipher = kind == Kind::Sessions && row_has_ciphertext(row).map_err(read)?;
+                    let (rid, out) =
+                        arbiter::render(kind, row, self.crypt.as_ref()).map_err(read)?;
+                    let (bytes, bad) = match out {
+                        Ok(b) => (b, None),
+                        Err((why, shown)) => {
+                            (shown, Some(format!("{} {rid}: {why}", kind.singular())))
+                        }
+                    };
+                    let view = RecordView {
+                        id: rid,
+                        bytes: bytes.into(),
+                        mtime: now,
+                        ctime: now,
+                    };
+                    Some((
+                        Arc::new(Row {
+                            view,
+                            raw: raw.into(),
+                            bad,
+                        }),
+                        cipher,
+                    ))
+                }
                 None => None,
             };
             patched.push((id.to_string(), r));
@@ -427,35 +531,15 @@ impl Sqlite {
             return Ok(());
         }
         let i = COLLECTIONS.iter().position(|k| *k == kind).unwrap_or(0);
-        let mut t = Table {
-            rows: snap.tables[i].rows.clone(),
-            bad: snap.tables[i].bad.clone(),
-        };
-        let now = SystemTime::now();
+        let mut t = Table::clone(&snap.tables[i]);
         for (id, r) in patched {
-            t.bad
-                .retain(|b| !b.starts_with(&format!("{} {id}:", kind.singular())));
             match r {
                 None => {
-                    t.rows.remove(&id);
+                    t.rows.remove(id.as_str());
                 }
-                Some((rid, out)) => {
-                    let bytes = match out {
-                        Ok(b) => b,
-                        Err((why, raw)) => {
-                            t.bad.push(format!("{} {rid}: {why}", kind.singular()));
-                            raw
-                        }
-                    };
-                    t.rows.insert(
-                        rid.clone(),
-                        RecordView {
-                            id: rid,
-                            bytes: bytes.into(),
-                            mtime: now,
-                            ctime: now,
-                        },
-                    );
+                Some((row, cipher)) => {
+                    t.ciphertext |= cipher;
+                    t.rows.insert(id.into(), row);
                 }
             }
         }
@@ -478,7 +562,7 @@ impl Sqlite {
     fn view(&self, kind: Kind, id: &str) -> Result<RecordView> {
         self.current()?
             .table(kind)
-            .and_then(|t| t.rows.get(id).cloned())
+            .and_then(|t| t.rows.get(id).map(|r| r.view.clone()))
             .ok_or_else(|| {
                 StoreError::NotFound(format!("{} {id} vanished after its write", kind.singular()))
             })
@@ -519,7 +603,7 @@ impl Backend for Sqlite {
         Ok(self
             .current()?
             .table(kind)
-            .and_then(|t| t.rows.get(id).cloned()))
+            .and_then(|t| t.rows.get(id).map(|r| r.view.clone())))
     }
 
     fn list(&self, kind: Kind) -> Result<ListView> {
@@ -527,7 +611,7 @@ impl Backend for Sqlite {
         Ok(ListView {
             records: s
                 .table(kind)
-                .map(|t| t.rows.values().cloned().collect())
+                .map(|t| t.rows.values().map(|r| r.view.clone()).collect())
                 .unwrap_or_default(),
             error: self.collection_error(kind),
         })
@@ -637,7 +721,7 @@ impl Backend for Sqlite {
         let unloadable: serde_json::Map<String, serde_json::Value> = COLLECTIONS
             .iter()
             .zip(&snap.tables)
-            .map(|(k, t)| (k.dir_name().to_string(), json!(t.bad)))
+            .map(|(k, t)| (k.dir_name().to_string(), json!(t.bad())))
             .collect();
         json!({
             "unloadable_rows": unloadable,
@@ -694,7 +778,7 @@ pub fn fsck(path: &Path, options: Options) -> Result<crate::store::fsck::FsckRep
             let snap = s.current()?;
             for t in &snap.tables {
                 r.checked_files += t.rows.len() as u64;
-                r.problems.extend(t.bad.iter().cloned());
+                r.problems.extend(t.bad());
             }
         }
         Err(e) => r.problems.push(e.to_string()),

@@ -7,8 +7,11 @@
 
 use std::collections::HashSet;
 use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use inotify::{Inotify, WatchMask};
 
@@ -48,6 +51,42 @@ pub(super) fn start(db: Arc<Sqlite>, sink: Arc<dyn ChangeSink>) -> Result<()> {
     Ok(())
 }
 
+/// How long the watcher waits for another connection's write transaction to end before it
+/// looks anyway (a longer transaction is seen at its next write, or when the TTL runs out).
+const WRITER_WAIT: Duration = Duration::from_secs(2);
+
+/// The database's `-shm` (WAL index), where SQLite keeps its WAL locks as fcntl byte
+/// locks: byte 120 is held by the one writer from its first write to the end of its commit.
+struct Shm {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl Shm {
+    /// Whether another process holds the WAL write lock now. Without a `-shm` (a rollback
+    /// journal database) there is nothing to wait for.
+    fn write_locked(&mut self) -> bool {
+        if self.file.is_none() {
+            self.file = File::open(&self.path).ok();
+        }
+        let Some(f) = &self.file else {
+            return false;
+        };
+        // SAFETY: F_GETLK fills the flock struct we own; the descriptor is open.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = 120;
+        fl.l_len = 1;
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) };
+        if rc != 0 {
+            self.file = None;
+            return false;
+        }
+        fl.l_type != libc::F_UNLCK as libc::c_short
+    }
+}
+
 fn run(
     db: Arc<Sqlite>,
     sink: Arc<dyn ChangeSink>,
@@ -55,6 +94,10 @@ fn run(
     names: HashSet<OsString>,
     mut last: Arc<Snapshot>,
 ) {
+    let mut shm = Shm {
+        path: PathBuf::from(format!("{}-shm", db.path.display())),
+        file: None,
+    };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let events = match inotify.read_events_blocking(&mut buf) {
@@ -71,7 +114,14 @@ fn run(
         if !ours {
             continue;
         }
-        // A commit writes the WAL in several write(2)s: look once for all that queued.
+        // The first write to the WAL comes while the writer's transaction is still open:
+        // its commit is visible (PRAGMA data_version moves) only once it releases the WAL
+        // write lock, after the last write raised its last event. So wait for the lock
+        // (bounded), then look once for everything that queued meanwhile.
+        let deadline = t0 + WRITER_WAIT;
+        while shm.write_locked() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
         let _ = drain(&mut inotify, &mut buf);
         let Ok(now) = db.current() else {
             continue;
@@ -87,10 +137,10 @@ fn run(
             }
             for (id, v) in &old.rows {
                 match new.rows.get(id) {
-                    Some(n) if Arc::ptr_eq(&n.bytes, &v.bytes) => {}
+                    Some(n) if Arc::ptr_eq(&n.view.bytes, &v.view.bytes) => {}
                     n => out.push(StoreEvent::Record {
                         kind: *kind,
-                        id: id.clone(),
+                        id: id.to_string(),
                         gone: n.is_none(),
                     }),
                 }
