@@ -1,5 +1,6 @@
 //! Mount benchmarks against native work in the same run (scripts/bench.sh runs this).
-//! Prints a table of ratios; asserts nothing. BENCH_QUICK=1 shrinks every size.
+//! Prints a table of ratios; asserts nothing. BENCH_QUICK=1 shrinks every size;
+//! BENCH_ONLY=sqlite,sessions (any of attachments, cp, sessions, sqlite, gc) runs only those.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,23 @@ fn ratio(ours: Duration, native: Duration) -> String {
 
 fn quick() -> bool {
     std::env::var("BENCH_QUICK").is_ok()
+}
+
+/// Whether BENCH_ONLY (a comma-separated list of sections) leaves `section` in.
+fn want(section: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(v) => v.split(',').any(|s| s.trim() == section),
+        Err(_) => true,
+    }
+}
+
+/// The record counts a sessions section runs at (none when BENCH_ONLY leaves it out).
+fn sizes(section: &str) -> Vec<usize> {
+    match (want(section), quick()) {
+        (false, _) => vec![],
+        (true, true) => vec![100, 1000],
+        (true, false) => vec![100, 10_000],
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -154,6 +172,212 @@ fn rss_kib(pid: i64, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The medians of `n` runs each of `a` and `b`, each run timed alone and the two
+/// alternated, so both see the same machine (other processes' I/O moves fsync times).
+fn medians<R, S>(
+    n: usize,
+    mut a: impl FnMut(usize) -> R,
+    mut b: impl FnMut(usize) -> S,
+) -> (Duration, Duration) {
+    let (mut ta, mut tb) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let t0 = Instant::now();
+        std::hint::black_box(a(i));
+        ta.push(t0.elapsed());
+        let t0 = Instant::now();
+        std::hint::black_box(b(i));
+        tb.push(t0.elapsed());
+    }
+    ta.sort();
+    tb.sort();
+    (ta[n / 2], tb[n / 2])
+}
+
+/// arbiter's SQLite database mounted (`--store arbiter.db`), at `n` sessions, against a
+/// native client: rusqlite on its own connection in this process, on a byte-for-byte copy
+/// of the database in another directory (same file system), so its commits do not make
+/// the mount reload while the two are timed in turns.
+fn sqlite_rows(b: &Path, n: usize, rows: &mut Vec<Row>) {
+    use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+    let (dir, native_dir) = (
+        b.join(format!("arbiter-{n}")),
+        b.join(format!("native-{n}")),
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&native_dir).unwrap();
+    let db = dir.join("arbiter.db");
+    let o = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/arbiter/make_db.py"
+        ))
+        .arg(&db)
+        .args(["--sessions", &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // make_db.py closed its connection: the WAL is checkpointed, the .db file is all.
+    std::fs::copy(&db, native_dir.join("arbiter.db")).unwrap();
+    let id = format!("5e000000-0000-4000-8000-{:012x}", n / 2);
+    let m = Mounted::new(&db, &b.join(format!("mnt-arbiter-{n}")));
+    let rec = m.dir.join(format!("sessions/{id}.json"));
+    // Opened as the mount opens it (src/backend/sqlite/mod.rs): rusqlite's defaults, so the
+    // same journal mode (the database's: WAL) and the same `synchronous`.
+    let open = |p: &Path| {
+        Connection::open_with_flags(
+            p,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap()
+    };
+    let mut native = open(&native_dir.join("arbiter.db"));
+    let mut other = open(&db);
+    let journal: String = native
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    let sync: usize = native
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .unwrap();
+    let sync = ["OFF", "NORMAL", "FULL", "EXTRA"][sync];
+
+    // Read one session: open+read+close of its file vs a prepared SELECT of its row,
+    // every column fetched.
+    std::fs::read(&rec).unwrap();
+    let mut st = native
+        .prepare("SELECT * FROM sessions WHERE session_id = ?1")
+        .unwrap();
+    let cols = st.column_count();
+    let (ours_read, native_read) = medians(
+        2000,
+        |_| std::fs::read(&rec).unwrap(),
+        |_| {
+            let mut r = st.query([&id]).unwrap();
+            let row = r.next().unwrap().unwrap();
+            (0..cols)
+                .map(|i| row.get::<_, rusqlite::types::Value>(i).unwrap())
+                .collect::<Vec<_>>()
+        },
+    );
+    drop(st);
+
+    // Upsert one session: the whole file written with two fields changed, then closed (the
+    // close returns after the commit), vs one transaction updating the same two columns.
+    let k = if quick() { 20 } else { 50 };
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    let (ours_upsert, native_upsert) = medians(
+        k,
+        |i| {
+            v["declared_intent"] = json!(format!("ours {i}"));
+            v["calls_made"] = json!(1000 + i);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&rec)
+                .unwrap();
+            f.write_all(&serde_json::to_vec_pretty(&v).unwrap())
+                .unwrap();
+        },
+        |i| {
+            let tx = native
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .unwrap();
+            tx.prepare_cached(
+                "UPDATE sessions SET declared_intent = ?1, calls_made = ?2 WHERE session_id = ?3",
+            )
+            .unwrap()
+            .execute(params![format!("native {i}"), 1000 + i as i64, id])
+            .unwrap();
+            tx.commit().unwrap();
+        },
+    );
+    let stored: String = other
+        .query_row(
+            "SELECT declared_intent FROM sessions WHERE session_id = ?1",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, format!("ours {}", k - 1), "the mount's upsert");
+
+    // Another connection commits an UPDATE that changes the session's size; stat through
+    // the mount (answered from the kernel's attribute cache, TTL 1 s) is polled from the
+    // moment COMMIT returned until it shows the new size.
+    let (mut lat, mut watcher, mut stale) = (Vec::new(), Vec::new(), 0);
+    for i in 0..50 {
+        let before = std::fs::metadata(&rec).unwrap().len();
+        let tx = other
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        tx.execute(
+            "UPDATE sessions SET declared_intent = ?1 WHERE session_id = ?2",
+            params!["x".repeat(1 + i % 2), id],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        let t0 = Instant::now();
+        while std::fs::metadata(&rec).unwrap().len() == before {
+            if t0.elapsed() > Duration::from_secs(3) {
+                stale += 1;
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        lat.push(t0.elapsed());
+        // The watcher's own time, from reading the inotify event to the last invalidation.
+        std::thread::sleep(Duration::from_millis(30));
+        watcher.push(
+            m.status()["invalidation"]["last_latency_us"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+    }
+    lat.sort();
+    watcher.sort();
+
+    rows.push(Row {
+        what: format!("sqlite: read one session at {n} (open+read+close, median)"),
+        ours: us(ours_read),
+        native: format!(
+            "{} (rusqlite, prepared SELECT * WHERE session_id = ?, {cols} columns fetched, own connection)",
+            us(native_read)
+        ),
+        ratio: ratio(ours_read, native_read),
+        target: "report",
+    });
+    rows.push(Row {
+        what: format!(
+            "sqlite: upsert one session at {n} (write whole file + close, median; journal_mode={journal}, synchronous={sync} on both sides)"
+        ),
+        ours: ms(ours_upsert),
+        native: format!(
+            "{} (rusqlite: BEGIN IMMEDIATE; UPDATE 2 columns; COMMIT)",
+            ms(native_upsert)
+        ),
+        ratio: ratio(ours_upsert, native_upsert),
+        target: "report",
+    });
+    rows.push(Row {
+        what: format!("sqlite: external commit -> stat through the mount shows it, at {n}"),
+        ours: format!(
+            "median {} p90 {} max {} after COMMIT returned ({} trials{}); watcher median {} µs max {} µs from the event",
+            us(lat[lat.len() / 2]),
+            us(lat[lat.len() * 9 / 10]),
+            us(lat[lat.len() - 1]),
+            lat.len(),
+            if stale > 0 {
+                format!(", {stale} not seen within 3 s")
+            } else {
+                String::new()
+            },
+            watcher[watcher.len() / 2],
+            watcher[watcher.len() - 1]
+        ),
+        native: "-".into(),
+        ratio: "-".into(),
+        target: "< 10 ms median",
+    });
+}
+
 fn main() {
     let base =
         tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
@@ -162,7 +386,7 @@ fn main() {
     let q = quick();
 
     // 1. Large attachment reads, warm.
-    {
+    if want("attachments") {
         let store = b.join("big");
         for size_mib in if q { vec![16usize] } else { vec![256, 1024] } {
             let data: Vec<u8> = (0..size_mib << 20).map(|i| (i * 31 % 251) as u8).collect();
@@ -198,7 +422,7 @@ fn main() {
     }
 
     // 2. cp into attachments/ vs cp into a plain directory.
-    {
+    if want("cp") {
         let store = b.join("cp");
         let plain = b.join("plain-cp");
         std::fs::create_dir_all(&plain).unwrap();
@@ -270,11 +494,7 @@ fn main() {
     }
 
     // 3-6. Sessions at 100 and 10,000.
-    for n in if q {
-        vec![100usize, 1000]
-    } else {
-        vec![100, 10_000]
-    } {
+    for n in sizes("sessions") {
         let store = b.join(format!("s{n}"));
         let ids = write_sessions(&store, n, |_, _| {});
         let file = store.join("session-manager/sessions.json");
@@ -461,8 +681,13 @@ fn main() {
         }
     }
 
-    // 7-8. gc over 100,000 attachments and 10,000 records; daemon RSS.
-    {
+    // 7. arbiter's SQLite database at 100 and 10,000 sessions.
+    for n in sizes("sqlite") {
+        sqlite_rows(b, n, &mut rows);
+    }
+
+    // 8-9. gc over 100,000 attachments and 10,000 records; daemon RSS.
+    if want("gc") {
         let (na, ns) = if q {
             (5_000usize, 1_000usize)
         } else {
