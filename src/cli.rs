@@ -18,9 +18,15 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// The store directory [default: $AGENTMOUNT_STORE, else $XDG_DATA_HOME/agentmount, else ~/.local/share/agentmount]
-    #[arg(long, value_name = "DIR")]
+    /// The store: a directory (trusty-mpm/lash layout) or arbiter's SQLite database file
+    /// [default: $AGENTMOUNT_STORE, else $XDG_DATA_HOME/agentmount, else ~/.local/share/agentmount].
+    /// A --store or $AGENTMOUNT_STORE that does not exist is refused (a typo must not
+    /// become an empty store); only the default store is created on first use
+    #[arg(long, value_name = "PATH")]
     pub store: Option<PathBuf>,
+    /// Create the --store directory if it does not exist (to start a new store there)
+    #[arg(long)]
+    pub create: bool,
     /// Override the sessions file (default: <store>/session-manager/sessions.json)
     #[arg(long, value_name = "FILE", hide_short_help = true)]
     pub sessions_file: Option<PathBuf>,
@@ -42,11 +48,46 @@ pub struct StoreArgs {
     pub lock_timeout: std::time::Duration,
 }
 
+/// What `agentmount mount --help` and `agentmount man mount` add: fstab options and the
+/// errno of every refusal.
+const MOUNT_LONG_HELP: &str = "\
+Examples:
+  agentmount mount /tmp/agents
+  agentmount mount --store ~/.trusty-mpm --read-only /mnt/agents
+  agentmount mount --store /var/lib/arbiter/arbiter.db /mnt/arbiter
+  agentmount mount --foreground --log-level debug /tmp/agents
+
+The store is a directory (trusty-mpm/lash layout) or arbiter's SQLite database, told apart
+by the file's first bytes. A --store that does not exist is refused unless --create.
+
+As a mount(8) helper (ln -s $(command -v agentmount) /sbin/mount.agentmount):
+  mount -t agentmount STORE MOUNTPOINT -o OPTIONS
+  fstab: STORE MOUNTPOINT agentmount defaults,allow_other,_netdev,nofail 0 0
+  options: ro, allow_other, noxattr, uid=N, gid=N, threads=N, log_level=L,
+           max_record_bytes=N, lock_timeout=SECONDS; defaults, noauto, nofail, _netdev,
+           x-* and the like are accepted; anything else is refused.
+
+What each refusal returns (the reason goes to MOUNTPOINT/.errors and the log; a write is
+checked at close, so a shell's `>` may not show the error: read .errors):
+  EINVAL  invalid JSON, wrong type for a known field, unknown enum value, an id that
+          disagrees with the file name, an invalid file name, an unknown key (arbiter's
+          database), a goal `done` with unverified sessions, a bad .gc command
+  EFBIG   a record over --max-record-bytes (16 MiB)
+  EROFS   any change on a read-only mount
+  EPERM   writes to attachment bytes or sidecars that change them, mkdir, rmdir, hard
+          links, device nodes, chmod/chown that would change something
+  EXDEV   a move between directories (mv falls back to copy + unlink)
+  EAGAIN  the writer lock (a database: its lock) not taken within --lock-timeout
+  EIO     a store file that no longer parses, a damaged database: writes are refused
+  EBUSY   a garbage collection already running
+  ENOTSUP setting extended attributes";
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Mount a store; returns once the filesystem is ready (backgrounds unless --foreground)
     #[command(
-        after_help = "Examples:\n  agentmount mount /tmp/agents\n  agentmount mount --store ~/.trusty-mpm --read-only /mnt/agents\n  agentmount mount --foreground --log-level debug /tmp/agents"
+        after_help = "Examples:\n  agentmount mount /tmp/agents\n  agentmount mount --store ~/.trusty-mpm --read-only /mnt/agents\n  agentmount mount --store /var/lib/arbiter/arbiter.db /mnt/arbiter\n  agentmount mount --foreground --log-level debug /tmp/agents",
+        after_long_help = MOUNT_LONG_HELP
     )]
     Mount {
         #[command(flatten)]
@@ -91,14 +132,15 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Reclaim orphaned attachments and print the report as JSON
+    /// DELETE orphaned attachments (referenced by no record, never committed, older than
+    /// --grace) and print the report as JSON; --dry-run first to see what would go
     #[command(
-        after_help = "Examples:\n  agentmount gc --dry-run\n  agentmount gc --store ./store --grace 0"
+        after_help = "Every run without --dry-run deletes. Examples:\n  agentmount gc --dry-run                  # what would be deleted; deletes nothing\n  agentmount gc                            # deletes orphans older than an hour\n  agentmount gc --store ./store --grace 0  # deletes every orphan, even one written a second ago"
     )]
     Gc {
         #[command(flatten)]
         store: StoreArgs,
-        /// Keep uncommitted attachments younger than this
+        /// Keep orphans younger than this; 0 deletes every orphan, however new
         #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
         grace: u64,
         /// Report what would be reclaimed; delete nothing
@@ -121,9 +163,14 @@ pub enum Command {
         after_help = "Example:\n  agentmount completions bash > /etc/bash_completion.d/agentmount"
     )]
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff)
-    #[command(after_help = "Example:\n  agentmount man | man -l -")]
-    Man,
+    /// Print a man page (roff): the overview, or one subcommand's page
+    #[command(
+        after_help = "Examples:\n  agentmount man | man -l -\n  agentmount man mount | man -l -   # options, fstab, every refusal's errno"
+    )]
+    Man {
+        /// The subcommand whose page to print (mount, unmount, gc, fsck, status, ...)
+        subcommand: Option<String>,
+    },
 }
 
 /// `mount.agentmount STORE MOUNTPOINT [-o OPTIONS]`, as mount(8) and /etc/fstab call a
@@ -196,6 +243,39 @@ pub fn helper_args(args: &[String]) -> Result<Vec<String>, String> {
 }
 
 impl StoreArgs {
+    /// The store named explicitly (`--store`, else `$AGENTMOUNT_STORE`), if any.
+    pub fn explicit(&self) -> Option<PathBuf> {
+        self.store.clone().or_else(|| {
+            std::env::var_os("AGENTMOUNT_STORE")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+    }
+
+    /// Refuses an explicitly named store that does not exist, unless `--create` asks for
+    /// it (then creates the directory). The default store is created on first use.
+    pub fn check_exists(&self) -> Result<(), String> {
+        let Some(p) = self.explicit() else {
+            return Ok(());
+        };
+        if p.exists() {
+            return Ok(());
+        }
+        let via = if self.store.is_some() {
+            "--store"
+        } else {
+            "$AGENTMOUNT_STORE"
+        };
+        if !self.create {
+            return Err(format!(
+                "the store {} ({via}) does not exist; check the path, or add --create to start a new store there",
+                p.display()
+            ));
+        }
+        std::fs::create_dir_all(&p)
+            .map_err(|e| format!("cannot create the store {}: {e}", p.display()))
+    }
+
     pub fn layout(&self) -> crate::store::Layout {
         let root = self
             .store

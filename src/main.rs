@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use agentmount::backend::StoreKind;
 use agentmount::cli::{Cli, Command};
 use agentmount::store::Store;
 use agentmount::store::gc::GcOptions;
@@ -51,9 +52,26 @@ fn main() -> ExitCode {
             let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
             ExitCode::SUCCESS
         }
-        Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+        Command::Man { subcommand } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+            cmd.build();
+            let page = match &subcommand {
+                None => cmd,
+                Some(name) => match cmd.find_subcommand(name) {
+                    Some(sub) => sub.clone(),
+                    None => {
+                        eprintln!(
+                            "agentmount: no subcommand {name:?}; pages: {}",
+                            cmd.get_subcommands()
+                                .map(|c| c.get_name())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            match clap_mangen::Man::new(page).render(&mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("agentmount: {e}");
@@ -67,6 +85,16 @@ fn main() -> ExitCode {
             dry_run,
         } => {
             init_cli_logging();
+            if let Err(e) = open_check(&store) {
+                return e;
+            }
+            if agentmount::backend::detect(&store.layout().root).ok() == Some(StoreKind::Sqlite) {
+                eprintln!(
+                    "agentmount: {} is an arbiter database: it holds no attachments, so there is nothing to collect",
+                    store.layout().root.display()
+                );
+                return ExitCode::from(1);
+            }
             let s = match Store::open(store.layout(), store.options(false)) {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
@@ -88,11 +116,26 @@ fn main() -> ExitCode {
         }
         Command::Fsck { store } => {
             init_cli_logging();
-            let s = match Store::open(store.layout(), store.options(false)) {
-                Ok(s) => s,
+            if let Err(e) = open_check(&store) {
+                return e;
+            }
+            let r = match agentmount::backend::detect(&store.layout().root) {
+                Ok(StoreKind::Sqlite) => {
+                    match agentmount::backend::sqlite::fsck(
+                        &store.layout().root,
+                        store.options(true),
+                    ) {
+                        Ok(r) => r,
+                        Err(e) => return fail(&e),
+                    }
+                }
+                Ok(StoreKind::Directory) => match Store::open(store.layout(), store.options(false))
+                {
+                    Ok(s) => s.fsck(),
+                    Err(e) => return fail(&e),
+                },
                 Err(e) => return fail(&e),
             };
-            let r = s.fsck();
             for line in &r.repaired {
                 println!("repaired: {line}");
             }
@@ -115,12 +158,22 @@ fn main() -> ExitCode {
 }
 
 fn init_cli_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// A store named on the command line must exist (unless --create).
+fn open_check(store: &agentmount::cli::StoreArgs) -> Result<(), ExitCode> {
+    store.check_exists().map_err(|e| {
+        eprintln!("agentmount: {e}");
+        ExitCode::from(1)
+    })
 }
 
 fn fail(e: &agentmount::error::StoreError) -> ExitCode {

@@ -132,6 +132,7 @@ pub fn run_cli(cmd: Command) -> ExitCode {
 
 /// Checks what can be checked before forking, so the common mistakes get a clear message.
 fn preflight(args: &MountArgs) -> Result<(), String> {
+    args.store.check_exists()?;
     let mp = &args.mountpoint;
     let meta = std::fs::metadata(mp).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "the mountpoint does not exist".to_string(),
@@ -248,12 +249,22 @@ fn init_logging(
     layout_root: &Path,
     log_name: &str,
 ) -> Result<Option<PathBuf>, String> {
+    // fuser tries to unmount again when its session ends; after a normal unmount that
+    // fails with EINVAL and fuser warns: its session warnings are left out unless RUST_LOG
+    // asks for them (our own unmount failures are logged by us).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
+        .or_else(|_| {
+            tracing_subscriber::EnvFilter::try_new(format!(
+                "{},fuser::session=error",
+                args.log_level
+            ))
+        })
         .map_err(|e| format!("bad --log-level {:?}: {e}", args.log_level))?;
     if args.foreground {
+        use std::io::IsTerminal;
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .try_init();
         return Ok(None);

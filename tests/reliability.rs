@@ -479,10 +479,12 @@ fn hostile_operations_get_their_errno_and_change_nothing() {
         }),
         case("write attachment bytes", EPERM, put(pix, b"x")),
         case("write attachment sidecar", EPERM, put(pix_meta, b"{}")),
-        case("truncate attachment bytes", EPERM, move |m: &Path| std::fs::OpenOptions::new().write(true).open(m.join(pix)).map(|_| ())),
+        // DESIGN §7: a write to attachment bytes is a put by address, refused at close
+        // unless the bytes hash to the name.
+        case("truncate attachment bytes", EPERM, move |m: &Path| write_close(&m.join(pix), b"").map_err(std::io::Error::from_raw_os_error)),
         case("unlink attachment bytes", EPERM, move |m: &Path| std::fs::remove_file(m.join(pix))),
         case("unlink sidecar", EPERM, move |m: &Path| std::fs::remove_file(m.join(pix_meta))),
-        case("create a file named like a blob", EPERM, move |m: &Path| std::fs::write(m.join(format!("attachments/{}", "a".repeat(64))), b"x")),
+        case("create a file named like a blob", EPERM, move |m: &Path| write_close(&m.join(format!("attachments/{}", "a".repeat(64))), b"x").map_err(std::io::Error::from_raw_os_error)),
         case("mkdir", EPERM, |m: &Path| std::fs::create_dir(m.join("goals/sub"))),
         case("rmdir", EPERM, |m: &Path| std::fs::remove_dir(m.join("goals"))),
         case("hard link", EPERM, |m: &Path| std::fs::hard_link(m.join("goals/g-1a2b3c4d.json"), m.join("goals/g-2.json"))),

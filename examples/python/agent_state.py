@@ -42,9 +42,18 @@ def set_progress(mnt, goal_id, percent):
     # Write a scratch file and rename it over the record: readers see the old goal or the
     # new one, never half of it. (Writing the record directly works too.)
     tmp = os.path.join(mnt, "goals", "." + goal_id + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(g, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(g, f, indent=2)
+        os.replace(tmp, path)
+    except OSError:
+        # Refused (the reason is in .errors): leave no scratch file behind for grep -r or
+        # cp -r to pick up.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     goal(mnt, goal_id)
 
 
@@ -56,14 +65,22 @@ def attach(mnt, src):
     print(f"{label} -> sha256:{hexid} ({os.getxattr(dst, 'user.media_type').decode()})")
 
 
+COMMANDS = {"sessions": sessions, "goal": goal, "set-progress": set_progress, "attach": attach}
+
+
 def main(argv):
-    if len(argv) < 3:
-        sys.exit(__doc__)
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(__doc__.strip())
+        return
+    if len(argv) < 3 or argv[2] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        sys.exit(2)
     mnt, cmd, args = argv[1], argv[2], argv[3:]
     try:
-        {"sessions": sessions, "goal": goal, "set-progress": set_progress, "attach": attach}[cmd](mnt, *args)
-    except KeyError:
-        sys.exit(__doc__)
+        COMMANDS[cmd](mnt, *args)
+    except TypeError:
+        print(__doc__.strip(), file=sys.stderr)
+        sys.exit(2)
     except OSError as e:
         sys.exit(f"{cmd}: {e} (see {os.path.join(mnt, '.errors')})")
 

@@ -164,6 +164,14 @@ impl AttachmentStore for Store {
         Store::finish_ingest(self, ingest, label)
     }
 
+    fn finish_put(&self, ingest: Ingest, hex: &str) -> Result<()> {
+        Store::finish_put(self, ingest, hex)
+    }
+
+    fn put_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
+        Store::put_sidecar(self, hex, bytes)
+    }
+
     fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()> {
         Store::relabel(self, hex, old, label)
     }

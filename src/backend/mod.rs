@@ -160,6 +160,11 @@ pub trait AttachmentStore: Send + Sync {
     fn begin_ingest(&self) -> Result<Ingest>;
     /// Finishes an ingest (intent, bytes, sidecar with `label`); returns the hex id.
     fn finish_ingest(&self, ingest: Ingest, label: Option<&str>) -> Result<String>;
+    /// A put by address: the bytes must hash to `hex` (identical bytes onto an existing
+    /// blob change nothing); otherwise EPERM.
+    fn finish_put(&self, ingest: Ingest, hex: &str) -> Result<()>;
+    /// A sidecar written back: accepted only with exactly its current bytes.
+    fn put_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()>;
     /// Gives `label` to blob `hex` (dropping label `old`, for a rename).
     fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()>;
     /// Removes a label (the name only).

@@ -25,7 +25,11 @@ impl Core {
     pub(super) fn gc_report(&self) -> Vec<u8> {
         let mut v = match self.store.attachments().and_then(|a| a.last_gc()) {
             Some(r) => serde_json::to_vec_pretty(&r).unwrap_or_default(),
-            None => b"{\"last_run\": null, \"usage\": \"echo run > .gc | echo dry-run > .gc | echo grace=SECONDS > .gc\"}".to_vec(),
+            None => serde_json::to_vec_pretty(&json!({
+                "last_run": null,
+                "usage": crate::store::gc::USAGE,
+            }))
+            .unwrap_or_default(),
         };
         v.push(b'\n');
         v

@@ -19,6 +19,11 @@ use parking_lot::Mutex;
 
 use super::{Attr, Core, FileKind, FsError, OpenMode, SetAttr};
 
+/// `.status` `data_path.attachments` until the first open of an attachment tries
+/// passthrough (the kernel offers it; whether the daemon may use it is known only then).
+const PASSTHROUGH_UNTRIED: &str =
+    "passthrough offered by the kernel, not tried yet (decided at the first open of an attachment)";
+
 pub struct AgentFs {
     pub core: Arc<Core>,
     passthrough: Passthrough,
@@ -172,7 +177,7 @@ impl Filesystem for AgentFs {
         let path = match why_not {
             None => {
                 self.passthrough.enabled.store(true, Ordering::Relaxed);
-                "passthrough (the kernel reads the store file)".to_string()
+                PASSTHROUGH_UNTRIED.to_string()
             }
             Some(why) => {
                 tracing::info!("attachment reads through the page cache: {why}");
@@ -305,16 +310,17 @@ impl Filesystem for AgentFs {
         _req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
-        _target: &Path,
+        target: &Path,
         reply: ReplyEntry,
     ) {
-        self.refuse(
-            parent,
-            link_name,
-            "symlink",
-            "labels are made by writing a file into attachments/, not by symlink",
-        );
-        reply.error(Errno::EPERM);
+        let name = match name_str(link_name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match self.core.symlink(parent.0, name, target) {
+            Ok(a) => reply.entry_with_ttls(&a.ttl, &a.ttl, &to_attr(&self.core, &a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn rename(
@@ -376,6 +382,12 @@ impl Filesystem for AgentFs {
         } else {
             None
         };
+        if backing.is_some() {
+            let mut p = self.core.attachment_data_path.lock();
+            if *p == PASSTHROUGH_UNTRIED {
+                *p = "passthrough (the kernel reads the store file)".into();
+            }
+        }
         match backing {
             // The kernel takes only passthrough-compatible flags here (no KEEP_CACHE: the
             // backing file's own page cache is used).
@@ -417,10 +429,10 @@ impl Filesystem for AgentFs {
         data: &[u8],
         _wf: WriteFlags,
         _flags: OpenFlags,
-        _lock: Option<LockOwner>,
+        lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
+        match self.core.write(fh.0, offset, data, lock.map(|l| l.0)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
@@ -431,10 +443,10 @@ impl Filesystem for AgentFs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock: LockOwner,
+        lock: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.core.flush(fh.0, "close") {
+        match self.core.flush(fh.0, "close", Some(lock.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -451,7 +463,7 @@ impl Filesystem for AgentFs {
         reply: ReplyEmpty,
     ) {
         // A last flush in case the kernel did not send one (its errors cannot reach close).
-        let _ = self.core.flush(fh.0, "release");
+        let _ = self.core.flush(fh.0, "release", None);
         self.core.release(fh.0);
         self.passthrough.release(fh.0);
         reply.ok();
@@ -465,7 +477,7 @@ impl Filesystem for AgentFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.core.flush(fh.0, "fsync") {
+        match self.core.flush(fh.0, "fsync", None) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }

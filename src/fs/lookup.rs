@@ -49,7 +49,14 @@ impl Core {
             // it answers for the blob and sidecar names without a stat.
             if let Some(id) = parse_id(name) {
                 let listing = self.attach()?.listing()?;
-                return listing.get(&id).map(|_| Node::Blob(id)).ok_or_else(enoent);
+                if listing.get(&id).is_some() {
+                    return Ok(Node::Blob(id));
+                }
+                // A put by address still being written.
+                if self.ingests.lock().contains_key(name) {
+                    return Ok(Node::Ingest(name.to_string()));
+                }
+                return Err(enoent());
             }
             if let Some(id) = name.strip_suffix(".json").and_then(parse_id) {
                 let listing = self.attach()?.listing()?;
@@ -208,28 +215,20 @@ impl Core {
                     && let Some(h) = self.handle(fh)
                     && let Handle::Bytes { data, mtime } = &*h.lock()
                 {
-                    let size = if *node == Node::Status {
-                        0
-                    } else {
-                        data.len() as u64
-                    };
                     return Ok(self.attr(
                         ino,
                         FileKind::File,
-                        size,
+                        data.len() as u64,
                         (*mtime, *mtime),
                         0o444,
                         Duration::ZERO,
                     ));
                 }
-                let (data, mtime) = self.control_bytes(node);
-                // .status is generated at open from live counters: like a /proc file it
-                // shows size 0 (read to EOF), so stat and read never disagree.
-                let size = if *node == Node::Status {
-                    0
-                } else {
-                    data.len() as u64
-                };
+                // .status is rendered from live counters: stat renders it and an open right
+                // after reads that same rendering, so the size stat shows is what is read
+                // (tar, cp and rsync trust it).
+                let (data, mtime) = self.control_bytes(node, true);
+                let size = data.len() as u64;
                 let perm = if *node == Node::Gc {
                     file_perm(0o644)
                 } else {
@@ -248,7 +247,9 @@ impl Core {
     }
 
     /// The current bytes of a control file and the mtime it shows.
-    pub(super) fn control_bytes(&self, node: &Node) -> (Arc<[u8]>, SystemTime) {
+    /// `.status` is rendered anew by a stat (`fresh`); an open within a second of the last
+    /// rendering reads that rendering, so stat and read agree on its size.
+    pub(super) fn control_bytes(&self, node: &Node, fresh: bool) -> (Arc<[u8]>, SystemTime) {
         match node {
             Node::Gc => {
                 let t = self
@@ -261,7 +262,18 @@ impl Core {
                 (self.gc_report().into(), t)
             }
             Node::Errors => (self.errors.render().into(), self.errors.changed()),
-            _ => (self.render_status().into(), self.started_wall),
+            _ => {
+                let mut last = self.status_rendering.lock();
+                let data = match &*last {
+                    Some((at, d)) if !fresh && at.elapsed() < Duration::from_secs(1) => d.clone(),
+                    _ => {
+                        let d: Arc<[u8]> = self.render_status().into();
+                        *last = Some((Instant::now(), d.clone()));
+                        d
+                    }
+                };
+                (data, self.started_wall)
+            }
         }
     }
 

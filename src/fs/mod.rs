@@ -145,12 +145,16 @@ enum Handle {
     /// A record: `data` is the snapshot taken at open, or the bytes being written.
     /// `written`: bytes arrived since open. A buffer that was only truncated (O_TRUNC) is
     /// not committed by an early close of a duplicate descriptor (the shell's
-    /// `open; dup2; close` for `>`), only by release.
+    /// `open; dup2; close` for `>`), only by release. `refused`: the errno of a refused
+    /// write: every later flush/fsync/close reports it and nothing is committed.
     Record {
         ino: u64,
         data: Vec<u8>,
         dirty: bool,
         written: bool,
+        refused: Option<i32>,
+        /// The lock owner (file table) of the process whose writes filled `data`.
+        writer: Option<u64>,
     },
     Scratch {
         ino: u64,
@@ -165,6 +169,11 @@ enum Handle {
     },
     Ingest {
         state: Arc<Mutex<IngestState>>,
+    },
+    /// A sidecar being written back (accepted at close only with its exact bytes).
+    SidecarPut {
+        hex: String,
+        data: Vec<u8>,
     },
     Gc,
     Dir {
@@ -214,6 +223,11 @@ struct IngestState {
     unlinked: bool,
     /// Set once the bytes are in the store: the blob they became.
     done: Option<String>,
+    /// A put by address (`attachments/<hex>` written): the bytes must hash to this.
+    expect: Option<String>,
+    /// Bytes were written or the file truncated since open (an open for writing of an
+    /// existing blob that did neither changes nothing).
+    touched: bool,
 }
 
 /// One name in a directory listing, with its attributes when known.
@@ -260,6 +274,8 @@ pub struct Core {
     last_size: Mutex<HashMap<u64, u64>>,
     /// How attachment bytes reach readers, as `.status` shows it (set by the FUSE adapter).
     pub attachment_data_path: Mutex<String>,
+    /// The last rendering of `.status` and when it was made (see `control_bytes`).
+    status_rendering: Mutex<Option<(Instant, Arc<[u8]>)>>,
 
     started: Instant,
     started_wall: SystemTime,
@@ -312,6 +328,7 @@ impl Core {
             ingests: Mutex::new(HashMap::new()),
             last_size: Mutex::new(HashMap::new()),
             attachment_data_path: Mutex::new("page cache (keep_cache)".into()),
+            status_rendering: Mutex::new(None),
 
             started: Instant::now(),
             started_wall: SystemTime::now(),

@@ -93,6 +93,8 @@ impl Core {
                         data,
                         dirty: trunc,
                         written: false,
+                        refused: None,
+                        writer: None,
                     }),
                     direct,
                 ))
@@ -104,8 +106,25 @@ impl Core {
                 }
                 Ok((self.add_handle(Handle::Scratch { ino }), direct))
             }
+            Node::Blob(_) | Node::Label(_) if write => {
+                // A put by address (cp -a of a backup): checked against the name at close.
+                let id = self
+                    .blob_of(&node)?
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                let hex = to_hex(&id);
+                let st = Arc::new(Mutex::new(IngestState {
+                    name: hex.clone(),
+                    ino,
+                    ingest: Some(self.attach()?.begin_ingest()?),
+                    mtime: SystemTime::now(),
+                    unlinked: false,
+                    done: None,
+                    expect: Some(hex),
+                    touched: trunc,
+                }));
+                Ok((self.add_handle(Handle::Ingest { state: st }), direct))
+            }
             Node::Blob(_) | Node::Label(_) => {
-                refuse_write("attachment bytes")?;
                 let id = self
                     .blob_of(&node)?
                     .ok_or_else(|| FsError::new(libc::ENOENT))?;
@@ -120,8 +139,16 @@ impl Core {
                     },
                 ))
             }
+            Node::Sidecar(id) if write => {
+                let hex = to_hex(&id);
+                let data = if trunc {
+                    Vec::new()
+                } else {
+                    self.attach()?.sidecar_bytes(&hex)?.0
+                };
+                Ok((self.add_handle(Handle::SidecarPut { hex, data }), direct))
+            }
             Node::Sidecar(id) => {
-                refuse_write("attachment metadata")?;
                 let (data, mtime) = self.attach()?.sidecar_bytes(&to_hex(&id))?;
                 let data: Arc<[u8]> = data.into();
                 Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
@@ -140,13 +167,13 @@ impl Core {
             }
             // Read-only opens of .gc see one report; writable ones run collections.
             Node::Gc if !write => {
-                let (data, mtime) = self.control_bytes(&node);
+                let (data, mtime) = self.control_bytes(&node, false);
                 Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
             Node::Gc => Ok((self.add_handle(Handle::Gc), direct)),
             Node::Status | Node::Errors => {
                 refuse_write(&node.name())?;
-                let (data, mtime) = self.control_bytes(&node);
+                let (data, mtime) = self.control_bytes(&node, false);
                 Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
             Node::Root | Node::Dir(_) | Node::AttachDir => Err(FsError::new(libc::EISDIR)),
@@ -222,12 +249,16 @@ impl Core {
                         data: Vec::new(),
                         dirty: true,
                         written: false,
+                        refused: None,
+                        writer: None,
                     });
                     Ok((exists, fh, direct))
                 }
             }
         } else if parent == ATTACH_DIR {
-            if !attachments::valid_label(name) {
+            // A new `<hex>`: a put by address (a backup restored), checked at close.
+            let expect = parse_id(name).map(|id| to_hex(&id));
+            if expect.is_none() && !attachments::valid_label(name) {
                 return Err(FsError::refuse(
                     libc::EPERM,
                     format!(
@@ -245,6 +276,8 @@ impl Core {
                 mtime: now,
                 unlinked: false,
                 done: None,
+                expect,
+                touched: true,
             }));
             self.ingests.lock().insert(name.to_string(), st.clone());
             let attr = self.attr_of(ino, &node, None)?;
@@ -268,6 +301,7 @@ impl Core {
         match &*h {
             Handle::Record { data, .. } => Ok(slice(data)),
             Handle::Bytes { data, .. } => Ok(slice(data)),
+            Handle::SidecarPut { data, .. } => Ok(slice(data)),
             Handle::Scratch { ino } => Ok(self
                 .scratch
                 .lock()

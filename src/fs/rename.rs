@@ -54,6 +54,51 @@ impl Core {
         Ok(())
     }
 
+    /// `ln -s <hex> attachments/<label>` labels an existing blob (DESIGN §7), so `cp -a`
+    /// of a backup restores labels. Any other symlink: EPERM.
+    pub fn symlink(&self, parent: u64, name: &str, target: &std::path::Path) -> FsResult<Attr> {
+        let path = self.path_of(parent, name);
+        let r = self.symlink_inner(parent, name, target);
+        if let Err(e) = &r {
+            self.report(&path, "symlink", e);
+        }
+        r
+    }
+
+    fn symlink_inner(&self, parent: u64, name: &str, target: &std::path::Path) -> FsResult<Attr> {
+        check_name_len(name)?;
+        let refuse = |why: String| Err(FsError::refuse(libc::EPERM, why));
+        if parent != ATTACH_DIR || self.store.attachments().is_none() {
+            return refuse("symlinks exist only in attachments/, as labels of blobs".into());
+        }
+        self.writable()?;
+        let target = target.to_string_lossy();
+        let Some(id) = parse_id(&target) else {
+            return refuse(format!(
+                "a label must point at a blob's name (64 hex digits), not {target:?}"
+            ));
+        };
+        if !attachments::valid_label(name) {
+            return refuse(format!("{name:?} cannot be an attachment label"));
+        }
+        if self.attach()?.listing()?.get(&id).is_none() {
+            return Err(FsError::refuse(
+                libc::ENOENT,
+                format!("no attachment {target} to label"),
+            ));
+        }
+        if self.attach()?.listing()?.label(name).is_some() {
+            return Err(FsError::refuse(
+                libc::EEXIST,
+                format!("label {name:?} exists"),
+            ));
+        }
+        self.attach()?.relabel(&target, None, name)?;
+        let node = Node::Label(name.to_string());
+        let ino = self.inodes.ino(&node);
+        self.attr_of(ino, &node, None)
+    }
+
     pub fn rename(
         &self,
         parent: u64,

@@ -28,7 +28,10 @@ impl Core {
         let cur = self.attr_of(ino, &node, fh)?;
         let changes_owner =
             uid.is_some_and(|u| u != self.opts.uid) || gid.is_some_and(|g| g != self.opts.gid);
-        let changes_mode = mode.is_some_and(|m| (m & 0o7777) as u16 != cur.perm);
+        // An attachment being written becomes immutable bytes shown 0444 once stored: the
+        // mode a copy sets on it meanwhile (cp -p, rsync, a restore) is accepted, not kept.
+        let changes_mode = mode.is_some_and(|m| (m & 0o7777) as u16 != cur.perm)
+            && !matches!(node, Node::Ingest(_));
         let changes = changes_owner || changes_mode || size.is_some();
         if changes && self.opts.read_only {
             return Err(FsError::refuse(libc::EROFS, "the mount is read-only"));
@@ -115,6 +118,7 @@ impl Core {
                         FsError::refuse(libc::EPERM, "attachment bytes cannot change")
                     })?;
                     i.truncate(n)?;
+                    st.touched = true;
                 }
                 Node::Gc => {}
                 Node::Blob(_) | Node::Label(_) | Node::Sidecar(_) => {

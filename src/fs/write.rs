@@ -4,9 +4,10 @@
 use super::*;
 
 impl Core {
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// `owner`: the kernel's lock owner of the writing process (its file table), when told.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], owner: Option<u64>) -> FsResult<u32> {
         let h = self.handle(fh).ok_or_else(|| FsError::new(libc::EBADF))?;
-        let r = self.write_inner(&h, offset, data);
+        let r = self.write_inner(&h, offset, data, owner);
         if let Err(e) = &r {
             let ino = match &*h.lock() {
                 Handle::Record { ino, .. } | Handle::Scratch { ino } => *ino,
@@ -23,6 +24,7 @@ impl Core {
         h: &Arc<Mutex<Handle>>,
         offset: u64,
         data: &[u8],
+        owner: Option<u64>,
     ) -> FsResult<u32> {
         let mut h = h.lock();
         let put = |buf: &mut Vec<u8>| {
@@ -37,11 +39,24 @@ impl Core {
                 data: buf,
                 dirty,
                 written,
+                refused,
+                writer,
                 ..
             } => {
                 *written = true;
+                if owner.is_some() {
+                    *writer = owner;
+                }
+                if let Some(errno) = *refused {
+                    return Err(FsError::new(errno));
+                }
                 let limit = self.store.max_record_bytes();
                 if offset + data.len() as u64 > limit {
+                    // This descriptor's bytes can no longer be the record: its close
+                    // reports the same errno and commits nothing.
+                    *refused = Some(libc::EFBIG);
+                    *dirty = false;
+                    buf.clear();
                     return Err(FsError::refuse(
                         libc::EFBIG,
                         format!("record over the size limit of {limit} bytes"),
@@ -66,7 +81,9 @@ impl Core {
                 };
                 i.write_at(offset, data)?;
                 st.mtime = SystemTime::now();
+                st.touched = true;
             }
+            Handle::SidecarPut { data: buf, .. } => put(buf),
             Handle::Gc => {
                 drop(h);
                 let text = String::from_utf8_lossy(data);
@@ -80,13 +97,26 @@ impl Core {
 
     /// close() and fsync(): a record's bytes are validated and upserted; an attachment's
     /// are stored. The errno of a refusal comes back from the call that caused it.
-    pub fn flush(&self, fh: u64, op: &str) -> FsResult<()> {
+    ///
+    /// A close is a commit only when it comes from the process that wrote (its lock owner,
+    /// which its threads share): a child that inherited the descriptor and closes it (a
+    /// fork + exec in another thread closes its close-on-exec copies) must not commit a
+    /// buffer the writer is still filling. Its bytes are committed at the writer's close,
+    /// or at release.
+    pub fn flush(&self, fh: u64, op: &str, owner: Option<u64>) -> FsResult<()> {
         let Some(h) = self.handle(fh) else {
             return Ok(());
         };
         let mut guard = h.lock();
         match &mut *guard {
+            Handle::Record {
+                refused: Some(errno),
+                ..
+            } => Err(FsError::new(*errno)),
             Handle::Record { written: false, .. } if op == "close" => Ok(()),
+            Handle::Record {
+                writer: Some(w), ..
+            } if op == "close" && owner.is_some_and(|o| o != *w) => Ok(()),
             Handle::Record {
                 ino, data, dirty, ..
             } if *dirty => {
@@ -142,6 +172,28 @@ impl Core {
                 }
                 let name = st.name.clone();
                 self.ingests.lock().remove(&name);
+                if let Some(hex) = st.expect.clone().filter(|_| !st.touched) {
+                    // Opened for writing, neither written nor truncated: nothing changes.
+                    st.done = Some(hex);
+                    return Ok(());
+                }
+                if let Some(hex) = st.expect.clone() {
+                    // A put by address: nothing changes unless the bytes are new.
+                    return match self.attach()?.finish_put(ingest, &hex) {
+                        Ok(()) => {
+                            st.done = Some(hex.clone());
+                            self.inval.send(Inval::Entry(ATTACH_DIR, hex));
+                            Ok(())
+                        }
+                        Err(e) => {
+                            let e = FsError::from(e);
+                            self.report(&format!("/attachments/{name}"), op, &e);
+                            self.inodes.remove(&Node::Ingest(name.clone()));
+                            self.inval.send(Inval::Entry(ATTACH_DIR, name));
+                            Err(e)
+                        }
+                    };
+                }
                 match self.attach()?.finish_ingest(ingest, Some(&name)) {
                     Ok(hex) => {
                         st.done = Some(hex);
@@ -157,6 +209,13 @@ impl Core {
                         Err(e)
                     }
                 }
+            }
+            Handle::SidecarPut { hex, data } => {
+                let r = self.attach()?.put_sidecar(hex, data).map_err(FsError::from);
+                if let Err(e) = &r {
+                    self.report(&format!("/attachments/{hex}.json"), op, e);
+                }
+                r
             }
             _ => Ok(()),
         }

@@ -285,7 +285,7 @@ impl Ingest {
     }
 
     /// The hash of the bytes; a second pass only if writes came out of order.
-    fn digest(&mut self) -> Result<String> {
+    pub(super) fn digest(&mut self) -> Result<String> {
         let hasher = std::mem::replace(&mut self.hasher, StreamHasher::new());
         if !self.in_order || self.hashed != self.len {
             tracing::debug!(path = %self.tmp.display(), "writes arrived out of order; hashing in a second pass");

@@ -29,6 +29,13 @@ impl Default for GcOptions {
     }
 }
 
+/// What `.gc` accepts. Every command but `dry-run` deletes.
+pub const USAGE: [&str; 3] = [
+    "echo dry-run > .gc        reports what a collection would delete; deletes nothing",
+    "echo run > .gc            DELETES orphaned attachments: referenced by no record, never committed, older than 1 hour",
+    "echo grace=SECONDS > .gc  DELETES orphans older than SECONDS (grace=0: every orphan, even one written a second ago)",
+];
+
 impl GcOptions {
     /// Parses what was written to `.gc`: empty or `run`, `grace=<seconds>`, `dry-run`
     /// (words may be combined, separated by spaces or commas).
@@ -50,7 +57,7 @@ impl GcOptions {
                 }
                 w => {
                     return Err(StoreError::Invalid(format!(
-                        "gc: unknown command {w:?}; write `run`, `dry-run` or `grace=<seconds>`"
+                        "gc: unknown command {w:?}; write `dry-run` (deletes nothing), `run` or `grace=<seconds>` (both delete orphans)"
                     )));
                 }
             }

@@ -113,6 +113,12 @@ impl Default for Options {
     }
 }
 
+fn wrong_address(name: &str, hex: &str) -> StoreError {
+    StoreError::NotPermitted(format!(
+        "attachments/{name} holds only the bytes that hash to its name; these hash to {hex}"
+    ))
+}
+
 /// The view of a record as the mount shows it: its presented bytes and its store file's
 /// times.
 fn view(id: &str, rec: &Record, fp: Option<Fingerprint>) -> RecordView {
@@ -159,6 +165,9 @@ pub struct Store {
     pub stats: Arc<CacheStats>,
     gc_running: AtomicBool,
     last_gc: Mutex<Option<gc::GcReport>>,
+    /// Per blob, the sidecar's bytes and mtime before our last rewrite of it (see
+    /// `write_sidecar`).
+    sidecar_undo: Mutex<HashMap<String, (Vec<u8>, SystemTime)>>,
 }
 
 impl Store {
@@ -177,6 +186,7 @@ impl Store {
             stats,
             gc_running: AtomicBool::new(false),
             last_gc: Mutex::new(None),
+            sidecar_undo: Mutex::new(HashMap::new()),
             layout,
             options,
         };
@@ -509,7 +519,86 @@ impl Store {
     /// Finishes an ingest: write-ahead intent (durable before the bytes are visible), bytes
     /// moved into place unless identical bytes are there (dedupe), sidecar with `label`.
     /// Returns the hex id.
-    pub fn finish_ingest(&self, mut ingest: Ingest, label: Option<&str>) -> Result<String> {
+    pub fn finish_ingest(&self, ingest: Ingest, label: Option<&str>) -> Result<String> {
+        self.finish_ingest_as(ingest, label, None)
+    }
+
+    /// A put by address (DESIGN §7): bytes written to `attachments/<hex>` must hash to
+    /// `<hex>`. Identical bytes onto an existing blob change nothing (not even its sidecar);
+    /// new bytes are stored like any ingest, without a label; any other bytes: EPERM.
+    pub fn finish_put(&self, mut ingest: Ingest, expect: &str) -> Result<()> {
+        self.writable()?;
+        if fingerprint::stat(&self.attachments.blob_path(expect))?.is_some() {
+            let hex = ingest.digest()?;
+            if hex != expect {
+                return Err(wrong_address(expect, &hex));
+            }
+            return Ok(());
+        }
+        self.finish_ingest_as(ingest, None, Some(expect))
+            .map(|_| ())
+    }
+
+    /// A sidecar written back (a restore): accepted when every field but `label` is what
+    /// the store holds (those describe the bytes, which never change); its `label` is then
+    /// given to this blob (taken from any other) and the bytes are stored as written, so
+    /// the sidecar is the backup's byte for byte. Anything else: EPERM.
+    pub fn put_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
+        self.writable()?;
+        let path = self.attachments.sidecar_path(hex);
+        let cur =
+            fs::read(&path).map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
+        if cur == bytes {
+            return Ok(());
+        }
+        let refuse = |why: &str| {
+            StoreError::NotPermitted(format!(
+                "the sidecar of {hex} describes its bytes and is made by the store: {why}"
+            ))
+        };
+        let (Ok(Value::Object(mut new)), Ok(Value::Object(mut old))) = (
+            serde_json::from_slice::<Value>(bytes),
+            serde_json::from_slice::<Value>(&cur),
+        ) else {
+            return Err(refuse("what was written is not a JSON object"));
+        };
+        let label = new.shift_remove("label");
+        old.shift_remove("label");
+        if new != old {
+            return Err(refuse(
+                "only its label may differ from what the store holds",
+            ));
+        }
+        let label = match label {
+            None => None,
+            Some(Value::String(l)) if attachments::valid_label(&l) => Some(l),
+            Some(other) => return Err(refuse(&format!("{other} cannot be a label"))),
+        };
+        let _lock = self.lock.acquire()?;
+        if let Some(l) = &label {
+            for b in self.attachments.listing()?.blobs() {
+                let has = b.sidecar.as_ref().and_then(|s| s.label.as_deref()) == Some(l.as_str());
+                if has && b.hex() != hex {
+                    self.drop_label(&b.hex())?;
+                }
+            }
+        }
+        let fp = fingerprint::stat(&path)?;
+        match atomic::replace_file(&path, bytes, fp)? {
+            atomic::Replaced::Done(_) => Ok(()),
+            atomic::Replaced::Raced => Err(StoreError::Again(format!(
+                "{} changed while it was being rewritten",
+                path.display()
+            ))),
+        }
+    }
+
+    fn finish_ingest_as(
+        &self,
+        mut ingest: Ingest,
+        label: Option<&str>,
+        expect: Option<&str>,
+    ) -> Result<String> {
         self.writable()?;
         if let Some(l) = label
             && !attachments::valid_label(l)
@@ -520,6 +609,11 @@ impl Store {
         }
         let size = ingest.len();
         let (hex, head, tmp) = ingest.seal()?;
+        if let Some(e) = expect
+            && e != hex
+        {
+            return Err(wrong_address(e, &hex));
+        }
         let _lock = self.lock.acquire()?;
         self.manifest.add_intent(&hex, None)?;
         let dest = self.attachments.blob_path(&hex);
@@ -542,7 +636,7 @@ impl Store {
             };
             match label {
                 Some(l) => m.insert("label".into(), Value::String(l.into())),
-                None => m.remove("label"),
+                None => m.shift_remove("label"),
             };
             Some(m)
         })?;
@@ -570,21 +664,56 @@ impl Store {
 
     /// Rewrites a sidecar atomically (caller holds the writer lock). `f` gets the current
     /// value and returns the new one (`None`: leave it).
+    ///
+    /// The file keeps its final-newline convention (lash writes none), identical bytes are
+    /// not rewritten, and a label removed and given back to the same blob (`cp -a` unlinks
+    /// a label symlink before making it again) restores the sidecar's bytes and mtime, so
+    /// a restore of an unchanged backup changes nothing.
     fn write_sidecar(
         &self,
         hex: &str,
         f: impl FnOnce(Option<&Value>) -> Option<serde_json::Map<String, Value>>,
     ) -> Result<()> {
         let path = self.attachments.sidecar_path(hex);
+        let before = fs::read(&path).ok();
         let cur = attachments::read_sidecar_value(&path);
         let Some(new) = f(cur.as_ref().map(|(v, _)| v)) else {
             return Ok(());
         };
         let mut bytes =
             serde_json::to_vec_pretty(&new).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        bytes.push(b'\n');
+        if before.as_ref().is_none_or(|b| b.ends_with(b"\n")) {
+            bytes.push(b'\n');
+        }
+        if before.as_deref() == Some(&bytes[..]) {
+            return Ok(());
+        }
+        let prior_mtime = cur.as_ref().map(|(_, fp)| fp.mtime());
+        let undo = self.sidecar_undo.lock().remove(hex);
         match atomic::replace_file(&path, &bytes, cur.map(|(_, fp)| fp))? {
-            atomic::Replaced::Done(_) => Ok(()),
+            atomic::Replaced::Done(_) => {
+                match undo {
+                    Some((old, mtime)) if old == bytes => {
+                        // The label came back: the sidecar is the one it was, time included.
+                        let t = std::fs::FileTimes::new().set_modified(mtime);
+                        if let Err(e) = fs::File::options()
+                            .write(true)
+                            .open(&path)
+                            .and_then(|f| f.set_times(t))
+                        {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot restore the sidecar's mtime");
+                        }
+                    }
+                    _ => {
+                        if let (Some(old), Some(mtime)) = (before, prior_mtime) {
+                            self.sidecar_undo
+                                .lock()
+                                .insert(hex.to_string(), (old, mtime));
+                        }
+                    }
+                }
+                Ok(())
+            }
             atomic::Replaced::Raced => Err(StoreError::Again(format!(
                 "{} changed while it was being rewritten",
                 path.display()
@@ -625,7 +754,7 @@ impl Store {
         self.write_sidecar(hex, |v| {
             v.and_then(Value::as_object).map(|m| {
                 let mut m = m.clone();
-                m.remove("label");
+                m.shift_remove("label");
                 m
             })
         })
