@@ -191,6 +191,9 @@ pub fn render(
             // Shown as it is stored, so nothing is hidden; the reason goes to .status.
             let mut m = Map::new();
             for (i, name) in row.as_ref().column_names().iter().enumerate() {
+                if name.starts_with("_agentmount") {
+                    continue;
+                }
                 let v = match row.get::<_, SqlValue>(i)? {
                     SqlValue::Null => Value::Null,
                     SqlValue::Integer(n) => Value::from(n),

@@ -40,6 +40,10 @@ const COLLECTIONS: [Kind; 3] = [Kind::Sessions, Kind::Agents, Kind::Delegations]
 #[derive(Default, Clone)]
 struct Table {
     rows: BTreeMap<Arc<str>, Arc<Row>>,
+    /// The same rows in rowid order, as a table scan returns them: a reload walks the
+    /// scan and this side by side, so an unchanged row costs a compare of its raw values
+    /// and no lookup.
+    order: Arc<Vec<Arc<Row>>>,
     /// Sessions only: whether any row holds arbiter's ciphertext.
     ciphertext: bool,
 }
@@ -48,10 +52,15 @@ struct Table {
 /// rows whose raw values changed), and why arbiter could not load it, if it could not
 /// (such a row is shown as stored).
 struct Row {
+    rowid: i64,
+    key: Arc<str>,
     view: RecordView,
     raw: Box<[u8]>,
     bad: Option<String>,
 }
+
+/// The scan every reload and read-back uses: the rowid first, then arbiter's columns.
+const ROWID: &str = "_agentmount_rowid";
 
 impl Table {
     /// Rows arbiter itself could not load (bad UUID, timestamp, enum, ciphertext).
@@ -64,7 +73,7 @@ impl Table {
 fn raw_row(row: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Vec<u8>> {
     use rusqlite::types::ValueRef;
     let mut out = Vec::with_capacity(256);
-    for i in 0..n {
+    for i in 1..n {
         match row.get_ref(i)? {
             ValueRef::Null => out.push(0),
             ValueRef::Integer(v) => {
@@ -85,10 +94,50 @@ fn raw_row(row: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Whether a row's column values are the ones `raw` encodes (as `raw_row` does), without
+/// encoding them.
+fn raw_eq(row: &rusqlite::Row<'_>, n: usize, raw: &[u8]) -> rusqlite::Result<bool> {
+    use rusqlite::types::ValueRef;
+    let mut at = 0usize;
+    let mut take = |len: usize| -> Option<&[u8]> {
+        let s = raw.get(at..at + len)?;
+        at += len;
+        Some(s)
+    };
+    for i in 1..n {
+        let same = match row.get_ref(i)? {
+            ValueRef::Null => take(1) == Some(&[0]),
+            ValueRef::Integer(v) => take(1) == Some(&[1]) && take(8) == Some(&v.to_le_bytes()[..]),
+            ValueRef::Real(v) => take(1) == Some(&[2]) && take(8) == Some(&v.to_le_bytes()[..]),
+            ValueRef::Text(t) | ValueRef::Blob(t) => {
+                take(1) == Some(&[3])
+                    && take(8) == Some(&(t.len() as u64).to_le_bytes()[..])
+                    && take(t.len()) == Some(t)
+            }
+        };
+        if !same {
+            return Ok(false);
+        }
+    }
+    Ok(at == raw.len())
+}
+
+/// Where a sessions statement has the two JSON-array columns arbiter encrypts (looked up
+/// once per statement: by name a row, they cost a scan of the column names each).
+fn cipher_columns(st: &rusqlite::Statement<'_>) -> rusqlite::Result<[usize; 2]> {
+    if !st.column_names().contains(&"authorized_tools") {
+        return Ok([0, 0]);
+    }
+    Ok([
+        st.column_index("authorized_tools")?,
+        st.column_index("delegation_chain_snapshot")?,
+    ])
+}
+
 /// Whether a session row holds arbiter's ciphertext: a JSON-array column that is not a
 /// JSON array.
-fn row_has_ciphertext(row: &rusqlite::Row<'_>) -> rusqlite::Result<bool> {
-    for col in ["authorized_tools", "delegation_chain_snapshot"] {
+fn row_has_ciphertext(row: &rusqlite::Row<'_>, cols: [usize; 2]) -> rusqlite::Result<bool> {
+    for col in cols {
         if let rusqlite::types::ValueRef::Text(t) = row.get_ref(col)?
             && t.trim_ascii_start().first() != Some(&b'[')
         {
@@ -126,6 +175,8 @@ pub struct Sqlite {
     error: Mutex<Option<String>>,
     reloads: AtomicU64,
     hits: AtomicU64,
+    /// How long the last reload took (µs).
+    last_reload_us: AtomicU64,
     /// The database file as last checked by `PRAGMA quick_check` (inode, size, mtime)
     /// and what the check found (`Some`: damaged). Another process that scribbles on the
     /// file (not through SQLite) changes it.
@@ -216,6 +267,7 @@ impl Sqlite {
             error: Mutex::new(None),
             reloads: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            last_reload_us: AtomicU64::new(0),
             checked: Mutex::new(None),
         };
         s.verify_file()?;
@@ -269,6 +321,7 @@ impl Sqlite {
     /// their view (bytes `Arc` and times); changed ones get the time they were first seen.
     fn load(&self, conn: &Connection, prev: &Snapshot) -> Result<Snapshot> {
         self.reloads.fetch_add(1, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
         let sql = |e| sql_error("read the database", e);
         conn.execute_batch("BEGIN DEFERRED").map_err(sql)?;
         let r = (|| {
@@ -284,32 +337,42 @@ impl Sqlite {
             let mut tables: [Arc<Table>; 3] = Default::default();
             for (i, kind) in COLLECTIONS.iter().enumerate() {
                 let old = &prev.tables[i];
-                let mut t = Table::default();
                 let (name, key) = arbiter::table(*kind).unwrap_or(("", ""));
                 let mut st = conn
-                    .prepare_cached(&format!("SELECT * FROM {name} ORDER BY {key}"))
+                    .prepare_cached(&format!(
+                        "SELECT rowid AS {ROWID}, * FROM {name} ORDER BY rowid"
+                    ))
                     .map_err(sql)?;
                 let n = st.column_count();
                 let key_col = st.column_index(key).map_err(sql)?;
+                let cipher_cols = cipher_columns(&st).map_err(sql)?;
                 let mut rows = st.query([]).map_err(sql)?;
-                let mut changed = false;
+                let mut ciphertext = false;
+                let mut order: Vec<Arc<Row>> = Vec::with_capacity(old.order.len());
+                let mut changed: Vec<Arc<Row>> = Vec::new();
+                let mut removed: Vec<Arc<str>> = Vec::new();
+                let mut o = old.order.iter().peekable();
                 while let Some(row) = rows.next().map_err(sql)? {
-                    let raw = raw_row(row, n).map_err(sql)?;
-                    if *kind == Kind::Sessions && !t.ciphertext {
-                        t.ciphertext = row_has_ciphertext(row).map_err(sql)?;
+                    if *kind == Kind::Sessions && !ciphertext {
+                        ciphertext = row_has_ciphertext(row, cipher_cols).map_err(sql)?;
                     }
-                    let key: String = match row.get_ref(key_col).map_err(sql)? {
-                        rusqlite::types::ValueRef::Integer(k) => k.to_string(),
-                        v => v.as_str().map_err(|e| sql(e.into()))?.to_string(),
+                    let rowid: i64 = row.get(0).map_err(sql)?;
+                    // Old rows before this rowid are gone.
+                    while let Some(r) = o.next_if(|r| r.rowid < rowid) {
+                        removed.push(r.key.clone());
+                    }
+                    if let Some(r) = o.next_if(|r| r.rowid == rowid) {
+                        if raw_eq(row, n, &r.raw).map_err(sql)? {
+                            order.push(r.clone());
+                            continue;
+                        }
+                        removed.push(r.key.clone());
+                    }
+                    let key: Arc<str> = match row.get_ref(key_col).map_err(sql)? {
+                        rusqlite::types::ValueRef::Integer(k) => k.to_string().into(),
+                        v => v.as_str().map_err(|e| sql(e.into()))?.into(),
                     };
-                    // Unchanged raw values: the row keeps its rendering, time and Arc.
-                    if let Some(r) = old.rows.get(key.as_str())
-                        && r.raw[..] == raw[..]
-                    {
-                        t.rows.insert(key.into(), r.clone());
-                        continue;
-                    }
-                    changed = true;
+                    let raw = raw_row(row, n).map_err(sql)?;
                     let (id, out) =
                         arbiter::render(*kind, row, self.crypt.as_ref()).map_err(sql)?;
                     let (bytes, bad) = match out {
@@ -318,27 +381,46 @@ impl Sqlite {
                             (shown, Some(format!("{} {id}: {why}", kind.singular())))
                         }
                     };
-                    let view = RecordView {
-                        id: id.clone(),
-                        bytes: bytes.into(),
-                        mtime: now,
-                        ctime: now,
-                    };
-                    t.rows.insert(
-                        id.into(),
-                        Arc::new(Row {
-                            view,
-                            raw: raw.into(),
-                            bad,
-                        }),
-                    );
+                    let r = Arc::new(Row {
+                        rowid,
+                        key,
+                        view: RecordView {
+                            id,
+                            bytes: bytes.into(),
+                            mtime: now,
+                            ctime: now,
+                        },
+                        raw: raw.into(),
+                        bad,
+                    });
+                    order.push(r.clone());
+                    changed.push(r);
                 }
-                // An unchanged table keeps its Arc: the watcher skips it by pointer.
-                tables[i] = if !changed && t.rows.len() == old.rows.len() {
-                    old.clone()
-                } else {
-                    Arc::new(t)
-                };
+                removed.extend(o.map(|r| r.key.clone()));
+                tracing::debug!(
+                    table = name,
+                    rendered = changed.len(),
+                    removed = removed.len(),
+                    "reload"
+                );
+                tables[i] =
+                    if changed.is_empty() && removed.is_empty() && old.ciphertext == ciphertext {
+                        // Unchanged: the same Arc, so the watcher skips the table by pointer.
+                        old.clone()
+                    } else {
+                        let mut rows = old.rows.clone();
+                        for k in &removed {
+                            rows.remove(k);
+                        }
+                        for r in changed {
+                            rows.insert(r.key.clone(), r);
+                        }
+                        Arc::new(Table {
+                            rows,
+                            order: Arc::new(order),
+                            ciphertext,
+                        })
+                    };
             }
             Ok(Snapshot {
                 data_version: dv,
@@ -346,6 +428,9 @@ impl Sqlite {
             })
         })();
         let _ = conn.execute_batch("COMMIT");
+        let us = t0.elapsed().as_micros() as u64;
+        self.last_reload_us.store(us, Ordering::Relaxed);
+        tracing::debug!(us, "reloaded the database");
         r
     }
 
@@ -485,14 +570,18 @@ impl Sqlite {
         for id in touched {
             let read = |e| sql_error("read back the row", e);
             let mut st = tx
-                .prepare_cached(&format!("SELECT * FROM {name} WHERE {key} = ?1"))
+                .prepare_cached(&format!(
+                    "SELECT rowid AS {ROWID}, * FROM {name} WHERE {key} = ?1"
+                ))
                 .map_err(read)?;
             let n = st.column_count();
+            let cipher_cols = cipher_columns(&st).map_err(read)?;
             let mut rows = st.query([Self::key_value(kind, id)]).map_err(read)?;
             let r = match rows.next().map_err(read)? {
                 Some(row) => {
                     let raw = raw_row(row, n).map_err(read)?;
-                    let cipher = kind == Kind::Sessions && row_has_ciphertext(row).map_err(read)?;
+                    let cipher = kind == Kind::Sessions
+                        && row_has_ciphertext(row, cipher_cols).map_err(read)?;
                     let (rid, out) =
                         arbiter::render(kind, row, self.crypt.as_ref()).map_err(read)?;
                     let (bytes, bad) = match out {
@@ -501,14 +590,17 @@ impl Sqlite {
                             (shown, Some(format!("{} {rid}: {why}", kind.singular())))
                         }
                     };
+                    let rowid: i64 = row.get(0).map_err(read)?;
                     let view = RecordView {
-                        id: rid,
+                        id: rid.clone(),
                         bytes: bytes.into(),
                         mtime: now,
                         ctime: now,
                     };
                     Some((
                         Arc::new(Row {
+                            rowid,
+                            key: rid.into(),
                             view,
                             raw: raw.into(),
                             bad,
@@ -532,17 +624,19 @@ impl Sqlite {
         }
         let i = COLLECTIONS.iter().position(|k| *k == kind).unwrap_or(0);
         let mut t = Table::clone(&snap.tables[i]);
+        let mut order = Vec::clone(&t.order);
         for (id, r) in patched {
-            match r {
-                None => {
-                    t.rows.remove(id.as_str());
-                }
-                Some((row, cipher)) => {
-                    t.ciphertext |= cipher;
-                    t.rows.insert(id.into(), row);
-                }
+            if let Some(old) = t.rows.remove(id.as_str()) {
+                order.retain(|o| !Arc::ptr_eq(o, &old));
+            }
+            if let Some((row, cipher)) = r {
+                t.ciphertext |= cipher;
+                let at = order.partition_point(|o| o.rowid < row.rowid);
+                order.insert(at, row.clone());
+                t.rows.insert(row.key.clone(), row);
             }
         }
+        t.order = Arc::new(order);
         let mut tables = snap.tables.clone();
         tables[i] = Arc::new(t);
         *snap = Arc::new(Snapshot {
@@ -738,6 +832,7 @@ impl Backend for Sqlite {
             "cache": {
                 "reloads": self.reloads.load(Ordering::Relaxed),
                 "hits": self.hits.load(Ordering::Relaxed),
+                "last_reload_us": self.last_reload_us.load(Ordering::Relaxed),
             },
             "last_error": errs,
         })

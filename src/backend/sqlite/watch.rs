@@ -135,14 +135,32 @@ fn run(
             if Arc::ptr_eq(old, new) {
                 continue;
             }
-            for (id, v) in &old.rows {
-                match new.rows.get(id) {
-                    Some(n) if Arc::ptr_eq(&n.view.bytes, &v.view.bytes) => {}
-                    n => out.push(StoreEvent::Record {
-                        kind: *kind,
-                        id: id.to_string(),
-                        gone: n.is_none(),
-                    }),
+            // Both maps in key order, side by side: unchanged rows share their Arc.
+            let mut a = old.rows.iter().peekable();
+            let mut b = new.rows.iter().peekable();
+            loop {
+                match (a.peek(), b.peek()) {
+                    (Some((ka, ra)), Some((kb, rb))) => match ka.cmp(kb) {
+                        std::cmp::Ordering::Equal => {
+                            if !Arc::ptr_eq(ra, rb) && ra.view.bytes != rb.view.bytes {
+                                out.push(event(*kind, ka, false));
+                            }
+                            a.next();
+                            b.next();
+                        }
+                        std::cmp::Ordering::Less => {
+                            out.push(event(*kind, ka, true));
+                            a.next();
+                        }
+                        std::cmp::Ordering::Greater => {
+                            b.next();
+                        }
+                    },
+                    (Some((ka, _)), None) => {
+                        out.push(event(*kind, ka, true));
+                        a.next();
+                    }
+                    _ => break,
                 }
             }
         }
@@ -150,6 +168,14 @@ fn run(
         if !out.is_empty() {
             sink.store_changed(out, t0);
         }
+    }
+}
+
+fn event(kind: crate::backend::Kind, id: &str, gone: bool) -> StoreEvent {
+    StoreEvent::Record {
+        kind,
+        id: id.to_string(),
+        gone,
     }
 }
 
