@@ -595,6 +595,15 @@ impl Filesystem for AgentFs {
         if !self.core.opts.xattrs {
             return reply.error(Errno::from_i32(libc::ENOSYS));
         }
+        // The mount has no security labels and no ACLs (DESIGN §7): EOPNOTSUPP, not
+        // ENODATA, so `ls -l` (coreutils remembers an unsupported filesystem per device)
+        // stops asking after the first file, and cp -a, rsync -A and tar --acls treat the
+        // mount as a filesystem without ACLs. FUSE_POSIX_ACL is not negotiated, so the
+        // kernel's permission checks use the mode bits alone and never ask.
+        let n = name.as_encoded_bytes();
+        if n.starts_with(b"security.") || n.starts_with(b"system.posix_acl_") {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
         let attrs = match self.core.xattrs(ino.0) {
             Ok(a) => a,
             Err(e) => return reply.error(errno(&e)),
