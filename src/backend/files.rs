@@ -81,6 +81,19 @@ impl Backend for Store {
             .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
+    fn collection_time(&self, kind: Kind) -> SystemTime {
+        let path = match kind {
+            Kind::Sessions => &self.layout.sessions,
+            Kind::Goals => &self.layout.goals,
+            _ => &self.layout.conversations,
+        };
+        let t = path.metadata().ok().and_then(|m| m.modified().ok());
+        t.map_or_else(
+            || Backend::root_time(self),
+            |t| t.max(Backend::root_time(self)),
+        )
+    }
+
     fn statfs_path(&self) -> PathBuf {
         self.layout.root.clone()
     }

@@ -132,6 +132,11 @@ pub trait Backend: Send + Sync {
     }
     /// The times directories show.
     fn root_time(&self) -> SystemTime;
+    /// When a collection last changed in the store (its directory's mtime).
+    fn collection_time(&self, kind: Kind) -> SystemTime {
+        let _ = kind;
+        self.root_time()
+    }
     /// A local path whose filesystem `statfs` reports.
     fn statfs_path(&self) -> PathBuf;
     /// The attachment store, for backends that have one.

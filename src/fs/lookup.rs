@@ -84,10 +84,13 @@ impl Core {
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
-        let node = self
-            .inodes
-            .node(ino)
-            .ok_or_else(|| FsError::new(libc::ENOENT))?;
+        let Some(node) = self.inodes.node(ino) else {
+            // fstat of a descriptor whose name is gone: the file it still has.
+            let _ = fh;
+            return self
+                .open_handle_attr(ino)
+                .ok_or_else(|| FsError::new(libc::ENOENT));
+        };
         self.attr_of(ino, &node, fh)
     }
 
@@ -140,21 +143,27 @@ impl Core {
                             file_perm(0o644),
                             Duration::ZERO,
                         )),
-                        None => Err(FsError::new(libc::ENOENT)),
+                        // Removed meanwhile: an open descriptor still reads its version.
+                        None => self
+                            .open_handle_attr(ino)
+                            .ok_or_else(|| FsError::new(libc::ENOENT)),
                     },
                 }
             }
             Node::Scratch(..) => {
-                let s = self.scratch.lock();
-                let s = s.get(&ino).ok_or_else(|| FsError::new(libc::ENOENT))?;
-                Ok(self.attr(
-                    ino,
-                    FileKind::File,
-                    s.data.len() as u64,
-                    (s.mtime, s.ctime),
-                    s.mode,
-                    Duration::ZERO,
-                ))
+                let f = match fh.and_then(|f| self.handle(f)) {
+                    Some(h) => match &*h.lock() {
+                        Handle::Scratch { file, .. } => Some(file.clone()),
+                        _ => None,
+                    },
+                    None => None,
+                };
+                match f.or_else(|| self.scratch_file(ino)) {
+                    Some(f) => Ok(self.scratch_attr(ino, &f.lock())),
+                    None => self
+                        .open_handle_attr(ino)
+                        .ok_or_else(|| FsError::new(libc::ENOENT)),
+                }
             }
             Node::Blob(id) => {
                 let listing = self.attach()?.listing()?;
@@ -247,6 +256,36 @@ impl Core {
     }
 
     /// The current bytes of a control file and the mtime it shows.
+    /// The attributes a file still open shows once its name was unlinked or replaced
+    /// (the kernel asks by inode, without the descriptor): the bytes an open descriptor
+    /// still reads, nlink 0. Only asked when the name is gone, so the scan is rare.
+    pub(super) fn open_handle_attr(&self, ino: u64) -> Option<Attr> {
+        let open: Vec<Arc<Mutex<Handle>>> = self.handles.lock().values().cloned().collect();
+        for h in open {
+            let h = h.lock();
+            match &*h {
+                Handle::Scratch { ino: i, file } if *i == ino => {
+                    return Some(self.scratch_attr(ino, &file.lock()));
+                }
+                Handle::Record { ino: i, data, .. } if *i == ino => {
+                    let now = SystemTime::now();
+                    let mut a = self.attr(
+                        ino,
+                        FileKind::File,
+                        data.len() as u64,
+                        (now, now),
+                        0o644,
+                        Duration::ZERO,
+                    );
+                    a.nlink = 0;
+                    return Some(a);
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// `.status` is rendered anew by a stat (`fresh`); an open within a second of the last
     /// rendering reads that rendering, so stat and read agree on its size.
     pub(super) fn control_bytes(&self, node: &Node, fresh: bool) -> (Arc<[u8]>, SystemTime) {

@@ -90,8 +90,11 @@ pub struct Attr {
     pub ino: u64,
     pub kind: FileKind,
     pub size: u64,
+    pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// Links: 0 for a file still open after its name went.
+    pub nlink: u32,
     pub perm: u16,
     pub ttl: Duration,
     /// The I/O size tools should use (`st_blksize`): `cp` reads and writes in pieces of it.
@@ -158,6 +161,7 @@ enum Handle {
     },
     Scratch {
         ino: u64,
+        file: ScratchFile,
     },
     Blob {
         file: File,
@@ -206,14 +210,21 @@ fn label_time(listing: &Listing, id: &BlobId) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// A scratch file. Its descriptors share it, so one that stays open after the name is
+/// unlinked or replaced keeps reading and writing the same bytes (nlink 0), as on any
+/// POSIX filesystem.
 struct Scratch {
     kind: Kind,
     name: String,
     data: Vec<u8>,
     mode: u16,
+    atime: SystemTime,
     mtime: SystemTime,
     ctime: SystemTime,
+    nlink: u32,
 }
+
+type ScratchFile = Arc<Mutex<Scratch>>;
 
 struct IngestState {
     name: String,
@@ -246,6 +257,7 @@ pub struct SetAttr {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
     pub mtime: Option<SystemTime>,
 }
 
@@ -268,7 +280,9 @@ pub struct Core {
     pub stats: FsStats,
     handles: Mutex<HashMap<u64, Arc<Mutex<Handle>>>>,
     next_fh: AtomicU64,
-    scratch: Mutex<HashMap<u64, Scratch>>,
+    scratch: Mutex<HashMap<u64, ScratchFile>>,
+    /// When a name in a directory last changed through the mount.
+    dir_times: Mutex<HashMap<u64, SystemTime>>,
     pending: Mutex<HashMap<(Kind, String), SystemTime>>,
     ingests: Mutex<HashMap<String, Arc<Mutex<IngestState>>>>,
     last_size: Mutex<HashMap<u64, u64>>,
@@ -324,6 +338,7 @@ impl Core {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             scratch: Mutex::new(HashMap::new()),
+            dir_times: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             ingests: Mutex::new(HashMap::new()),
             last_size: Mutex::new(HashMap::new()),
@@ -380,8 +395,10 @@ impl Core {
             ino,
             kind,
             size,
+            atime: mtime,
             mtime,
             ctime,
+            nlink: 1,
             perm,
             ttl,
             blksize: 4096,
@@ -395,13 +412,54 @@ impl Core {
             .ok_or_else(|| FsError::new(libc::ENOENT))
     }
 
+    /// The scratch file a name in a record directory has now.
+    fn scratch_file(&self, ino: u64) -> Option<ScratchFile> {
+        self.scratch.lock().get(&ino).cloned()
+    }
+
+    /// Removes a scratch file's name; descriptors still open keep its bytes (nlink 0).
+    fn unlink_scratch(&self, ino: u64) {
+        if let Some(f) = self.scratch.lock().remove(&ino) {
+            let mut f = f.lock();
+            f.nlink = 0;
+            f.ctime = SystemTime::now();
+        }
+    }
+
+    /// Attributes of a scratch file.
+    fn scratch_attr(&self, ino: u64, s: &Scratch) -> Attr {
+        let mut a = self.attr(
+            ino,
+            FileKind::File,
+            s.data.len() as u64,
+            (s.mtime, s.ctime),
+            s.mode,
+            Duration::ZERO,
+        );
+        a.atime = s.atime;
+        a.nlink = s.nlink;
+        a
+    }
+
     /// Whether the store serves `kind`'s directory.
     pub(super) fn serves(&self, kind: Kind) -> bool {
         self.store.collections().contains(&kind)
     }
 
+    /// A name was made, removed or renamed in directory `ino` through the mount.
+    fn dir_changed(&self, ino: u64) {
+        self.dir_times.lock().insert(ino, SystemTime::now());
+    }
+
+    /// A directory's mtime and ctime: the newest change to its entries, whether made
+    /// through the mount (names) or seen in the store (the collection behind it).
     pub(super) fn dir_attr(&self, ino: u64) -> Attr {
-        let t = self.store.root_time();
+        let store = match dir_kind(ino) {
+            Some(k) => self.store.collection_time(k),
+            None => self.store.root_time(),
+        };
+        let local = self.dir_times.lock().get(&ino).copied();
+        let t = local.map_or(store, |l| l.max(store));
         self.attr(ino, FileKind::Dir, 0, (t, t), 0o755, self.opts.ttl)
     }
 }

@@ -100,11 +100,17 @@ impl Core {
                 ))
             }
             Node::Scratch(..) => {
-                if trunc && let Some(s) = self.scratch.lock().get_mut(&ino) {
+                let file = self
+                    .scratch_file(ino)
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                if trunc {
+                    let mut s = file.lock();
                     s.data.clear();
-                    s.mtime = SystemTime::now();
+                    let now = SystemTime::now();
+                    s.mtime = now;
+                    s.ctime = now;
                 }
-                Ok((self.add_handle(Handle::Scratch { ino }), direct))
+                Ok((self.add_handle(Handle::Scratch { ino, file }), direct))
             }
             Node::Blob(_) | Node::Label(_) if write => {
                 // A put by address (cp -a of a backup): checked against the name at close.
@@ -216,19 +222,20 @@ impl Core {
                 Class::Scratch => {
                     let node = Node::Scratch(kind, name.to_string());
                     let ino = self.inodes.ino(&node);
-                    self.scratch.lock().insert(
-                        ino,
-                        Scratch {
-                            kind,
-                            name: name.to_string(),
-                            data: Vec::new(),
-                            mode: (mode & 0o7777) as u16,
-                            mtime: now,
-                            ctime: now,
-                        },
-                    );
+                    let file = Arc::new(Mutex::new(Scratch {
+                        kind,
+                        name: name.to_string(),
+                        data: Vec::new(),
+                        mode: (mode & 0o7777) as u16,
+                        atime: now,
+                        mtime: now,
+                        ctime: now,
+                        nlink: 1,
+                    }));
+                    self.scratch.lock().insert(ino, file.clone());
+                    self.dir_changed(parent);
                     let attr = self.attr_of(ino, &node, None)?;
-                    Ok((attr, self.add_handle(Handle::Scratch { ino }), direct))
+                    Ok((attr, self.add_handle(Handle::Scratch { ino, file }), direct))
                 }
                 Class::Record(id) => {
                     if let Some(e) = self.store.collection_error(kind) {
@@ -241,6 +248,7 @@ impl Core {
                         ));
                     }
                     self.pending.lock().insert((kind, id.clone()), now);
+                    self.dir_changed(parent);
                     let node = Node::Record(kind, id);
                     let ino = self.inodes.ino(&node);
                     let exists = self.attr_of(ino, &node, None)?;
@@ -280,6 +288,7 @@ impl Core {
                 touched: true,
             }));
             self.ingests.lock().insert(name.to_string(), st.clone());
+            self.dir_changed(parent);
             let attr = self.attr_of(ino, &node, None)?;
             Ok((attr, self.add_handle(Handle::Ingest { state: st }), direct))
         } else {
@@ -302,12 +311,7 @@ impl Core {
             Handle::Record { data, .. } => Ok(slice(data)),
             Handle::Bytes { data, .. } => Ok(slice(data)),
             Handle::SidecarPut { data, .. } => Ok(slice(data)),
-            Handle::Scratch { ino } => Ok(self
-                .scratch
-                .lock()
-                .get(ino)
-                .map(|s| slice(&s.data))
-                .unwrap_or_default()),
+            Handle::Scratch { file, .. } => Ok(slice(&file.lock().data)),
             Handle::Blob { file } => {
                 let mut buf = vec![0u8; size as usize];
                 let mut got = 0;

@@ -83,8 +83,10 @@ impl Core {
                     .scratch
                     .lock()
                     .values()
-                    .filter(|s| s.kind == kind)
-                    .map(|s| s.name.clone())
+                    .filter_map(|s| {
+                        let s = s.lock();
+                        (s.kind == kind).then(|| s.name.clone())
+                    })
                     .collect();
                 for name in scratch {
                     add(Node::Scratch(kind, name), FileKind::File, None);

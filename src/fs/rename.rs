@@ -7,6 +7,9 @@ impl Core {
     pub fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         let path = self.path_of(parent, name);
         let r = self.unlink_inner(parent, name);
+        if r.is_ok() {
+            self.dir_changed(parent);
+        }
         if let Err(e) = &r {
             self.report(&path, "unlink", e);
         }
@@ -27,7 +30,7 @@ impl Core {
             }
             Node::Scratch(..) => {
                 if let Some(ino) = self.inodes.existing(&node) {
-                    self.scratch.lock().remove(&ino);
+                    self.unlink_scratch(ino);
                 }
             }
             Node::Label(label) => self.attach()?.unlabel(label)?,
@@ -94,6 +97,7 @@ impl Core {
             ));
         }
         self.attach()?.relabel(&target, None, name)?;
+        self.dir_changed(parent);
         let node = Node::Label(name.to_string());
         let ino = self.inodes.ino(&node);
         self.attr_of(ino, &node, None)
@@ -110,6 +114,10 @@ impl Core {
     ) -> FsResult<()> {
         let path = self.path_of(parent, name);
         let r = self.rename_inner(parent, name, newparent, newname, noreplace, exchange);
+        if r.is_ok() {
+            self.dir_changed(parent);
+            self.dir_changed(newparent);
+        }
         if let Err(e) = &r {
             self.report(
                 &format!("{path} -> {}", self.path_of(newparent, newname)),
@@ -195,33 +203,34 @@ impl Core {
                     let now = SystemTime::now();
                     self.scratch.lock().insert(
                         ino,
-                        Scratch {
+                        Arc::new(Mutex::new(Scratch {
                             kind,
                             name: newname.to_string(),
                             data: bytes,
                             mode: 0o644,
+                            atime: now,
                             mtime: now,
                             ctime: now,
-                        },
+                            nlink: 1,
+                        })),
                     );
                     Node::Scratch(kind, newname.to_string())
                 }
                 (Node::Scratch(..), Class::Record(to)) => {
                     let ino = self.inodes.ino(&node);
                     let data = self
-                        .scratch
-                        .lock()
-                        .get(&ino)
-                        .map(|s| s.data.clone())
+                        .scratch_file(ino)
+                        .map(|s| s.lock().data.clone())
                         .ok_or_else(|| FsError::new(libc::ENOENT))?;
                     self.store.upsert(kind, &to, &data)?;
-                    self.scratch.lock().remove(&ino);
+                    self.unlink_scratch(ino);
                     Node::Record(kind, to)
                 }
                 (Node::Scratch(..), Class::Scratch) => {
                     self.drop_scratch_target(&target);
                     let ino = self.inodes.ino(&node);
-                    if let Some(s) = self.scratch.lock().get_mut(&ino) {
+                    if let Some(s) = self.scratch_file(ino) {
+                        let mut s = s.lock();
                         s.name = newname.to_string();
                         s.ctime = SystemTime::now();
                     }
@@ -279,7 +288,7 @@ impl Core {
         if let Some(t @ Node::Scratch(..)) = target
             && let Some(ino) = self.inodes.existing(t)
         {
-            self.scratch.lock().remove(&ino);
+            self.unlink_scratch(ino);
         }
     }
 }

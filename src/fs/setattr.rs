@@ -19,12 +19,55 @@ impl Core {
             uid,
             gid,
             size,
+            atime,
             mtime,
         } = set;
-        let node = self
-            .inodes
-            .node(ino)
-            .ok_or_else(|| FsError::new(libc::ENOENT))?;
+        // A scratch file: by its name, or by a descriptor that outlived its name.
+        let scratch = fh
+            .and_then(|f| self.handle(f))
+            .and_then(|h| match &*h.lock() {
+                Handle::Scratch { file, .. } => Some(file.clone()),
+                _ => None,
+            })
+            .or_else(|| self.scratch_file(ino));
+        let node = match self.inodes.node(ino) {
+            Some(n) => n,
+            None if scratch.is_some() => Node::Scratch(Kind::Sessions, String::new()),
+            None => return Err(FsError::new(libc::ENOENT)),
+        };
+        if let (Node::Scratch(..), Some(file)) = (&node, &scratch) {
+            let changes_owner =
+                uid.is_some_and(|u| u != self.opts.uid) || gid.is_some_and(|g| g != self.opts.gid);
+            if changes_owner {
+                return Err(FsError::refuse(
+                    libc::EPERM,
+                    "the store keeps no owners: every file belongs to the mounting user",
+                ));
+            }
+            if self.opts.read_only && (mode.is_some() || size.is_some()) {
+                return Err(FsError::refuse(libc::EROFS, "the mount is read-only"));
+            }
+            let mut s = file.lock();
+            let now = SystemTime::now();
+            if let Some(m) = mode {
+                s.mode = (m & 0o7777) as u16;
+            }
+            // POSIX: a truncation that changes the size marks mtime and ctime.
+            if let Some(n) = size
+                && n as usize != s.data.len()
+            {
+                s.data.resize(n as usize, 0);
+                s.mtime = now;
+            }
+            if let Some(t) = atime {
+                s.atime = t;
+            }
+            if let Some(t) = mtime {
+                s.mtime = t;
+            }
+            s.ctime = now;
+            return Ok(self.scratch_attr(ino, &s));
+        }
         let cur = self.attr_of(ino, &node, fh)?;
         let changes_owner =
             uid.is_some_and(|u| u != self.opts.uid) || gid.is_some_and(|g| g != self.opts.gid);
@@ -41,25 +84,6 @@ impl Core {
                 libc::EPERM,
                 "the store keeps no owners: every file belongs to the mounting user",
             ));
-        }
-        if let Node::Scratch(..) = node {
-            {
-                let mut table = self.scratch.lock();
-                let s = table
-                    .get_mut(&ino)
-                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
-                if let Some(m) = mode {
-                    s.mode = (m & 0o7777) as u16;
-                }
-                if let Some(n) = size {
-                    s.data.resize(n as usize, 0);
-                }
-                if let Some(t) = mtime {
-                    s.mtime = t;
-                }
-                s.ctime = SystemTime::now();
-            }
-            return self.attr_of(ino, &node, fh);
         }
         if changes_mode {
             return Err(FsError::refuse(

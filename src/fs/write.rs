@@ -10,7 +10,7 @@ impl Core {
         let r = self.write_inner(&h, offset, data, owner);
         if let Err(e) = &r {
             let ino = match &*h.lock() {
-                Handle::Record { ino, .. } | Handle::Scratch { ino } => *ino,
+                Handle::Record { ino, .. } | Handle::Scratch { ino, .. } => *ino,
                 Handle::Gc => 6,
                 _ => 0,
             };
@@ -65,11 +65,12 @@ impl Core {
                 put(buf);
                 *dirty = true;
             }
-            Handle::Scratch { ino } => {
-                let mut s = self.scratch.lock();
-                let s = s.get_mut(ino).ok_or_else(|| FsError::new(libc::EBADF))?;
+            Handle::Scratch { file, .. } => {
+                let mut s = file.lock();
                 put(&mut s.data);
-                s.mtime = SystemTime::now();
+                let now = SystemTime::now();
+                s.mtime = now;
+                s.ctime = now;
             }
             Handle::Ingest { state } => {
                 let mut st = state.lock();
@@ -132,15 +133,14 @@ impl Core {
                             self.last_size.lock().insert(ino, v.bytes.len() as u64);
                         }),
                     Some(Node::Scratch(..)) => {
-                        if let Some(s) = self.scratch.lock().get_mut(&ino) {
-                            s.data = data.clone();
+                        if let Some(s) = self.scratch_file(ino) {
+                            s.lock().data = data.clone();
                         }
                         Ok(())
                     }
-                    _ => Err(FsError::refuse(
-                        libc::ENOENT,
-                        "the file was removed while open",
-                    )),
+                    // The name was unlinked while this descriptor was open: its bytes go
+                    // nowhere, as on any POSIX filesystem.
+                    _ => Ok(()),
                 };
                 match r {
                     Ok(()) => {

@@ -51,7 +51,12 @@ pub fn safe_name(name: &str) -> bool {
         && name != ".."
         && !name.contains('/')
         && !name.contains('\0')
-        && name.len() <= 250
+        && name.len() <= 255
+}
+
+/// Whether `id` can name a record: `<id>.json` must itself be a usable name.
+pub fn safe_record_id(id: &str) -> bool {
+    safe_name(id) && id.len() + ".json".len() <= 255
 }
 
 /// How records sit in a single-file collection.
@@ -94,7 +99,7 @@ impl Doc {
     pub(crate) fn from_records(top: Map<String, Value>, records: Vec<Arc<Record>>) -> Doc {
         let mut index = HashMap::with_capacity(records.len());
         for (i, r) in records.iter().enumerate() {
-            if safe_name(&r.id) {
+            if safe_record_id(&r.id) {
                 index.entry(r.id.clone()).or_insert(i);
             }
         }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use super::collection::{Doc, Record, Shape, array_record, record_from_raw, safe_name};
+use super::collection::{Doc, Record, Shape, array_record, record_from_raw, safe_record_id};
 
 /// Where a parsed version's records sit in its file.
 pub struct Source {
@@ -237,7 +237,7 @@ fn splice_spans(shape: Shape, new: &[u8], prev: &Doc) -> Option<Spliced> {
     if let Shape::Map(_) = shape {
         // A key of the window that a kept record has too would make it appear twice.
         for r in &window.records {
-            if !safe_name(&r.id) {
+            if !safe_record_id(&r.id) {
                 return None;
             }
             if let Some(&at) = prev.index.get(&r.id)

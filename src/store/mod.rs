@@ -260,7 +260,7 @@ impl Store {
                 Ok(l.value.get(id).map(|r| view(id, r, l.fp)))
             }
             None => {
-                if !collection::safe_name(id) {
+                if !collection::safe_record_id(id) {
                     return Ok(None);
                 }
                 self.conv_view(id)
@@ -302,7 +302,7 @@ impl Store {
                     if let Some(id) = name
                         .strip_prefix("conversation-")
                         .and_then(|n| n.strip_suffix(".json"))
-                        && collection::safe_name(id)
+                        && collection::safe_record_id(id)
                         && !name.contains(atomic::TEMP_MARKER)
                     {
                         ids.push(id.to_string());
