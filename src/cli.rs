@@ -116,6 +116,19 @@ pub enum Command {
         /// FUSE worker threads
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Keep no record times, change feed or history (.changes and .history are absent;
+        /// records show their store file's times)
+        #[arg(long)]
+        no_journal: bool,
+        /// Lines of .changes kept (the newest)
+        #[arg(long, value_name = "N", default_value_t = 100_000)]
+        changes_max: usize,
+        /// Earlier versions kept per record in .history
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        history_per_record: usize,
+        /// Earlier versions kept in all in .history (the oldest go first)
+        #[arg(long, value_name = "N", default_value_t = 10_000)]
+        history_total: usize,
         /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it
         #[arg(long, default_value = "info")]
         log_level: String,
@@ -154,6 +167,25 @@ pub enum Command {
     Fsck {
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Follow a mount's change feed (.changes): print each change as it happens
+    #[command(
+        after_help = "Each line: time, collection/id, op (create, update, delete, rename -> new id), and who\n(mount with the writer's pid and uid, external, or gc). Ctrl-C stops.\n\nExamples:\n  agentmount watch ~/agents\n  agentmount watch ~/agents --collection goals --since 1\n  agentmount watch ~/agents --id g-1a2b3c4d --json | jq ."
+    )]
+    Watch {
+        mountpoint: PathBuf,
+        /// Only this collection (sessions, goals, conversations, attachments, ...)
+        #[arg(long)]
+        collection: Option<String>,
+        /// Only this record (also a rename to it)
+        #[arg(long)]
+        id: Option<String>,
+        /// Start with the changes from this sequence number on (default: from now)
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+        /// Print the feed's JSON lines
+        #[arg(long)]
+        json: bool,
     },
     /// Print a mount's .status
     #[command(after_help = "Example:\n  agentmount status ~/agents | jq .counts")]

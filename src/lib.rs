@@ -6,7 +6,9 @@
 pub mod backend;
 pub mod cli;
 pub mod error;
+pub mod follow;
 pub mod fs;
 pub mod fusermount;
+pub mod journal;
 pub mod mount;
 pub mod store;

@@ -30,6 +30,21 @@ fn main() -> ExitCode {
         Command::Unmount { mountpoint, force } => {
             agentmount::mount::unmount_cli(&mountpoint, force)
         }
+        Command::Watch {
+            mountpoint,
+            collection,
+            id,
+            since,
+            json,
+        } => agentmount::follow::run(
+            &mountpoint,
+            agentmount::follow::Filter {
+                collection,
+                id,
+                since,
+                json,
+            },
+        ),
         Command::Status { mountpoint } => match std::fs::read_to_string(mountpoint.join(".status"))
         {
             Ok(s) => {

@@ -25,6 +25,8 @@ pub struct MountArgs {
     pub gid: Option<u32>,
     pub no_xattr: bool,
     pub threads: usize,
+    pub no_journal: bool,
+    pub journal: crate::journal::JournalOptions,
     pub log_level: String,
     pub mountpoint: PathBuf,
 }
@@ -39,6 +41,10 @@ pub fn run_cli(cmd: Command) -> ExitCode {
         gid,
         no_xattr,
         threads,
+        no_journal,
+        changes_max,
+        history_per_record,
+        history_total,
         log_level,
         mountpoint,
     } = cmd
@@ -54,6 +60,12 @@ pub fn run_cli(cmd: Command) -> ExitCode {
         gid,
         no_xattr,
         threads,
+        no_journal,
+        journal: crate::journal::JournalOptions {
+            changes_max,
+            history_per_record,
+            history_total,
+        },
         log_level,
         mountpoint,
     };
@@ -348,7 +360,16 @@ fn serve(
     if let Some(g) = args.gid {
         opts.gid = g;
     }
-    let core = Core::new(store.clone(), opts);
+    let journal = if args.no_journal {
+        None
+    } else {
+        let dir = store.state_dir();
+        let j = crate::journal::Journal::open(dir.clone(), args.journal.clone(), &*store)
+            .map_err(|e| format!("cannot open the journal in {}: {e}", dir.display()))?;
+        Some(Arc::new(j))
+    };
+    let journal_at_exit = journal.clone();
+    let core = Core::new(store.clone(), opts, journal);
     let mut mount_options = vec![
         MountOption::FSName(format!("agentmount:{}", store.location())),
         MountOption::Subtype("agentmount".into()),
@@ -432,6 +453,11 @@ fn serve(
     session
         .run()
         .map_err(|e| format!("session ended with an error: {e}"))?;
+    if let Some(j) = journal_at_exit
+        && let Err(e) = j.save_times()
+    {
+        tracing::warn!(error = %e, "cannot save record times");
+    }
     tracing::info!("unmounted; exiting");
     Ok(())
 }

@@ -34,8 +34,10 @@ fn every_file_reads_back_what_the_store_holds() {
     assert_eq!(
         names("."),
         [
+            ".changes",
             ".errors",
             ".gc",
+            ".history",
             ".status",
             "attachments",
             "conversations",

@@ -94,6 +94,10 @@ impl Backend for Store {
         )
     }
 
+    fn state_dir(&self) -> PathBuf {
+        self.layout.root.join(".agentmount")
+    }
+
     fn statfs_path(&self) -> PathBuf {
         self.layout.root.clone()
     }

@@ -217,6 +217,11 @@ impl Watcher {
                             out,
                         );
                     }
+                    for (id, bytes) in &self.conversations {
+                        if !old.contains_key(id) {
+                            self.record_changed(Kind::Conversations, id, None, Some(bytes), out);
+                        }
+                    }
                 }
             }
             Target::Collection(kind) => {
@@ -249,6 +254,11 @@ impl Watcher {
                             n.map(|n| &n.bytes),
                             out,
                         ),
+                    }
+                }
+                for r in new.addressable() {
+                    if old.get(&r.id).is_none() {
+                        self.record_changed(kind, &r.id, None, Some(&r.bytes), out);
                     }
                 }
             }
@@ -316,6 +326,13 @@ impl Watcher {
                 gone: true,
             }),
             (Some(b), Some(n)) if b[..] != n[..] => out.push(StoreEvent::Record {
+                kind,
+                id: id.to_string(),
+                gone: false,
+            }),
+            // A new record: nothing to invalidate (negative entries are never cached),
+            // but the change feed records it.
+            (None, Some(_)) => out.push(StoreEvent::Record {
                 kind,
                 id: id.to_string(),
                 gone: false,

@@ -137,6 +137,9 @@ pub trait Backend: Send + Sync {
         let _ = kind;
         self.root_time()
     }
+    /// Where agentmount keeps its own state for this store (record times, the change feed,
+    /// history): beside the platform's files, never inside them.
+    fn state_dir(&self) -> PathBuf;
     /// A local path whose filesystem `statfs` reports.
     fn statfs_path(&self) -> PathBuf;
     /// The attachment store, for backends that have one.

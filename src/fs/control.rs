@@ -86,6 +86,13 @@ impl Core {
                 o.insert("attachment_index".into(), json!(a.index_mode()));
             }
             o.insert("data_path".into(), serde_json::Value::Object(path));
+            o.insert(
+                "journal".into(),
+                match &self.journal {
+                    Some(j) => j.status(),
+                    None => json!("off (--no-journal): records show their store file's times"),
+                },
+            );
         }
         let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
         out.push(b'\n');

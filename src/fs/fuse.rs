@@ -208,7 +208,7 @@ impl Filesystem for AgentFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -224,6 +224,7 @@ impl Filesystem for AgentFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        crate::journal::set_caller(req.pid(), req.uid());
         match self.core.setattr(
             ino.0,
             fh.map(|f| f.0),
@@ -285,7 +286,8 @@ impl Filesystem for AgentFs {
         reply.error(Errno::EPERM);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::journal::set_caller(req.pid(), req.uid());
         let name = match name_str(name) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -308,12 +310,13 @@ impl Filesystem for AgentFs {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
         reply: ReplyEntry,
     ) {
+        crate::journal::set_caller(req.pid(), req.uid());
         let name = match name_str(link_name) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -326,7 +329,7 @@ impl Filesystem for AgentFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -334,6 +337,7 @@ impl Filesystem for AgentFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        crate::journal::set_caller(req.pid(), req.uid());
         let (name, newname) = match (name_str(name), name_str(newname)) {
             (Ok(a), Ok(b)) => (a, b),
             _ => return reply.error(Errno::EINVAL),
@@ -423,7 +427,7 @@ impl Filesystem for AgentFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -433,6 +437,7 @@ impl Filesystem for AgentFs {
         lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        crate::journal::set_caller(req.pid(), req.uid());
         match self.core.write(fh.0, offset, data, lock.map(|l| l.0)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
@@ -441,12 +446,13 @@ impl Filesystem for AgentFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock: LockOwner,
         reply: ReplyEmpty,
     ) {
+        crate::journal::set_caller(req.pid(), req.uid());
         match self.core.flush(fh.0, "close", Some(lock.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -455,7 +461,7 @@ impl Filesystem for AgentFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -463,6 +469,7 @@ impl Filesystem for AgentFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        crate::journal::set_caller(req.pid(), req.uid());
         // A last flush in case the kernel did not send one (its errors cannot reach close).
         let _ = self.core.flush(fh.0, "release", None);
         self.core.release(fh.0);
@@ -472,12 +479,13 @@ impl Filesystem for AgentFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        crate::journal::set_caller(req.pid(), req.uid());
         match self.core.flush(fh.0, "fsync", None) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -668,7 +676,7 @@ impl Filesystem for AgentFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -676,6 +684,7 @@ impl Filesystem for AgentFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        crate::journal::set_caller(req.pid(), req.uid());
         let name = match name_str(name) {
             Ok(n) => n,
             Err(e) => return reply.error(e),

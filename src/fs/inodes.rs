@@ -29,6 +29,16 @@ pub enum Node {
     Gc,
     Status,
     Errors,
+    /// `.changes`
+    Changes,
+    /// `.history/`
+    HistoryRoot,
+    /// `.history/<collection>/`
+    HistoryDir(Kind),
+    /// `.history/<collection>/<id>/`
+    HistoryRecord(Kind, String),
+    /// `.history/<collection>/<id>/<version>`
+    HistoryVersion(Kind, String, String),
 }
 
 pub const ROOT: u64 = 1;
@@ -46,11 +56,14 @@ impl Node {
             Node::Errors => 8,
             Node::Dir(Kind::Agents) => 9,
             Node::Dir(Kind::Delegations) => 10,
+            Node::Changes => 11,
+            Node::HistoryRoot => 12,
+            Node::HistoryDir(k) => 13 + *k as u64,
             _ => return None,
         })
     }
 
-    const FIXED: [Node; 10] = [
+    const FIXED: [Node; 17] = [
         Node::Root,
         Node::Dir(Kind::Sessions),
         Node::Dir(Kind::Goals),
@@ -61,6 +74,13 @@ impl Node {
         Node::Errors,
         Node::Dir(Kind::Agents),
         Node::Dir(Kind::Delegations),
+        Node::Changes,
+        Node::HistoryRoot,
+        Node::HistoryDir(Kind::Sessions),
+        Node::HistoryDir(Kind::Goals),
+        Node::HistoryDir(Kind::Conversations),
+        Node::HistoryDir(Kind::Agents),
+        Node::HistoryDir(Kind::Delegations),
     ];
 
     /// The directory this node is listed in.
@@ -68,6 +88,8 @@ impl Node {
         match self {
             Node::Record(k, _) | Node::Scratch(k, _) => Node::Dir(*k).fixed_ino().unwrap_or(ROOT),
             Node::Blob(_) | Node::Sidecar(_) | Node::Label(_) | Node::Ingest(_) => 5,
+            Node::HistoryDir(_) => 12,
+            Node::HistoryRecord(k, _) => Node::HistoryDir(*k).fixed_ino().unwrap_or(ROOT),
             _ => ROOT,
         }
     }
@@ -83,6 +105,11 @@ impl Node {
             Node::Blob(id) => to_hex(id),
             Node::Sidecar(id) => format!("{}.json", to_hex(id)),
             Node::Gc => ".gc".into(),
+            Node::Changes => ".changes".into(),
+            Node::HistoryRoot => ".history".into(),
+            Node::HistoryDir(k) => k.dir_name().into(),
+            Node::HistoryRecord(_, id) => id.clone(),
+            Node::HistoryVersion(_, _, v) => v.clone(),
             Node::Status => ".status".into(),
             Node::Errors => ".errors".into(),
         }

@@ -89,6 +89,10 @@ impl ChangeSink for super::Core {
         for e in events {
             match e {
                 StoreEvent::Record { kind, id, gone } => {
+                    if let Some(j) = &self.journal {
+                        let now = self.store.get(kind, &id).ok().flatten();
+                        j.observe(kind, &id, now.as_ref(), false);
+                    }
                     let node = Node::Record(kind, id);
                     if gone {
                         self.gone(node, &mut out);
@@ -111,6 +115,9 @@ impl ChangeSink for super::Core {
                 StoreEvent::LabelGone(label) => self.gone(Node::Label(label), &mut out),
                 StoreEvent::Everything => {
                     self.stats.overflows.fetch_add(1, Ordering::Relaxed);
+                    if let Some(j) = &self.journal {
+                        j.rescan(&*self.store);
+                    }
                     for (ino, node) in self.inodes.all() {
                         out.push(Inval::Inode(ino));
                         if !matches!(node, Node::Root) {

@@ -19,9 +19,12 @@ impl Core {
                 return Ok(Node::Dir(*k));
             }
             let attachments = self.store.attachments().is_some();
+            let journal = self.journal.is_some();
             return Ok(match name {
                 "attachments" if attachments => Node::AttachDir,
                 ".gc" if attachments => Node::Gc,
+                ".changes" if journal => Node::Changes,
+                ".history" if journal => Node::HistoryRoot,
                 ".status" => Node::Status,
                 ".errors" => Node::Errors,
                 _ => return Err(enoent()),
@@ -74,6 +77,35 @@ impl Core {
             }
             return Err(enoent());
         }
+        // `.history/…`
+        if let Some(j) = &self.journal {
+            match self.inodes.node(parent) {
+                Some(Node::HistoryRoot) => {
+                    if let Some(k) = self
+                        .store
+                        .collections()
+                        .iter()
+                        .find(|k| k.dir_name() == name)
+                    {
+                        return Ok(Node::HistoryDir(*k));
+                    }
+                    return Err(enoent());
+                }
+                Some(Node::HistoryDir(k)) => {
+                    if j.history_versions(k, name).is_empty() {
+                        return Err(enoent());
+                    }
+                    return Ok(Node::HistoryRecord(k, name.to_string()));
+                }
+                Some(Node::HistoryRecord(k, id)) => {
+                    if !j.history_versions(k, &id).iter().any(|v| v == name) {
+                        return Err(enoent());
+                    }
+                    return Ok(Node::HistoryVersion(k, id, name.to_string()));
+                }
+                _ => {}
+            }
+        }
         Err(FsError::new(libc::ENOTDIR))
     }
 
@@ -106,7 +138,37 @@ impl Core {
         let ttl = self.opts.ttl;
         let file_perm = |p: u16| if self.opts.read_only { p & 0o555 } else { p };
         match node {
-            Node::Root | Node::Dir(_) | Node::AttachDir => Ok(self.dir_attr(ino)),
+            Node::Root
+            | Node::Dir(_)
+            | Node::AttachDir
+            | Node::HistoryRoot
+            | Node::HistoryDir(_)
+            | Node::HistoryRecord(..) => Ok(self.dir_attr(ino)),
+            Node::Changes => {
+                let j = self
+                    .journal
+                    .as_ref()
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                let t = j.changes_time();
+                Ok(self.attr(
+                    ino,
+                    FileKind::File,
+                    j.changes_len(),
+                    (t, t),
+                    0o444,
+                    Duration::ZERO,
+                ))
+            }
+            Node::HistoryVersion(k, id, v) => {
+                let j = self
+                    .journal
+                    .as_ref()
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                let md = std::fs::metadata(j.history_path(*k, id, v))
+                    .map_err(|_| FsError::new(libc::ENOENT))?;
+                let t = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                Ok(self.attr(ino, FileKind::File, md.len(), (t, t), 0o444, ttl))
+            }
             Node::Record(kind, id) => {
                 // An open handle being written shows its own length, as a file would.
                 if let Some(fh) = fh
@@ -130,7 +192,7 @@ impl Core {
                         ino,
                         FileKind::File,
                         v.bytes.len() as u64,
-                        (v.mtime, v.ctime),
+                        self.record_times(*kind, &v),
                         file_perm(0o644),
                         ttl,
                     )),

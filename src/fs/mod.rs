@@ -37,8 +37,9 @@ use serde_json::json;
 use self::errors_log::ErrorLog;
 use self::inodes::{Inodes, Node};
 use self::invalidate::{Inval, Invalidator};
-use crate::backend::{AttachmentStore, Backend, Kind};
+use crate::backend::{AttachmentStore, Backend, Kind, RecordView};
 use crate::error::StoreError;
+use crate::journal::Journal;
 use crate::store::attachments::{self, Ingest, to_hex};
 use crate::store::blob_index::{Blob, BlobId, Listing, parse_id};
 use crate::store::gc::GcOptions;
@@ -180,6 +181,8 @@ enum Handle {
         data: Vec<u8>,
     },
     Gc,
+    /// `.changes`: reads at any offset see the feed as it is now (so `tail -f` follows).
+    Changes,
     Dir {
         list: Arc<DirList>,
     },
@@ -273,6 +276,8 @@ pub struct FsStats {
 
 pub struct Core {
     pub store: Arc<dyn Backend>,
+    /// Record times, `.changes` and `.history` (None with --no-journal).
+    pub journal: Option<Arc<Journal>>,
     pub opts: MountOptions,
     pub inodes: Inodes,
     pub errors: ErrorLog,
@@ -327,10 +332,15 @@ fn dir_kind(ino: u64) -> Option<Kind> {
 pub const ATTACH_DIR: u64 = 5;
 
 impl Core {
-    pub fn new(store: Arc<dyn Backend>, opts: MountOptions) -> Arc<Core> {
+    pub fn new(
+        store: Arc<dyn Backend>,
+        opts: MountOptions,
+        journal: Option<Arc<Journal>>,
+    ) -> Arc<Core> {
         Arc::new(Core {
             store,
             opts,
+            journal,
             inodes: Inodes::default(),
             errors: ErrorLog::default(),
             inval: Invalidator::default(),
@@ -439,6 +449,41 @@ impl Core {
         a.atime = s.atime;
         a.nlink = s.nlink;
         a
+    }
+
+    /// A record's times: its own (when its content last changed) with the journal, else
+    /// its store file's.
+    pub(super) fn record_times(&self, kind: Kind, v: &RecordView) -> (SystemTime, SystemTime) {
+        match &self.journal {
+            Some(j) => j.times(kind, v),
+            None => (v.mtime, v.ctime),
+        }
+    }
+
+    /// Announces the current request's change to record `id` to the journal.
+    pub(super) fn expect_change(&self, kind: Kind, id: &str) {
+        if let Some(j) = &self.journal {
+            j.expect(kind, id, crate::journal::caller());
+        }
+    }
+
+    /// After a change of ours (or a refused one): what record `id` is now.
+    pub(super) fn changed(&self, kind: Kind, id: &str) {
+        if let Some(j) = &self.journal {
+            match self.store.get(kind, id) {
+                Ok(v) => {
+                    j.observe(kind, id, v.as_ref(), true);
+                }
+                Err(_) => j.unexpect(kind, id),
+            }
+        }
+    }
+
+    /// An attachment event for the feed.
+    pub(super) fn attachment_changed(&self, hex: &str, op: &str, label: Option<&str>) {
+        if let Some(j) = &self.journal {
+            j.attachment(hex, op, label, crate::journal::caller());
+        }
     }
 
     /// Whether the store serves `kind`'s directory.

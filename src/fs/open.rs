@@ -182,7 +182,31 @@ impl Core {
                 let (data, mtime) = self.control_bytes(&node, false);
                 Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
-            Node::Root | Node::Dir(_) | Node::AttachDir => Err(FsError::new(libc::EISDIR)),
+            Node::Changes => {
+                refuse_write(".changes")?;
+                Ok((self.add_handle(Handle::Changes), direct))
+            }
+            Node::HistoryVersion(k, id, v) => {
+                refuse_write("an earlier version")?;
+                let j = self
+                    .journal
+                    .as_ref()
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                let p = j.history_path(k, &id, &v);
+                let data: Arc<[u8]> = std::fs::read(&p)
+                    .map_err(|e| StoreError::io(format!("read {}", p.display()), e))?
+                    .into();
+                let mtime = std::fs::metadata(&p)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
+            }
+            Node::Root
+            | Node::Dir(_)
+            | Node::AttachDir
+            | Node::HistoryRoot
+            | Node::HistoryDir(_)
+            | Node::HistoryRecord(..) => Err(FsError::new(libc::EISDIR)),
         }
     }
 
@@ -311,6 +335,10 @@ impl Core {
             Handle::Record { data, .. } => Ok(slice(data)),
             Handle::Bytes { data, .. } => Ok(slice(data)),
             Handle::SidecarPut { data, .. } => Ok(slice(data)),
+            Handle::Changes => match &self.journal {
+                Some(j) => Ok(j.read_changes(offset, size as usize)?),
+                None => Ok(Vec::new()),
+            },
             Handle::Scratch { file, .. } => Ok(slice(&file.lock().data)),
             Handle::Blob { file } => {
                 let mut buf = vec![0u8; size as usize];

@@ -49,7 +49,11 @@ impl Core {
             Node::Root => {
                 let attachments = self.store.attachments().is_some();
                 let dirs = self.store.collections().iter().map(|k| Node::Dir(*k));
-                for n in dirs.chain(attachments.then_some(Node::AttachDir)) {
+                let history = self.journal.is_some().then_some(Node::HistoryRoot);
+                for n in dirs
+                    .chain(attachments.then_some(Node::AttachDir))
+                    .chain(history)
+                {
                     add(
                         n,
                         FileKind::Dir,
@@ -57,7 +61,8 @@ impl Core {
                     );
                 }
                 let control = attachments.then_some(Node::Gc).into_iter();
-                for n in control.chain([Node::Status, Node::Errors]) {
+                let changes = self.journal.is_some().then_some(Node::Changes);
+                for n in control.chain(changes).chain([Node::Status, Node::Errors]) {
                     add(n, FileKind::File, None);
                 }
             }
@@ -66,7 +71,8 @@ impl Core {
                 let mut seen = std::collections::HashSet::new();
                 for r in list.records {
                     seen.insert(r.id.clone());
-                    let a = (r.bytes.len() as u64, r.mtime, r.ctime, file_perm, ttl);
+                    let (m, c) = self.record_times(kind, &r);
+                    let a = (r.bytes.len() as u64, m, c, file_perm, ttl);
                     add(Node::Record(kind, r.id), FileKind::File, Some(a));
                 }
                 let pending: Vec<String> = self
@@ -127,6 +133,33 @@ impl Core {
                     starts,
                     tail,
                 }));
+            }
+            Node::HistoryRoot => {
+                for k in self.store.collections() {
+                    add(
+                        Node::HistoryDir(*k),
+                        FileKind::Dir,
+                        Some((0, dir.mtime, dir.ctime, 0o555, ttl)),
+                    );
+                }
+            }
+            Node::HistoryDir(k) => {
+                if let Some(j) = &self.journal {
+                    for id in j.history_ids(k) {
+                        add(
+                            Node::HistoryRecord(k, id),
+                            FileKind::Dir,
+                            Some((0, dir.mtime, dir.ctime, 0o555, ttl)),
+                        );
+                    }
+                }
+            }
+            Node::HistoryRecord(k, id) => {
+                if let Some(j) = &self.journal {
+                    for v in j.history_versions(k, &id) {
+                        add(Node::HistoryVersion(k, id.clone(), v), FileKind::File, None);
+                    }
+                }
             }
             _ => return Err(FsError::new(libc::ENOTDIR)),
         }

@@ -23,7 +23,10 @@ impl Core {
             Node::Record(kind, id) => {
                 let had_pending = self.pending.lock().remove(&(*kind, id.clone())).is_some();
                 if self.store.get(*kind, id)?.is_some() {
-                    self.store.remove(*kind, id)?;
+                    self.expect_change(*kind, id);
+                    let r = self.store.remove(*kind, id);
+                    self.changed(*kind, id);
+                    r?;
                 } else if !had_pending {
                     return Err(FsError::new(libc::ENOENT));
                 }
@@ -33,7 +36,13 @@ impl Core {
                     self.unlink_scratch(ino);
                 }
             }
-            Node::Label(label) => self.attach()?.unlabel(label)?,
+            Node::Label(label) => {
+                let hex = self.blob_of(&node)?.map(|id| to_hex(&id));
+                self.attach()?.unlabel(label)?;
+                if let Some(hex) = hex {
+                    self.attachment_changed(&hex, "update", None);
+                }
+            }
             Node::Ingest(n) => {
                 if let Some(st) = self.ingests.lock().remove(n) {
                     st.lock().unlinked = true;
@@ -51,7 +60,18 @@ impl Core {
                     "control files cannot be removed",
                 ));
             }
-            Node::Root | Node::Dir(_) | Node::AttachDir => return Err(FsError::new(libc::EISDIR)),
+            Node::Changes | Node::HistoryVersion(..) => {
+                return Err(FsError::refuse(
+                    libc::EPERM,
+                    "the change feed and earlier versions are read-only",
+                ));
+            }
+            Node::Root
+            | Node::Dir(_)
+            | Node::AttachDir
+            | Node::HistoryRoot
+            | Node::HistoryDir(_)
+            | Node::HistoryRecord(..) => return Err(FsError::new(libc::EISDIR)),
         }
         self.inodes.remove(&node);
         Ok(())
@@ -97,6 +117,7 @@ impl Core {
             ));
         }
         self.attach()?.relabel(&target, None, name)?;
+        self.attachment_changed(&target, "update", Some(name));
         self.dir_changed(parent);
         let node = Node::Label(name.to_string());
         let ino = self.inodes.ino(&node);
@@ -187,7 +208,19 @@ impl Core {
                             "the record is still being written: close it before renaming",
                         ));
                     }
-                    self.store.rekey(kind, from, &to)?;
+                    self.expect_change(kind, from);
+                    self.expect_change(kind, &to);
+                    let view = match self.store.rekey(kind, from, &to) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.changed(kind, from);
+                            self.changed(kind, &to);
+                            return Err(e.into());
+                        }
+                    };
+                    if let Some(j) = &self.journal {
+                        j.renamed(kind, from, &to, &view, crate::journal::caller());
+                    }
                     self.drop_scratch_target(&target);
                     Node::Record(kind, to)
                 }
@@ -197,7 +230,10 @@ impl Core {
                         .get(kind, from)?
                         .map(|v| v.bytes.to_vec())
                         .unwrap_or_default();
-                    self.store.remove(kind, from)?;
+                    self.expect_change(kind, from);
+                    let r = self.store.remove(kind, from);
+                    self.changed(kind, from);
+                    r?;
                     self.drop_scratch_target(&target);
                     let ino = self.inodes.ino(&node);
                     let now = SystemTime::now();
@@ -222,7 +258,10 @@ impl Core {
                         .scratch_file(ino)
                         .map(|s| s.lock().data.clone())
                         .ok_or_else(|| FsError::new(libc::ENOENT))?;
-                    self.store.upsert(kind, &to, &data)?;
+                    self.expect_change(kind, &to);
+                    let r = self.store.upsert(kind, &to, &data);
+                    self.changed(kind, &to);
+                    r?;
                     self.unlink_scratch(ino);
                     Node::Record(kind, to)
                 }
@@ -256,6 +295,7 @@ impl Core {
                     let hex = String::from_utf8_lossy(&self.readlink(self.inodes.ino(&node))?)
                         .into_owned();
                     self.attach()?.relabel(&hex, Some(old), newname)?;
+                    self.attachment_changed(&hex, "update", Some(newname));
                 }
                 Node::Ingest(old) => {
                     let mut map = self.ingests.lock();

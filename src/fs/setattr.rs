@@ -126,7 +126,10 @@ impl Core {
                             return Ok(cur);
                         }
                         bytes.resize(n as usize, 0);
-                        self.store.upsert(*kind, id, &bytes)?;
+                        self.expect_change(*kind, id);
+                        let r = self.store.upsert(*kind, id, &bytes);
+                        self.changed(*kind, id);
+                        r?;
                         self.inval.send(Inval::Inode(ino));
                     }
                 }

@@ -89,7 +89,14 @@ impl Core {
                 drop(h);
                 let text = String::from_utf8_lossy(data);
                 let opts = GcOptions::parse_command(&text)?;
-                self.attach()?.gc(&opts)?;
+                let report = self.attach()?.gc(&opts)?;
+                if !report.dry_run {
+                    if let Some(j) = &self.journal {
+                        for hex in &report.reclaimed_ids {
+                            j.attachment(hex, "delete", None, crate::journal::Source::Gc);
+                        }
+                    }
+                }
             }
             _ => return Err(FsError::refuse(libc::EPERM, "this file cannot be written")),
         }
@@ -124,14 +131,15 @@ impl Core {
                 let ino = *ino;
                 let path = self.path_of_ino(ino);
                 let r = match self.inodes.node(ino) {
-                    Some(Node::Record(kind, id)) => self
-                        .store
-                        .upsert(kind, &id, data)
-                        .map_err(FsError::from)
-                        .map(|v| {
+                    Some(Node::Record(kind, id)) => {
+                        self.expect_change(kind, &id);
+                        let r = self.store.upsert(kind, &id, data);
+                        self.changed(kind, &id);
+                        r.map_err(FsError::from).map(|v| {
                             self.pending.lock().remove(&(kind, id));
                             self.last_size.lock().insert(ino, v.bytes.len() as u64);
-                        }),
+                        })
+                    }
                     Some(Node::Scratch(..)) => {
                         if let Some(s) = self.scratch_file(ino) {
                             s.lock().data = data.clone();
@@ -196,6 +204,7 @@ impl Core {
                 }
                 match self.attach()?.finish_ingest(ingest, Some(&name)) {
                     Ok(hex) => {
+                        self.attachment_changed(&hex, "create", Some(&name));
                         st.done = Some(hex);
                         // The name is now a label symlink: the kernel must look it up again.
                         self.inval.send(Inval::Entry(ATTACH_DIR, name));

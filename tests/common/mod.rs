@@ -47,7 +47,8 @@ pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         for e in entries {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
-            if name == ".agentmount.lock" || name == "agentmount.log" {
+            // agentmount's own files beside the platform's (lock, log, journal).
+            if name == ".agentmount.lock" || name == "agentmount.log" || name == ".agentmount" {
                 continue;
             }
             if p.is_dir() {

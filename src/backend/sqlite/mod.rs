@@ -795,6 +795,10 @@ impl Backend for Sqlite {
         mtime_of(&self.path)
     }
 
+    fn state_dir(&self) -> PathBuf {
+        PathBuf::from(format!("{}.agentmount", self.path.display()))
+    }
+
     fn statfs_path(&self) -> PathBuf {
         self.path
             .parent()

@@ -153,6 +153,7 @@ fn run(
                             a.next();
                         }
                         std::cmp::Ordering::Greater => {
+                            out.push(event(*kind, kb, false));
                             b.next();
                         }
                     },
@@ -160,7 +161,11 @@ fn run(
                         out.push(event(*kind, ka, true));
                         a.next();
                     }
-                    _ => break,
+                    (None, Some((kb, _))) => {
+                        out.push(event(*kind, kb, false));
+                        b.next();
+                    }
+                    (None, None) => break,
                 }
             }
         }
