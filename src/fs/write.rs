@@ -90,11 +90,11 @@ impl Core {
                 let text = String::from_utf8_lossy(data);
                 let opts = GcOptions::parse_command(&text)?;
                 let report = self.attach()?.gc(&opts)?;
-                if !report.dry_run {
-                    if let Some(j) = &self.journal {
-                        for hex in &report.reclaimed_ids {
-                            j.attachment(hex, "delete", None, crate::journal::Source::Gc);
-                        }
+                if !report.dry_run
+                    && let Some(j) = &self.journal
+                {
+                    for hex in &report.reclaimed_ids {
+                        j.attachment(hex, "delete", None, crate::journal::Source::Gc);
                     }
                 }
             }

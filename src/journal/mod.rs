@@ -79,6 +79,9 @@ pub fn caller() -> Source {
     }
 }
 
+/// Record times as persisted: (collection, id) -> (sha, mtime ns, ctime ns).
+type Prior = HashMap<(Kind, String), (String, i128, i128)>;
+
 struct Known {
     bytes: Arc<[u8]>,
     sha: String,
@@ -286,7 +289,7 @@ impl Journal {
     }
 
     /// The times snapshot: every record's hash and times, and the feed seq it is current to.
-    fn load_times(&self) -> Result<Option<(u64, HashMap<(Kind, String), (String, i128, i128)>)>> {
+    fn load_times(&self) -> Result<Option<(u64, Prior)>> {
         let p = self.dir.join("times.jsonl");
         let Ok(f) = File::open(&p) else {
             return Ok(None);
@@ -338,7 +341,7 @@ impl Journal {
     fn reconcile(
         &self,
         store: &dyn Backend,
-        snapshot: Option<(u64, HashMap<(Kind, String), (String, i128, i128)>)>,
+        snapshot: Option<(u64, Prior)>,
         lines: &[Value],
     ) -> Result<()> {
         let first = snapshot.is_none();
