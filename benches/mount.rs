@@ -1,6 +1,6 @@
 //! Mount benchmarks against native work in the same run (scripts/bench.sh runs this).
 //! Prints a table of ratios; asserts nothing. BENCH_QUICK=1 shrinks every size;
-//! BENCH_ONLY=sqlite,sessions (any of attachments, cp, sessions, sqlite, gc) runs only those.
+//! BENCH_ONLY=sqlite,sessions (any of attachments, cp, sessions, sqlite, journal, gc) runs only those.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -378,6 +378,120 @@ fn sqlite_rows(b: &Path, n: usize, rows: &mut Vec<Row>) {
     });
 }
 
+/// The journal's cost (record times, .changes, .history): the same build with it on and
+/// with --no-journal, on two copies of one store of `n` sessions, timed in turns.
+fn journal_rows(b: &Path, n: usize, rows: &mut Vec<Row>) {
+    let (on_store, off_store) = (b.join(format!("j-on-{n}")), b.join(format!("j-off-{n}")));
+    let ids = write_sessions(&on_store, n, |_, _| {});
+    write_sessions(&off_store, n, |_, _| {});
+    let on = Mounted::new(&on_store, &b.join(format!("mnt-jon-{n}")));
+    let off = Mounted::with(
+        &off_store,
+        &b.join(format!("mnt-joff-{n}")),
+        &["--no-journal"],
+    );
+    let id = &ids[n / 2];
+    let (_, mut v) = session(n / 2);
+    let k = if n > 1000 { 31 } else { 61 };
+    let mut upsert = |m: &Mounted, i: usize| {
+        v["task"] = json!(format!("journal {i}"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.dir.join(format!("sessions/{id}.json")))
+            .unwrap();
+        f.write_all(&serde_json::to_vec(&v).unwrap()).unwrap();
+        f.sync_all().unwrap();
+    };
+    let (mut t_on, mut t_off) = (Vec::new(), Vec::new());
+    for i in 0..k {
+        let t0 = Instant::now();
+        upsert(&on, i);
+        t_on.push(t0.elapsed());
+        let t0 = Instant::now();
+        upsert(&off, i);
+        t_off.push(t0.elapsed());
+    }
+    t_on.sort();
+    t_off.sort();
+    let (a, c) = (t_on[k / 2], t_off[k / 2]);
+    rows.push(Row {
+        what: format!("journal: upsert one session at {n}, on vs --no-journal (median)"),
+        ours: ms(a),
+        native: format!("{} (--no-journal)", ms(c)),
+        ratio: ratio(a, c),
+        target: "<= 1.05x",
+    });
+    // External reload: another process renames sessions.json with one session changed;
+    // stat through the mount is polled until it shows the new size.
+    let ext = |store: &Path, m: &Mounted, i: usize| {
+        let file = store.join("session-manager/sessions.json");
+        let rec = m.dir.join(format!("sessions/{id}.json"));
+        let before = std::fs::metadata(&rec).unwrap().len();
+        let mut doc: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        doc["sessions"][id.as_str()]["task"] = json!("y".repeat(1 + i % 2));
+        let tmp = file.with_extension("j-tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        let t0 = Instant::now();
+        while std::fs::metadata(&rec).unwrap().len() == before
+            && t0.elapsed() < Duration::from_secs(3)
+        {
+            std::hint::spin_loop();
+        }
+        t0.elapsed()
+    };
+    let (mut e_on, mut e_off) = (Vec::new(), Vec::new());
+    let k = if n > 1000 { 11 } else { 41 };
+    for i in 0..k {
+        e_on.push(ext(&on_store, &on, i));
+        e_off.push(ext(&off_store, &off, i));
+    }
+    e_on.sort();
+    e_off.sort();
+    let (a, c) = (e_on[k / 2], e_off[k / 2]);
+    rows.push(Row {
+        what: format!(
+            "journal: external change -> stat shows it at {n}, on vs --no-journal (median)"
+        ),
+        ours: us(a),
+        native: format!("{} (--no-journal)", us(c)),
+        ratio: ratio(a, c),
+        target: "<= 1.05x",
+    });
+    let st = on.status();
+    let j = &st["journal"];
+    let versions = j["history_versions"].as_u64().unwrap_or(0).max(1);
+    let du = |p: &Path| -> u64 {
+        let o = Command::new("du").args(["-sb"]).arg(p).output().unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0)
+    };
+    let hist = du(&on_store.join(".agentmount/history"));
+    let feed = std::fs::metadata(on_store.join(".agentmount/changes.jsonl"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let lines = j["feed_lines"].as_u64().unwrap_or(0).max(1);
+    rows.push(Row {
+        what: format!("journal: storage per change at {n}"),
+        ours: format!(
+            "history {} B/version ({} versions; a session is ~{} B), feed {} B/line",
+            hist / versions,
+            versions,
+            std::fs::metadata(on.dir.join(format!("sessions/{id}.json")))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            feed / lines
+        ),
+        native: "-".into(),
+        ratio: "-".into(),
+        target: "report",
+    });
+}
+
 fn main() {
     let base =
         tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
@@ -684,6 +798,11 @@ fn main() {
     // 7. arbiter's SQLite database at 100 and 10,000 sessions.
     for n in sizes("sqlite") {
         sqlite_rows(b, n, &mut rows);
+    }
+
+    // 7b. The journal's cost: the same build with and without it.
+    for n in sizes("journal") {
+        journal_rows(b, n, &mut rows);
     }
 
     // 8-9. gc over 100,000 attachments and 10,000 records; daemon RSS.

@@ -86,12 +86,12 @@ pub fn run_sender(core: std::sync::Arc<super::Core>, rx: Receiver<Inval>) {
 impl ChangeSink for super::Core {
     fn store_changed(&self, events: Vec<StoreEvent>, since: Instant) {
         let mut out = Vec::new();
+        let mut records = Vec::new();
         for e in events {
             match e {
                 StoreEvent::Record { kind, id, gone } => {
-                    if let Some(j) = &self.journal {
-                        let now = self.store.get(kind, &id).ok().flatten();
-                        j.observe(kind, &id, now.as_ref(), false);
+                    if self.journal.is_some() {
+                        records.push((kind, id.clone()));
                     }
                     let node = Node::Record(kind, id);
                     if gone {
@@ -140,6 +140,14 @@ impl ChangeSink for super::Core {
         let us = since.elapsed().as_micros() as u64;
         self.stats.last_latency_us.store(us, Ordering::Relaxed);
         self.stats.max_latency_us.fetch_max(us, Ordering::Relaxed);
+        // The journal records what changed once the kernel has been told (its hashing and
+        // history writes add nothing to the invalidation latency).
+        if let Some(j) = &self.journal {
+            for (kind, id) in records {
+                let now = self.store.get(kind, &id).ok().flatten();
+                j.observe(kind, &id, now.as_ref(), false);
+            }
+        }
     }
 }
 
