@@ -60,6 +60,10 @@ impl Mounted {
     }
     fn with(store: &Path, mp: &Path, extra: &[&str]) -> Mounted {
         std::fs::create_dir_all(mp).unwrap();
+        if !store.exists() {
+            // A new store: mount refuses a --store that does not exist.
+            std::fs::create_dir_all(store).unwrap();
+        }
         let o = Command::new(BIN)
             .arg("mount")
             .args(extra)
