@@ -1,6 +1,6 @@
 //! Mount benchmarks against native work in the same run (scripts/bench.sh runs this).
 //! Prints a table of ratios; asserts nothing. BENCH_QUICK=1 shrinks every size;
-//! BENCH_ONLY=sqlite,sessions (any of attachments, cp, sessions, sqlite, journal, gc) runs only those.
+//! BENCH_ONLY=sqlite,sessions (any of attachments, cp, sessions, sqlite, scratch, journal, gc) runs only those.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -496,6 +496,71 @@ fn journal_rows(b: &Path, n: usize, rows: &mut Vec<Row>) {
     });
 }
 
+/// Scratch files (editors', sed -i's and SQLite's temp files live there): where one small
+/// write spends its time, against the same operations on a native file and against the
+/// FUSE round-trip floor (an fstat of the open file, which scratch files answer uncached).
+fn scratch_rows(b: &Path, rows: &mut Vec<Row>) {
+    use std::os::unix::fs::FileExt;
+    let store = b.join("scratch-store");
+    write_sessions(&store, 10, |_, _| {});
+    let m = Mounted::new(&store, &b.join("mnt-scratch"));
+    let ours = m.dir.join("sessions/fsx.scratch");
+    let native = b.join("native.scratch");
+    let size = 1usize << 20;
+    let block = vec![7u8; 4096];
+    let open = |p: &Path| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(p)
+            .unwrap();
+        f.write_all_at(&vec![0u8; size], 0).unwrap();
+        f
+    };
+    let (fo, fnat) = (open(&ours), open(&native));
+    let n = if quick() { 500 } else { 5000 };
+    let at = |i: usize| ((i * 7919) % (size / 4096)) as u64 * 4096;
+    let (w_ours, w_nat) = medians(
+        n,
+        |i| fo.write_all_at(&block, at(i)).unwrap(),
+        |i| fnat.write_all_at(&block, at(i)).unwrap(),
+    );
+    let (mut buf, mut buf2) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let (r_ours, r_nat) = medians(
+        n,
+        |i| fo.read_at(&mut buf, at(i)).unwrap(),
+        |i| fnat.read_at(&mut buf2, at(i)).unwrap(),
+    );
+    let (s_ours, s_nat) = medians(
+        n,
+        |_| fo.metadata().unwrap().len(),
+        |_| fnat.metadata().unwrap().len(),
+    );
+    rows.push(Row {
+        what: "scratch file: 4 KiB pwrite into 1 MiB (median)".into(),
+        ours: us(w_ours),
+        native: us(w_nat),
+        ratio: ratio(w_ours, w_nat),
+        target: "report",
+    });
+    rows.push(Row {
+        what: "scratch file: 4 KiB pread (median)".into(),
+        ours: us(r_ours),
+        native: us(r_nat),
+        ratio: ratio(r_ours, r_nat),
+        target: "report",
+    });
+    rows.push(Row {
+        what: "scratch file: fstat, the FUSE round-trip floor (median)".into(),
+        ours: us(s_ours),
+        native: us(s_nat),
+        ratio: ratio(s_ours, s_nat),
+        target: "report",
+    });
+}
+
 fn main() {
     let base =
         tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
@@ -802,6 +867,11 @@ fn main() {
     // 7. arbiter's SQLite database at 100 and 10,000 sessions.
     for n in sizes("sqlite") {
         sqlite_rows(b, n, &mut rows);
+    }
+
+    // 7a. Scratch files.
+    if want("scratch") {
+        scratch_rows(b, &mut rows);
     }
 
     // 7b. The journal's cost: the same build with and without it.
