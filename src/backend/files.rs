@@ -144,6 +144,7 @@ impl Backend for Store {
                 "parse_errors": cs.parse_errors.load(Ordering::Relaxed),
             },
             "last_error": errs,
+            "last_ingest": *self.last_ingest.lock(),
         })
     }
 }

@@ -109,6 +109,38 @@ pub struct Ingest {
     /// Bytes handed to writeback so far (`sync_file_range`).
     started_writeback: u64,
     done: bool,
+    /// Where the time went, for `.status` and the benchmarks.
+    pub phases: IngestPhases,
+    started: std::time::Instant,
+}
+
+/// Where an ingest's time went, each phase on its own (milliseconds), so what dominates
+/// is visible on any CPU: with or without SHA extensions, a fast or a slow disk.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct IngestPhases {
+    pub bytes: u64,
+    /// From create to the end of the close.
+    pub total_ms: f64,
+    /// Writing the bytes into the temp file as they arrived.
+    pub writes_ms: f64,
+    /// Handing bytes to the hash (inline, or waiting for room in the helper's queue).
+    pub hash_feed_ms: f64,
+    /// At close: waiting for the hash of what was still queued.
+    pub hash_wait_ms: f64,
+    /// At close: fsync of the temp file (writeback was started as bytes arrived).
+    pub fsync_ms: f64,
+    /// Waiting for the writer lock.
+    pub lock_ms: f64,
+    /// The write-ahead intent in the manifest (durable before the bytes are visible).
+    pub manifest_ms: f64,
+    /// Moving the bytes into place and fsyncing the shard directory.
+    pub rename_ms: f64,
+    /// Writing the sidecar.
+    pub sidecar_ms: f64,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 const INLINE_HASH: u64 = 4 << 20;
@@ -212,6 +244,8 @@ impl Ingest {
             in_order: true,
             started_writeback: 0,
             done: false,
+            phases: IngestPhases::default(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -224,12 +258,16 @@ impl Ingest {
     }
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let t0 = std::time::Instant::now();
         self.file
             .write_all_at(data, offset)
             .map_err(|e| StoreError::io(format!("write {}", self.tmp.display()), e))?;
+        let t1 = std::time::Instant::now();
+        self.phases.writes_ms += ms(t1 - t0);
         if self.in_order && offset == self.hashed {
             self.hasher.update(data, self.hashed)?;
             self.hashed += data.len() as u64;
+            self.phases.hash_feed_ms += ms(t1.elapsed());
         } else {
             self.in_order = false;
         }
@@ -300,13 +338,27 @@ impl Ingest {
 
     /// Hashes, fsyncs and returns (hex, head bytes for media detection, temp path).
     pub(super) fn seal(&mut self) -> Result<(String, Vec<u8>, PathBuf)> {
+        let t0 = std::time::Instant::now();
         let hex = self.digest()?;
+        let t1 = std::time::Instant::now();
         self.file
             .sync_all()
             .map_err(|e| StoreError::io(format!("fsync {}", self.tmp.display()), e))?;
+        self.phases.hash_wait_ms = ms(t1 - t0);
+        self.phases.fsync_ms = ms(t1.elapsed());
+        self.phases.bytes = self.len;
         let head = self.read_at(0, 64 * 1024)?;
         self.done = true;
         Ok((hex, head, self.tmp.clone()))
+    }
+}
+
+impl Ingest {
+    /// The phases so far, with the total up to now.
+    pub fn finish_phases(&self) -> IngestPhases {
+        let mut p = self.phases.clone();
+        p.total_ms = ms(self.started.elapsed());
+        p
     }
 }
 

@@ -168,6 +168,8 @@ pub struct Store {
     /// Per blob, the sidecar's bytes and mtime before our last rewrite of it (see
     /// `write_sidecar`).
     sidecar_undo: Mutex<HashMap<String, (Vec<u8>, SystemTime)>>,
+    /// Where the last ingest's time went (`.status`).
+    pub last_ingest: Mutex<Option<attachments::IngestPhases>>,
 }
 
 impl Store {
@@ -187,6 +189,7 @@ impl Store {
             gc_running: AtomicBool::new(false),
             last_gc: Mutex::new(None),
             sidecar_undo: Mutex::new(HashMap::new()),
+            last_ingest: Mutex::new(None),
             layout,
             options,
         };
@@ -614,8 +617,14 @@ impl Store {
         {
             return Err(wrong_address(e, &hex));
         }
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+        let t = std::time::Instant::now();
         let _lock = self.lock.acquire()?;
+        ingest.phases.lock_ms = ms(t);
+        let t = std::time::Instant::now();
         self.manifest.add_intent(&hex, None)?;
+        ingest.phases.manifest_ms = ms(t);
+        let t = std::time::Instant::now();
         let dest = self.attachments.blob_path(&hex);
         let shard = dest
             .parent()
@@ -628,6 +637,9 @@ impl Store {
             })?;
             atomic::fsync_dir(&shard)?;
         }
+        ingest.phases.rename_ms = ms(t);
+        let t = std::time::Instant::now();
+        let mut phases = ingest.finish_phases();
         drop(ingest);
         self.write_sidecar(&hex, |existing| {
             let mut m = match existing {
@@ -640,7 +652,10 @@ impl Store {
             };
             Some(m)
         })?;
-        tracing::info!(hex = %hex, label = label.unwrap_or(""), bytes = size, "ingested attachment");
+        phases.sidecar_ms = ms(t);
+        phases.total_ms += phases.sidecar_ms;
+        tracing::info!(hex = %hex, label = label.unwrap_or(""), bytes = size, ?phases, "ingested attachment");
+        *self.last_ingest.lock() = Some(phases);
         Ok(hex)
     }
 
