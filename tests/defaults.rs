@@ -180,10 +180,17 @@ fn restoring_a_backup_of_attachments_succeeds_and_changes_nothing() {
     assert!(!o.status.success());
     drop(m);
 
-    // Into an empty store: the same files, byte for byte.
+    // Into an empty store: the same files, byte for byte. A sidecar or label needs its
+    // bytes first (cp -a copies in the backup directory's order), so bytes go first.
     let empty = tempfile::tempdir().unwrap();
     let m = Mount::new(empty.path(), &[]);
-    sh_ok(&format!("cp -a {}/. attachments/", bk.display()), m.path());
+    sh_ok(
+        &format!(
+            "cp -a {0}/{NOTES} {0}/{PIXEL} attachments/ && cp -a {0}/. attachments/",
+            bk.display()
+        ),
+        m.path(),
+    );
     let shown = sh_ok("ls attachments", m.path());
     assert!(
         shown.contains("notes.txt") && shown.contains("pixel.png"),
