@@ -6,8 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -19,7 +17,7 @@ use arbiter_storage::{
     StoredTrustLevel,
 };
 use chrono::{TimeZone, Utc};
-use common::{BIN, Mount, sh_ok, wait_until};
+use common::{BIN, Mount, sh_ok, wait_until, write_close};
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -225,25 +223,6 @@ fn read_json(p: &Path) -> Value {
 
 fn pretty(v: &Value) -> Vec<u8> {
     serde_json::to_vec_pretty(v).unwrap()
-}
-
-/// Opens (creating, truncating), writes and closes with `close(2)` itself, so the errno of
-/// the close (where the mount commits or refuses the record) is seen.
-fn write_close(path: &Path, data: &[u8]) -> Result<(), i32> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
-    f.write_all(data)
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
-    let fd = f.into_raw_fd();
-    // SAFETY: `fd` was just released by the File, so it is closed exactly once.
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
-    }
-    Ok(())
 }
 
 /// Every row of arbiter's tables (and its AUTOINCREMENT counter), read raw with rusqlite.

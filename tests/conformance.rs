@@ -8,9 +8,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::IntoRawFd;
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,24 +29,6 @@ fn env_n(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-/// Writes a whole file and closes it, returning the errno of whichever call failed (the
-/// close is the commit point; Rust's File drop would ignore its error).
-fn write_close(path: &Path, data: &[u8]) -> Result<(), i32> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
-    f.write_all(data)
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
-    let fd = f.into_raw_fd();
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
-    }
-    Ok(())
 }
 
 fn new_id(n: u64) -> String {

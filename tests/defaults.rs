@@ -11,24 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Writes a whole file and closes it, returning the errno of whichever call failed (the
-/// close is the commit point; Rust's File drop and the shell's `>` ignore its error).
-fn write_close(path: &Path, data: &[u8]) -> Result<(), i32> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
-    f.write_all(data)
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
-    let fd = f.into_raw_fd();
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
-    }
-    Ok(())
-}
-
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().unwrap()
 }

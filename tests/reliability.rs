@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,24 +26,6 @@ const WRITER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/support/external_writer.py"
 );
-
-/// Writes a whole file and closes it, returning the errno of whichever call failed: the
-/// close is the commit point, and Rust's File drop would ignore its error.
-fn write_close(path: &Path, data: &[u8]) -> Result<(), i32> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
-    f.write_all(data)
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
-    let fd = f.into_raw_fd();
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
-    }
-    Ok(())
-}
 
 fn session(task: &str) -> Value {
     json!({"tmux_name": "t", "cwd": "/", "task": task, "state": "active", "created_at": "2026-11-20T09:12:03Z"})

@@ -71,10 +71,17 @@ impl Invalidator {
 /// The sending thread: drains the queue until the session ends.
 pub fn run_sender(core: std::sync::Arc<super::Core>, rx: Receiver<Inval>) {
     while let Ok(i) = rx.recv() {
-        let ok = core.inval.now(i);
-        core.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        core.invalidate_now(i);
+    }
+}
+
+impl super::Core {
+    /// Sends one invalidation now and counts it (and its failure) for `.status`.
+    pub(super) fn invalidate_now(&self, i: Inval) {
+        let ok = self.inval.now(i);
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         if !ok {
-            core.stats
+            self.stats
                 .invalidation_errors
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -129,13 +136,7 @@ impl ChangeSink for super::Core {
         }
         self.stats.external_changes.fetch_add(1, Ordering::Relaxed);
         for i in out {
-            let ok = self.inval.now(i);
-            self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
-            if !ok {
-                self.stats
-                    .invalidation_errors
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            self.invalidate_now(i);
         }
         let us = since.elapsed().as_micros() as u64;
         self.stats.last_latency_us.store(us, Ordering::Relaxed);

@@ -185,28 +185,19 @@ impl Core {
                     st.done = Some(hex);
                     return Ok(());
                 }
-                if let Some(hex) = st.expect.clone() {
-                    // A put by address: nothing changes unless the bytes are new.
-                    return match self.attach()?.finish_put(ingest, &hex) {
-                        Ok(()) => {
-                            st.done = Some(hex.clone());
-                            self.inval.send(Inval::Entry(ATTACH_DIR, hex));
-                            Ok(())
-                        }
-                        Err(e) => {
-                            let e = FsError::from(e);
-                            self.report(&format!("/attachments/{name}"), op, &e);
-                            self.inodes.remove(&Node::Ingest(name.clone()));
-                            self.inval.send(Inval::Entry(ATTACH_DIR, name));
-                            Err(e)
-                        }
-                    };
-                }
-                match self.attach()?.finish_ingest(ingest, Some(&name)) {
+                // A put by address (`<hex>` written) changes nothing unless the bytes are
+                // new; any other name becomes a label.
+                let stored = match st.expect.clone() {
+                    Some(hex) => self.attach()?.finish_put(ingest, &hex).map(|()| hex),
+                    None => self.attach()?.finish_ingest(ingest, Some(&name)),
+                };
+                match stored {
                     Ok(hex) => {
-                        self.attachment_changed(&hex, "create", Some(&name));
+                        if st.expect.is_none() {
+                            self.attachment_changed(&hex, "create", Some(&name));
+                        }
                         st.done = Some(hex);
-                        // The name is now a label symlink: the kernel must look it up again.
+                        // The name is now a label symlink (or the blob): look it up again.
                         self.inval.send(Inval::Entry(ATTACH_DIR, name));
                         Ok(())
                     }

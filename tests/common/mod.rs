@@ -190,3 +190,25 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Dura
     }
     None
 }
+
+/// Opens (creating, truncating), writes and closes with `close(2)` itself, returning the
+/// errno of whichever call failed: the close is where the mount commits or refuses, and
+/// Rust's File drop (like the shell's `>`) ignores its error.
+pub fn write_close(path: &Path, data: &[u8]) -> Result<(), i32> {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    f.write_all(data)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let fd = f.into_raw_fd();
+    // SAFETY: `fd` was just released by the File, so it is closed exactly once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
+    }
+    Ok(())
+}
