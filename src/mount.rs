@@ -360,16 +360,32 @@ fn serve(
     if let Some(g) = args.gid {
         opts.gid = g;
     }
+    let mut journal_off = None;
     let journal = if args.no_journal {
+        journal_off = Some("off (--no-journal): records show their store file's times".into());
         None
     } else {
         let dir = store.state_dir();
-        let j = crate::journal::Journal::open(dir.clone(), args.journal.clone(), &*store)
-            .map_err(|e| format!("cannot open the journal in {}: {e}", dir.display()))?;
-        Some(Arc::new(j))
+        match crate::journal::Journal::open(dir.clone(), args.journal.clone(), &*store) {
+            Ok(j) => Some(Arc::new(j)),
+            // A read-only medium, a full disk: the mount still serves the store, and says
+            // what is missing (.status, the log).
+            Err(e) => {
+                let why = format!(
+                    "off: cannot keep the journal in {} ({e}); records show their store file's times, .changes and .history are absent",
+                    dir.display()
+                );
+                tracing::warn!("{why}");
+                journal_off = Some(why);
+                None
+            }
+        }
     };
     let journal_at_exit = journal.clone();
     let core = Core::new(store.clone(), opts, journal);
+    if let Some(why) = journal_off {
+        *core.journal_off.lock() = why;
+    }
     let mut mount_options = vec![
         MountOption::FSName(format!("agentmount:{}", store.location())),
         MountOption::Subtype("agentmount".into()),

@@ -90,7 +90,7 @@ impl Core {
                 "journal".into(),
                 match &self.journal {
                     Some(j) => j.status(),
-                    None => json!("off (--no-journal): records show their store file's times"),
+                    None => json!(self.journal_off.lock().clone()),
                 },
             );
         }

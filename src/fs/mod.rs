@@ -278,6 +278,8 @@ pub struct Core {
     pub store: Arc<dyn Backend>,
     /// Record times, `.changes` and `.history` (None with --no-journal).
     pub journal: Option<Arc<Journal>>,
+    /// Why there is no journal, when there is none (`.status`).
+    pub journal_off: Mutex<String>,
     pub opts: MountOptions,
     pub inodes: Inodes,
     pub errors: ErrorLog,
@@ -341,6 +343,7 @@ impl Core {
             store,
             opts,
             journal,
+            journal_off: Mutex::new(String::new()),
             inodes: Inodes::default(),
             errors: ErrorLog::default(),
             inval: Invalidator::default(),

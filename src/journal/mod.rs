@@ -181,6 +181,12 @@ impl Journal {
     pub fn open(dir: PathBuf, opts: JournalOptions, store: &dyn Backend) -> Result<Journal> {
         mkdir(&dir)?;
         mkdir(&dir.join("history"))?;
+        // Temp files of a process that crashed while replacing one of ours.
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().contains(".tmp-") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         let feed_path = dir.join("changes.jsonl");
         // A line cut short by a crash is dropped: the feed ends at its last whole line.
         let mut lines = Vec::new();
