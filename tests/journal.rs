@@ -384,3 +384,40 @@ fn after_kill_9_the_feed_agrees_with_the_store() {
     let fed_goals = last.keys().filter(|(c, _)| c == "goals").count();
     assert!(fed_goals > 0, "writes were fed");
 }
+
+#[test]
+fn tail_f_follows_the_change_feed() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let mut tail = Command::new("tail")
+        .args(["-n", "0", "-f"])
+        .arg(m.p(".changes"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = tail.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(
+        m.p("goals/g-000000f1.json"),
+        br#"{"description": "followed", "status": "pending"}"#,
+    )
+    .unwrap();
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("tail -f printed it");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["op"].as_str()),
+        (Some("g-000000f1"), Some("create"))
+    );
+    let _ = tail.kill();
+    let _ = tail.wait();
+}
