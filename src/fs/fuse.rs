@@ -188,10 +188,6 @@ impl Filesystem for AgentFs {
         Ok(())
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
-        self.core.forget(ino.0);
-    }
-
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = match name_str(name) {
             Ok(n) => n,

@@ -100,10 +100,12 @@ impl ChangeSink for super::Core {
                     if self.journal.is_some() {
                         records.push((kind, id.clone()));
                     }
-                    // Removed, or a new version (which gets an inode of its own at the next
-                    // lookup): the kernel drops the name.
-                    let _ = gone;
-                    self.gone(Node::Record(kind, id), &mut out);
+                    let node = Node::Record(kind, id);
+                    if gone {
+                        self.gone(node, &mut out);
+                    } else if let Some(ino) = self.inodes.existing(&node) {
+                        out.push(Inval::Inode(ino));
+                    }
                 }
                 StoreEvent::Blob { id, gone: false } => {
                     if let Some(ino) = self.inodes.existing(&Node::Sidecar(id)) {

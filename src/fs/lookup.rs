@@ -111,13 +111,7 @@ impl Core {
 
     pub fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
         let node = self.resolve(parent, name)?;
-        let ino = match &node {
-            Node::Record(kind, id) => match self.store.get(*kind, id)? {
-                Some(v) => self.record_ino(*kind, id, &v),
-                None => self.inodes.ino(&node),
-            },
-            _ => self.inodes.ino(&node),
-        };
+        let ino = self.inodes.ino(&node);
         self.attr_of(ino, &node, None)
     }
 
@@ -194,26 +188,14 @@ impl Core {
                     ));
                 }
                 match self.store.get(*kind, id)? {
-                    // An inode shows its own version, whatever the name shows now (the
-                    // kernel's pages of it are that version's; the name gets a new inode).
-                    Some(v) => Ok(match self.pinned(ino) {
-                        Some(p) if !same_bytes(&p.bytes, &v.bytes) => self.attr(
-                            ino,
-                            FileKind::File,
-                            p.bytes.len() as u64,
-                            (p.mtime, p.ctime),
-                            file_perm(0o644),
-                            ttl,
-                        ),
-                        _ => self.attr(
-                            ino,
-                            FileKind::File,
-                            v.bytes.len() as u64,
-                            self.record_times(*kind, &v),
-                            file_perm(0o644),
-                            ttl,
-                        ),
-                    }),
+                    Some(v) => Ok(self.attr(
+                        ino,
+                        FileKind::File,
+                        v.bytes.len() as u64,
+                        self.record_times(*kind, &v),
+                        file_perm(0o644),
+                        ttl,
+                    )),
                     None => match self.pending.lock().get(&(*kind, id.clone())) {
                         Some(&t) => Ok(self.attr(
                             ino,

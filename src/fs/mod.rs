@@ -229,18 +229,6 @@ struct Scratch {
 
 type ScratchFile = Arc<Mutex<Scratch>>;
 
-/// A record version an inode shows, and the times it showed with.
-#[derive(Clone)]
-pub(crate) struct Pinned {
-    bytes: Arc<[u8]>,
-    mtime: SystemTime,
-    ctime: SystemTime,
-}
-
-fn same_bytes(a: &Arc<[u8]>, b: &Arc<[u8]>) -> bool {
-    Arc::ptr_eq(a, b) || a[..] == b[..]
-}
-
 struct IngestState {
     name: String,
     ino: u64,
@@ -302,9 +290,6 @@ pub struct Core {
     scratch: Mutex<HashMap<u64, ScratchFile>>,
     /// When a name in a directory last changed through the mount.
     dir_times: Mutex<HashMap<u64, SystemTime>>,
-    /// The version of a record each record inode shows: one inode a version, as a rename
-    /// on a native filesystem makes, so its pages in the kernel's cache never change.
-    versions: Mutex<HashMap<u64, Pinned>>,
     pending: Mutex<HashMap<(Kind, String), SystemTime>>,
     ingests: Mutex<HashMap<String, Arc<Mutex<IngestState>>>>,
     last_size: Mutex<HashMap<u64, u64>>,
@@ -367,7 +352,6 @@ impl Core {
             next_fh: AtomicU64::new(1),
             scratch: Mutex::new(HashMap::new()),
             dir_times: Mutex::new(HashMap::new()),
-            versions: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             ingests: Mutex::new(HashMap::new()),
             last_size: Mutex::new(HashMap::new()),
@@ -468,83 +452,6 @@ impl Core {
         a.atime = s.atime;
         a.nlink = s.nlink;
         a
-    }
-
-    /// The inode of record `id` at version `view`: the name's inode if it shows this version
-    /// (or none yet), else a new inode for it.
-    pub(super) fn record_ino(&self, kind: Kind, id: &str, view: &RecordView) -> u64 {
-        let node = Node::Record(kind, id.to_string());
-        let ino = self.inodes.ino(&node);
-        let mut v = self.versions.lock();
-        let ino = match v.get(&ino) {
-            Some(p) if same_bytes(&p.bytes, &view.bytes) => return ino,
-            None => ino,
-            Some(_) => {
-                let old = ino;
-                let new = self.inodes.reassign(&node);
-                // Nobody holds the old version: its bytes need not stay pinned, and its
-                // pages go (an open that still reaches it pins the version there now, and
-                // drops whatever pages it finds).
-                drop(v);
-                if !self.other_handles_on(old, None) {
-                    self.versions.lock().remove(&old);
-                    self.inval.send(Inval::Inode(old));
-                }
-                v = self.versions.lock();
-                new
-            }
-        };
-        let (mtime, ctime) = self.record_times(kind, view);
-        v.insert(
-            ino,
-            Pinned {
-                bytes: view.bytes.clone(),
-                mtime,
-                ctime,
-            },
-        );
-        ino
-    }
-
-    /// Makes inode `ino` show version `view` (the caller knows no descriptor or page of
-    /// another version remains on it, or drops them).
-    fn pin(&self, ino: u64, kind: Kind, view: &RecordView) {
-        let (mtime, ctime) = self.record_times(kind, view);
-        self.versions.lock().insert(
-            ino,
-            Pinned {
-                bytes: view.bytes.clone(),
-                mtime,
-                ctime,
-            },
-        );
-    }
-
-    /// Whether a record descriptor other than `except` is open on inode `ino`.
-    fn other_handles_on(&self, ino: u64, except: Option<u64>) -> bool {
-        let open: Vec<(u64, Arc<Mutex<Handle>>)> = self
-            .handles
-            .lock()
-            .iter()
-            .filter(|(f, _)| Some(**f) != except)
-            .map(|(f, h)| (*f, h.clone()))
-            .collect();
-        open.iter().any(|(_, h)| {
-            let h = h.lock();
-            matches!(&*h, Handle::Record { ino: i, .. } if *i == ino)
-        })
-    }
-
-    /// The version inode `ino` shows, if it was given one.
-    fn pinned(&self, ino: u64) -> Option<Pinned> {
-        self.versions.lock().get(&ino).cloned()
-    }
-
-    /// The kernel forgot an inode: a superseded record version leaves the tables.
-    pub fn forget(&self, ino: u64) {
-        if self.inodes.forget(ino) {
-            self.versions.lock().remove(&ino);
-        }
     }
 
     /// A record's times: its own (when its content last changed) with the journal, else

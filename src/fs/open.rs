@@ -65,46 +65,11 @@ impl Core {
         };
         match node {
             Node::Record(kind, id) => {
-                // Reads from the kernel's page cache: `cached` keeps what it holds from
-                // earlier opens (this inode's pages can only be its version), `fresh`
-                // drops it first (the inode was just given its version).
-                let (mut cached, mut fresh) = (false, false);
                 let data = if trunc {
                     Vec::new()
                 } else {
                     match self.store.get(kind, &id)? {
-                        Some(v) => {
-                            cached = match self.pinned(ino) {
-                                // This inode's pages can only ever be this version.
-                                Some(p) if same_bytes(&p.bytes, &v.bytes) => !write,
-                                None => {
-                                    self.pin(ino, kind, &v);
-                                    fresh = !write;
-                                    false
-                                }
-                                // The name was opened through an inode of an earlier version
-                                // (the watcher had not dropped the name yet). Nobody else
-                                // holds that inode: it becomes this version, its attributes
-                                // and pages dropped now (safe in open). Otherwise its
-                                // readers keep their version and pages: this descriptor
-                                // reads the new bytes direct-I/O, and the name is dropped so
-                                // the next lookup gives the new version its own inode.
-                                Some(_) if !self.other_handles_on(ino, None) => {
-                                    self.pin(ino, kind, &v);
-                                    self.invalidate_now(Inval::Inode(ino));
-                                    fresh = !write;
-                                    false
-                                }
-                                Some(_) => {
-                                    self.inval.send(Inval::Entry(
-                                        kind_dir_ino(kind),
-                                        format!("{id}.json"),
-                                    ));
-                                    false
-                                }
-                            };
-                            v.bytes.to_vec()
-                        }
+                        Some(v) => v.bytes.to_vec(),
                         None if self.pending.lock().contains_key(&(kind, id.clone())) => Vec::new(),
                         None => return Err(FsError::new(libc::ENOENT)),
                     }
@@ -122,15 +87,6 @@ impl Core {
                     self.inval.now(Inval::Inode(ino));
                     self.last_size.lock().insert(ino, data.len() as u64);
                 }
-                let mode = if cached || fresh {
-                    OpenMode {
-                        direct_io: false,
-                        keep_cache: cached,
-                        ..Default::default()
-                    }
-                } else {
-                    direct
-                };
                 Ok((
                     self.add_handle(Handle::Record {
                         ino,
@@ -140,7 +96,7 @@ impl Core {
                         refused: None,
                         writer: None,
                     }),
-                    mode,
+                    direct,
                 ))
             }
             Node::Scratch(..) => {

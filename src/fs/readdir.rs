@@ -31,21 +31,20 @@ impl Core {
         let ttl = self.opts.ttl;
         let file_perm = if self.opts.read_only { 0o444 } else { 0o644 };
         // `attr`: attributes known from the listing; None = ask attr_of.
-        type Known = Option<(u64, SystemTime, SystemTime, u16, Duration)>;
-        // `at`: the entry's inode when the caller chose it (a record's version).
-        let mut add_at = |at: Option<u64>, n: Node, k: FileKind, attr: Known| {
-            let i = at.unwrap_or_else(|| self.inodes.ino(&n));
-            let attr = match attr {
-                Some((size, m, c, perm, ttl)) => Some(self.attr(i, k, size, (m, c), perm, ttl)),
-                None => self.attr_of(i, &n, None).ok(),
+        let mut add =
+            |n: Node, k: FileKind, attr: Option<(u64, SystemTime, SystemTime, u16, Duration)>| {
+                let i = self.inodes.ino(&n);
+                let attr = match attr {
+                    Some((size, m, c, perm, ttl)) => Some(self.attr(i, k, size, (m, c), perm, ttl)),
+                    None => self.attr_of(i, &n, None).ok(),
+                };
+                out.push(DirEntry {
+                    ino: i,
+                    kind: k,
+                    name: n.name(),
+                    attr,
+                });
             };
-            out.push(DirEntry {
-                ino: i,
-                kind: k,
-                name: n.name(),
-                attr,
-            });
-        };
         match node {
             Node::Root => {
                 let attachments = self.store.attachments().is_some();
@@ -55,8 +54,7 @@ impl Core {
                     .chain(attachments.then_some(Node::AttachDir))
                     .chain(history)
                 {
-                    add_at(
-                        None,
+                    add(
                         n,
                         FileKind::Dir,
                         Some((0, dir.mtime, dir.ctime, 0o755, ttl)),
@@ -65,7 +63,7 @@ impl Core {
                 let control = attachments.then_some(Node::Gc).into_iter();
                 let changes = self.journal.is_some().then_some(Node::Changes);
                 for n in control.chain(changes).chain([Node::Status, Node::Errors]) {
-                    add_at(None, n, FileKind::File, None);
+                    add(n, FileKind::File, None);
                 }
             }
             Node::Dir(kind) => {
@@ -73,11 +71,9 @@ impl Core {
                 let mut seen = std::collections::HashSet::new();
                 for r in list.records {
                     seen.insert(r.id.clone());
-                    // Each version its own inode (see `record_ino`).
-                    let i = self.record_ino(kind, &r.id, &r);
                     let (m, c) = self.record_times(kind, &r);
                     let a = (r.bytes.len() as u64, m, c, file_perm, ttl);
-                    add_at(Some(i), Node::Record(kind, r.id), FileKind::File, Some(a));
+                    add(Node::Record(kind, r.id), FileKind::File, Some(a));
                 }
                 let pending: Vec<String> = self
                     .pending
@@ -87,7 +83,7 @@ impl Core {
                     .map(|(_, id)| id.clone())
                     .collect();
                 for id in pending {
-                    add_at(None, Node::Record(kind, id), FileKind::File, None);
+                    add(Node::Record(kind, id), FileKind::File, None);
                 }
                 let scratch: Vec<String> = self
                     .scratch
@@ -99,7 +95,7 @@ impl Core {
                     })
                     .collect();
                 for name in scratch {
-                    add_at(None, Node::Scratch(kind, name), FileKind::File, None);
+                    add(Node::Scratch(kind, name), FileKind::File, None);
                 }
             }
             Node::AttachDir => {
@@ -140,8 +136,7 @@ impl Core {
             }
             Node::HistoryRoot => {
                 for k in self.store.collections() {
-                    add_at(
-                        None,
+                    add(
                         Node::HistoryDir(*k),
                         FileKind::Dir,
                         Some((0, dir.mtime, dir.ctime, 0o555, ttl)),
@@ -151,8 +146,7 @@ impl Core {
             Node::HistoryDir(k) => {
                 if let Some(j) = &self.journal {
                     for id in j.history_ids(k) {
-                        add_at(
-                            None,
+                        add(
                             Node::HistoryRecord(k, id),
                             FileKind::Dir,
                             Some((0, dir.mtime, dir.ctime, 0o555, ttl)),
@@ -163,12 +157,7 @@ impl Core {
             Node::HistoryRecord(k, id) => {
                 if let Some(j) = &self.journal {
                     for v in j.history_versions(k, &id) {
-                        add_at(
-                            None,
-                            Node::HistoryVersion(k, id.clone(), v),
-                            FileKind::File,
-                            None,
-                        );
+                        add(Node::HistoryVersion(k, id.clone(), v), FileKind::File, None);
                     }
                 }
             }

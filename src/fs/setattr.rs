@@ -131,9 +131,6 @@ impl Core {
                         self.changed(*kind, id);
                         r?;
                         self.inval.send(Inval::Inode(ino));
-                        // A new version: its own inode at the next lookup.
-                        self.inval
-                            .send(Inval::Entry(kind_dir_ino(*kind), format!("{id}.json")));
                     }
                 }
                 Node::Ingest(name) => {

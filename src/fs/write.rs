@@ -155,14 +155,8 @@ impl Core {
                         *dirty = false;
                         drop(guard);
                         // The kernel extended its size as the bytes were written; the record
-                        // as stored may differ (pretty-printed): refresh its attributes. The
-                        // new version gets an inode of its own at the next lookup, so the
-                        // name is dropped too: at once for a close or fsync (a stat right
-                        // after sees the new version; the kernel holds no lock of the
-                        // directory's during them), from the sender thread at release.
-                        if let Some(Node::Record(kind, id)) = self.inodes.node(ino) {
-                            self.written_version(fh, ino, kind, &id, op);
-                        }
+                        // as stored may differ (pretty-printed): refresh its attributes.
+                        self.inval.send(Inval::Inode(ino));
                         Ok(())
                     }
                     Err(e) => {
@@ -224,35 +218,6 @@ impl Core {
                 r
             }
             _ => Ok(()),
-        }
-    }
-
-    /// After our own write of record `id` through inode `ino`: the version it shows.
-    ///
-    /// No other descriptor is open on the inode (the usual case): the inode itself becomes
-    /// the new version, and its attributes and any pages of the old one are dropped now
-    /// (an inode invalidation needs no lock the closing process holds), so a stat right
-    /// after close(2) sees the new size. Otherwise the inode keeps the version those
-    /// descriptors read, and the name is dropped so the next lookup gives the new version
-    /// its own inode (from the sender thread: an entry invalidation needs the directory's
-    /// lock, which a process waiting for a FUSE thread may hold).
-    fn written_version(&self, fh: u64, ino: u64, kind: Kind, id: &str, op: &str) {
-        let shared = self.other_handles_on(ino, Some(fh));
-        let current = self.store.get(kind, id).ok().flatten();
-        match current {
-            Some(v) if !shared => {
-                self.pin(ino, kind, &v);
-                if op == "release" {
-                    self.inval.send(Inval::Inode(ino));
-                } else {
-                    self.invalidate_now(Inval::Inode(ino));
-                }
-            }
-            _ => {
-                self.inval.send(Inval::Inode(ino));
-                self.inval
-                    .send(Inval::Entry(kind_dir_ino(kind), format!("{id}.json")));
-            }
         }
     }
 
