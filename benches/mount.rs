@@ -178,6 +178,28 @@ fn rss_kib(pid: i64, field: &str) -> u64 {
 
 /// The medians of `n` runs each of `a` and `b`, each run timed alone and the two
 /// alternated, so both see the same machine (other processes' I/O moves fsync times).
+/// Polls `stat` of `p` from now until its size is no longer `before` (at most 3 s): how
+/// long that took, and whether it changed at all.
+fn until_size_changes(p: &Path, before: u64) -> (Duration, bool) {
+    let t0 = Instant::now();
+    while std::fs::metadata(p).unwrap().len() == before {
+        if t0.elapsed() > Duration::from_secs(3) {
+            return (t0.elapsed(), false);
+        }
+        std::hint::spin_loop();
+    }
+    (t0.elapsed(), true)
+}
+
+/// The watcher's own time for the last change, from reading the event to the last
+/// invalidation sent (`.status`), read once it has surely finished.
+fn watcher_us(m: &Mounted) -> u64 {
+    std::thread::sleep(Duration::from_millis(30));
+    m.status()["invalidation"]["last_latency_us"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 fn medians<R, S>(
     n: usize,
     mut a: impl FnMut(usize) -> R,
@@ -318,22 +340,10 @@ fn sqlite_rows(b: &Path, n: usize, rows: &mut Vec<Row>) {
         )
         .unwrap();
         tx.commit().unwrap();
-        let t0 = Instant::now();
-        while std::fs::metadata(&rec).unwrap().len() == before {
-            if t0.elapsed() > Duration::from_secs(3) {
-                stale += 1;
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        lat.push(t0.elapsed());
-        // The watcher's own time, from reading the inotify event to the last invalidation.
-        std::thread::sleep(Duration::from_millis(30));
-        watcher.push(
-            m.status()["invalidation"]["last_latency_us"]
-                .as_u64()
-                .unwrap_or(0),
-        );
+        let (took, seen) = until_size_changes(&rec, before);
+        stale += u32::from(!seen);
+        lat.push(took);
+        watcher.push(watcher_us(&m));
     }
     lat.sort();
     watcher.sort();
@@ -437,13 +447,7 @@ fn journal_rows(b: &Path, n: usize, rows: &mut Vec<Row>) {
         let tmp = file.with_extension("j-tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        let t0 = Instant::now();
-        while std::fs::metadata(&rec).unwrap().len() == before
-            && t0.elapsed() < Duration::from_secs(3)
-        {
-            std::hint::spin_loop();
-        }
-        t0.elapsed()
+        until_size_changes(&rec, before).0
     };
     let (mut e_on, mut e_off) = (Vec::new(), Vec::new());
     let k = if n > 1000 { 11 } else { 41 };
@@ -825,21 +829,10 @@ fn main() {
             let tmp = file.with_extension("lat-tmp");
             std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
             std::fs::rename(&tmp, &file).unwrap();
-            let t0 = Instant::now();
-            while std::fs::metadata(&rec).unwrap().len() == before
-                && t0.elapsed() < Duration::from_secs(3)
-            {
-                std::hint::spin_loop();
-            }
-            lat.push(t0.elapsed());
-            // The watcher's own time, from reading the event to the last invalidation sent
-            // (part of it overlaps the writer's rename, which frees the old file's blocks).
-            std::thread::sleep(Duration::from_millis(30));
-            watcher.push(
-                m.status()["invalidation"]["last_latency_us"]
-                    .as_u64()
-                    .unwrap_or(0),
-            );
+            lat.push(until_size_changes(&rec, before).0);
+            // (The watcher's time partly overlaps the writer's rename, which frees the old
+            // file's blocks.)
+            watcher.push(watcher_us(&m));
         }
         lat.sort();
         watcher.sort();

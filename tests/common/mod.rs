@@ -80,24 +80,7 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(store: &Path, extra: &[&str]) -> Mount {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(BIN)
-            .arg("mount")
-            .arg("--store")
-            .arg(store)
-            .args(extra)
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Mount {
-            dir,
-            store: store.to_path_buf(),
-        }
+        Self::with_env(store, extra, &[])
     }
 
     /// As [`Mount::new`], with the daemon's environment adjusted: `(name, Some(v))` sets a
