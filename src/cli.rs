@@ -18,7 +18,9 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// The store: a directory (trusty-mpm/lash layout) or arbiter's SQLite database file
+    /// The store: a directory (trusty-mpm/lash layout), arbiter's SQLite database file, or
+    /// a shared Postgres database (postgresql://user@host/db, ?host=/dir for a Unix socket;
+    /// the password from PGPASSWORD or ~/.pgpass, never on the command line)
     /// [default: $AGENTMOUNT_STORE, else $XDG_DATA_HOME/agentmount, else ~/.local/share/agentmount].
     /// A --store or $AGENTMOUNT_STORE that does not exist is refused (a typo must not
     /// become an empty store); only the default store is created on first use
@@ -46,6 +48,17 @@ pub struct StoreArgs {
     /// before it fails with EAGAIN
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_secs)]
     pub lock_timeout: std::time::Duration,
+    /// A Postgres store: where this host keeps its journal, log and attachment cache
+    /// [default: $XDG_STATE_HOME/agentmount/postgres/<hash of the URL and mountpoint>]
+    #[arg(long, value_name = "DIR", hide_short_help = true)]
+    pub state_dir: Option<PathBuf>,
+    /// A Postgres store: the local attachment read cache [default: <state-dir>/blobs]
+    #[arg(long, value_name = "DIR", hide_short_help = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// A Postgres store: the most bytes the local attachment cache keeps (least recently
+    /// used files go first; K, M, G suffixes)
+    #[arg(long, value_name = "BYTES", default_value = "4G", value_parser = parse_bytes, hide_short_help = true)]
+    pub cache_size: u64,
 }
 
 /// What `agentmount mount --help` and `agentmount man mount` add: fstab options and the
@@ -167,6 +180,20 @@ pub enum Command {
     Fsck {
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Copy a whole store into another (records, attachments with their sidecars and
+    /// labels), between any two backends; idempotent (what is already there is skipped)
+    #[command(
+        after_help = "FROM and TO are --store values: a directory, an arbiter database, or a postgresql:// URL.\nRecords the target already holds with the same bytes, and blobs it already has, are\nskipped, so a copy that was interrupted is simply run again. A directory TO that does\nnot exist is created. Nothing needs to be mounted.\n\nExamples:\n  agentmount copy ~/.trusty-mpm 'postgresql://agents@db.internal/agents'\n  agentmount copy 'postgresql:///agents?host=/run/postgresql' ./backup"
+    )]
+    Copy {
+        /// The store to copy from
+        from: PathBuf,
+        /// The store to copy into
+        to: PathBuf,
+        /// Print no progress line
+        #[arg(long, short = 'q')]
+        quiet: bool,
     },
     /// Follow a mount's change feed (.changes): print each change as it happens
     #[command(
@@ -290,6 +317,12 @@ impl StoreArgs {
         let Some(p) = self.explicit() else {
             return Ok(());
         };
+        if let Some(url) = p.to_str().filter(|s| crate::backend::postgres::is_url(s)) {
+            // Whether it exists is for the server to say, at mount.
+            return crate::backend::postgres::connect_config(url)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+        }
         if p.exists() {
             return Ok(());
         }
@@ -337,6 +370,28 @@ impl StoreArgs {
             read_only,
         }
     }
+}
+
+/// A byte count with an optional K, M, G or T suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: the suffix must be K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a number of bytes"))
 }
 
 /// Seconds as a duration: a non-negative number, fractions allowed.

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod copy;
 pub mod error;
 pub mod follow;
 pub mod fs;

@@ -110,9 +110,20 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(1);
             }
-            let s = match Store::open(store.layout(), store.options(false)) {
+            let s = match agentmount::backend::open(
+                &store,
+                false,
+                std::path::Path::new("agentmount-gc"),
+            ) {
                 Ok(s) => s,
-                Err(e) => return fail(&e),
+                Err(e) => {
+                    eprintln!("agentmount: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let Some(s) = s.attachments() else {
+                eprintln!("agentmount: this store keeps no attachments");
+                return ExitCode::from(1);
             };
             match s.gc(&GcOptions {
                 grace_secs: grace,
@@ -129,6 +140,16 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Copy { from, to, quiet } => {
+            init_cli_logging();
+            match agentmount::copy::run(&from, &to, quiet) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("agentmount: copy: {msg}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Fsck { store } => {
             init_cli_logging();
             if let Err(e) = open_check(&store) {
@@ -139,6 +160,14 @@ fn main() -> ExitCode {
                     match agentmount::backend::sqlite::fsck(
                         &store.layout().root,
                         store.options(true),
+                    ) {
+                        Ok(r) => r,
+                        Err(e) => return fail(&e),
+                    }
+                }
+                Ok(StoreKind::Postgres) => {
+                    match agentmount::backend::postgres::fsck(
+                        store.layout().root.to_str().unwrap_or_default(),
                     ) {
                         Ok(r) => r,
                         Err(e) => return fail(&e),

@@ -246,7 +246,7 @@ fn which(bin: &str) -> Option<PathBuf> {
 /// beside a database.
 fn log_name(root: &Path, kind: &StoreKind) -> String {
     match kind {
-        StoreKind::Directory => "agentmount.log".into(),
+        StoreKind::Directory | StoreKind::Postgres => "agentmount.log".into(),
         StoreKind::Sqlite => format!(
             "{}.agentmount.log",
             root.file_name()
@@ -327,6 +327,11 @@ fn serve(
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(".")),
+        StoreKind::Postgres => {
+            let dir = crate::backend::postgres_state_dir(&args.store, &args.mountpoint);
+            crate::backend::postgres::private_dir(&dir).map_err(|e| e.to_string())?;
+            dir
+        }
     };
     let log_path = init_logging(args, &log_dir, &log_name(&layout.root, &kind))?;
     block_signals();
@@ -340,10 +345,9 @@ fn serve(
             store.attachments.index.watch();
             Arc::new(store)
         }
-        StoreKind::Sqlite => Arc::new(
-            crate::backend::sqlite::Sqlite::open(&layout.root, args.store.options(args.read_only))
-                .map_err(|e| format!("cannot mount {}: {e}", layout.root.display()))?,
-        ),
+        StoreKind::Sqlite | StoreKind::Postgres => {
+            crate::backend::open(&args.store, args.read_only, &args.mountpoint)?
+        }
     };
     let read_only = args.read_only || store.read_only_reason().is_some();
     if let Some(why) = store.read_only_reason() {

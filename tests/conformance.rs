@@ -56,9 +56,13 @@ trait Backend: Sized + 'static {
     fn check_integrity(&self);
     /// Records the backend refuses, with the errno: (what, bytes, errno).
     fn bad_records(&self, id: &str) -> Vec<(&'static str, Vec<u8>, i32)>;
-    /// Another program damages the store behind the sessions (not through its protocol);
-    /// returns the damaged file.
+    /// Another program damages the store behind session `existing_ids()[0]` (not through
+    /// its protocol); returns the damaged file, or for a server a description of the row.
     fn damage(&self) -> PathBuf;
+    /// The damaged thing's bytes as the store holds them now (never overwritten).
+    fn damaged_bytes(&self, damaged: &std::path::Path) -> Vec<u8> {
+        std::fs::read(damaged).unwrap()
+    }
 
     fn writer(&self, args: &[&str]) -> Command {
         let mut c = Command::new("python3");
@@ -96,7 +100,7 @@ impl Backend for Files {
     }
 
     fn existing_ids(&self) -> Vec<String> {
-        vec![S_ACTIVE.into(), S_STOPPED.into(), S_FUTURE.into()]
+        Self::existing_ids_of()
     }
 
     fn record(_id: &str, marker: &str) -> Vec<u8> {
@@ -141,7 +145,18 @@ impl Backend for Files {
     }
 
     fn bad_records(&self, id: &str) -> Vec<(&'static str, Vec<u8>, i32)> {
-        let mut other = serde_json::from_slice::<Value>(&Self::record(id, "x")).unwrap();
+        Self::bad_records_for(id)
+    }
+}
+
+impl Files {
+    fn existing_ids_of() -> Vec<String> {
+        vec![S_ACTIVE.into(), S_STOPPED.into(), S_FUTURE.into()]
+    }
+
+    fn bad_records_for(id: &str) -> Vec<(&'static str, Vec<u8>, i32)> {
+        let mut other =
+            serde_json::from_slice::<Value>(&<Files as Backend>::record(id, "x")).unwrap();
         other["id"] = json!(S_STOPPED);
         vec![
             ("invalid JSON", b"{\"task\": ".to_vec(), libc::EINVAL),
@@ -331,6 +346,120 @@ impl Backend for Sqlite {
                 libc::EINVAL,
             ),
         ]
+    }
+}
+
+/// agentmount's shared schema in a real PostgreSQL server (a database per test), filled
+/// with the sample store by `agentmount copy`; the other writer is `psql`, as any SQL
+/// program on any host would write it.
+struct Postgres {
+    url: String,
+}
+
+impl Postgres {
+    fn client(&self) -> ::postgres::Client {
+        common::pg::client(&self.url)
+    }
+}
+
+impl Backend for Postgres {
+    const NAME: &'static str = "postgres";
+
+    fn create() -> Self {
+        let url = common::pg::Server::get().new_db();
+        let o = Command::new(BIN)
+            .args(["copy", "--quiet", FIXTURE, &url])
+            .env("XDG_STATE_HOME", common::pg::state_home())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "copy: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Postgres { url }
+    }
+
+    fn store(&self) -> PathBuf {
+        PathBuf::from(&self.url)
+    }
+
+    fn existing_ids(&self) -> Vec<String> {
+        Files::existing_ids_of()
+    }
+
+    fn record(id: &str, marker: &str) -> Vec<u8> {
+        Files::record(id, marker)
+    }
+
+    fn marker_in(bytes: &[u8]) -> String {
+        Files::marker_in(bytes)
+    }
+
+    fn stored_marker(&self, id: &str) -> Option<String> {
+        self.client()
+            .query_opt(
+                "SELECT body::json->>'task' FROM agentmount_records WHERE collection = 'sessions' AND id = $1",
+                &[&id],
+            )
+            .unwrap()
+            .and_then(|r| r.get(0))
+    }
+
+    fn dump(&self) -> String {
+        let mut c = self.client();
+        let mut out = String::new();
+        for q in [
+            "SELECT collection || '/' || id || ' ' || version || ' ' || body FROM agentmount_records ORDER BY 1",
+            "SELECT hex || ' ' || size || ' ' || created_at FROM agentmount_blobs ORDER BY 1",
+            "SELECT hex || ' ' || encode(body, 'escape') || ' ' || coalesce(label, '-') FROM agentmount_sidecars ORDER BY 1",
+            "SELECT hex || ' ' || coalesce(committed_at::text, '-') FROM agentmount_manifest ORDER BY 1",
+        ] {
+            for r in c.query(q, &[]).unwrap() {
+                out.push_str(&r.get::<_, String>(0));
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn check_integrity(&self) {
+        let o = Command::new(BIN)
+            .args(["fsck", "--store", &self.url])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "fsck: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+
+    fn bad_records(&self, id: &str) -> Vec<(&'static str, Vec<u8>, i32)> {
+        Files::bad_records_for(id)
+    }
+
+    fn damage(&self) -> PathBuf {
+        let id = &self.existing_ids()[0];
+        self.client()
+            .execute(
+                "UPDATE agentmount_records SET body = '{\"sessions\": {\"6f1c2a9e-' WHERE collection = 'sessions' AND id = $1",
+                &[id],
+            )
+            .unwrap();
+        PathBuf::from(format!("sessions/{id}"))
+    }
+
+    fn damaged_bytes(&self, _damaged: &std::path::Path) -> Vec<u8> {
+        let id = &self.existing_ids()[0];
+        self.client()
+            .query_one(
+                "SELECT body FROM agentmount_records WHERE collection = 'sessions' AND id = $1",
+                &[id],
+            )
+            .unwrap()
+            .get::<_, String>(0)
+            .into_bytes()
     }
 }
 
@@ -633,7 +762,7 @@ fn a_damaged_store_serves_the_last_good_view_and_is_never_overwritten<B: Backend
     let id = b.existing_ids()[0].clone();
     let good = read(&m, &id).unwrap();
     let damaged = b.damage();
-    let bytes = std::fs::read(&damaged).unwrap();
+    let bytes = b.damaged_bytes(&damaged);
     // Reads: the last good view (also after the TTL and a fresh open).
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(read(&m, &id).unwrap(), good, "{}: last good view", B::NAME);
@@ -649,7 +778,7 @@ fn a_damaged_store_serves_the_last_good_view_and_is_never_overwritten<B: Backend
     let e = std::fs::remove_file(m.p(&format!("sessions/{id}.json"))).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{}: unlink", B::NAME);
     assert_eq!(
-        std::fs::read(&damaged).unwrap(),
+        b.damaged_bytes(&damaged),
         bytes,
         "{}: never overwritten",
         B::NAME
@@ -759,4 +888,5 @@ macro_rules! conformance {
 conformance! {
     files => Files,
     sqlite => Sqlite,
+    postgres => Postgres,
 }

@@ -190,6 +190,10 @@ impl AttachmentStore for Store {
         Store::put_sidecar(self, hex, bytes)
     }
 
+    fn import_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
+        Store::import_sidecar(self, hex, bytes)
+    }
+
     fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()> {
         Store::relabel(self, hex, old, label)
     }

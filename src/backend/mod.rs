@@ -5,9 +5,11 @@
 //!
 //! - `files`: the directory layout of trusty-mpm and lash (`crate::store` is its engine).
 //! - `sqlite`: arbiter's SQLite database (arbiter-storage 0.5).
+//! - `postgres`: agentmount's shared schema in PostgreSQL, for many hosts.
 
 pub mod files;
 pub mod files_watch;
+pub mod postgres;
 pub mod sqlite;
 
 use std::fs::File;
@@ -173,6 +175,9 @@ pub trait AttachmentStore: Send + Sync {
     fn finish_put(&self, ingest: Ingest, hex: &str) -> Result<()>;
     /// A sidecar written back: accepted only with exactly its current bytes.
     fn put_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()>;
+    /// Sets blob `hex`'s sidecar to exactly `bytes` (`agentmount copy`); the label they
+    /// carry is taken from any other blob.
+    fn import_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()>;
     /// Gives `label` to blob `hex` (dropping label `old`, for a rename).
     fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()>;
     /// Removes a label (the name only).
@@ -190,6 +195,8 @@ pub trait AttachmentStore: Send + Sync {
 pub enum StoreKind {
     Directory,
     Sqlite,
+    /// A `postgres://` or `postgresql://` URL.
+    Postgres,
 }
 
 /// The first 16 bytes of every SQLite database file.
@@ -198,6 +205,9 @@ pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 /// Tells a directory store from a SQLite database by what is at `path`: a regular file
 /// that starts with SQLite's header is a database; anything else is a directory store.
 pub fn detect(path: &Path) -> Result<StoreKind> {
+    if path.to_str().is_some_and(postgres::is_url) {
+        return Ok(StoreKind::Postgres);
+    }
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => {
             let mut head = [0u8; 16];
@@ -227,4 +237,46 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Opens the store `args` names, whichever backend it is. `place` tells apart the per-host
+/// state of two uses of one Postgres store on a host (the mountpoint, or what the CLI does).
+pub fn open(
+    args: &crate::cli::StoreArgs,
+    read_only: bool,
+    place: &Path,
+) -> std::result::Result<std::sync::Arc<dyn Backend>, String> {
+    let layout = args.layout();
+    let options = args.options(read_only);
+    match detect(&layout.root).map_err(|e| e.to_string())? {
+        StoreKind::Directory => {
+            let store = crate::store::Store::open(layout, options)
+                .map_err(|e| format!("cannot open the store: {e}"))?;
+            Ok(std::sync::Arc::new(store))
+        }
+        StoreKind::Sqlite => Ok(std::sync::Arc::new(
+            sqlite::Sqlite::open(&layout.root, options)
+                .map_err(|e| format!("cannot open {}: {e}", layout.root.display()))?,
+        )),
+        StoreKind::Postgres => {
+            let url = layout.root.to_str().unwrap_or_default();
+            let state = postgres_state_dir(args, place);
+            let cache = args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| state.join("blobs"));
+            Ok(std::sync::Arc::new(
+                postgres::Postgres::open(url, options, state, cache, args.cache_size)
+                    .map_err(|e| format!("cannot open {}: {e}", postgres::redact(url)))?,
+            ))
+        }
+    }
+}
+
+/// Where agentmount keeps its per-host state of the Postgres store `args` names.
+pub fn postgres_state_dir(args: &crate::cli::StoreArgs, place: &Path) -> PathBuf {
+    let root = args.layout().root;
+    args.state_dir
+        .clone()
+        .unwrap_or_else(|| postgres::default_state_dir(root.to_str().unwrap_or_default(), place))
 }

@@ -323,7 +323,7 @@ impl Ingest {
     }
 
     /// The hash of the bytes; a second pass only if writes came out of order.
-    pub(super) fn digest(&mut self) -> Result<String> {
+    pub fn digest(&mut self) -> Result<String> {
         let hasher = std::mem::replace(&mut self.hasher, StreamHasher::new());
         if !self.in_order || self.hashed != self.len {
             tracing::debug!(path = %self.tmp.display(), "writes arrived out of order; hashing in a second pass");
@@ -338,12 +338,20 @@ impl Ingest {
 
     /// Hashes, fsyncs and returns (hex, head bytes for media detection, temp path).
     pub(super) fn seal(&mut self) -> Result<(String, Vec<u8>, PathBuf)> {
+        self.seal_as(true)
+    }
+
+    /// As `seal`; without `fsync` the temp file is not made durable (a backend whose
+    /// durable copy is elsewhere, such as Postgres, keeps the local file only as a cache).
+    pub fn seal_as(&mut self, fsync: bool) -> Result<(String, Vec<u8>, PathBuf)> {
         let t0 = std::time::Instant::now();
         let hex = self.digest()?;
         let t1 = std::time::Instant::now();
-        self.file
-            .sync_all()
-            .map_err(|e| StoreError::io(format!("fsync {}", self.tmp.display()), e))?;
+        if fsync {
+            self.file
+                .sync_all()
+                .map_err(|e| StoreError::io(format!("fsync {}", self.tmp.display()), e))?;
+        }
         self.phases.hash_wait_ms = ms(t1 - t0);
         self.phases.fsync_ms = ms(t1.elapsed());
         self.phases.bytes = self.len;

@@ -93,6 +93,23 @@ impl Default for Listing {
 }
 
 impl Listing {
+    /// A listing of these blobs (any order; labels as the index resolves them).
+    pub fn from_blobs(blobs: Vec<Blob>) -> Listing {
+        let mut shards: Vec<Vec<Blob>> = vec![Vec::new(); 256];
+        for b in blobs {
+            shards[b.id[0] as usize].push(b);
+        }
+        let mut l = Listing::default();
+        for (i, mut s) in shards.into_iter().enumerate() {
+            if !s.is_empty() {
+                s.sort_unstable_by_key(|b| b.id);
+                l.set_shard(i as u8, s);
+            }
+        }
+        l.rebuild_labels();
+        l
+    }
+
     pub fn get(&self, id: &BlobId) -> Option<&Blob> {
         let s = &self.shards[id[0] as usize];
         s.binary_search_by(|b| b.id.cmp(id)).ok().map(|i| &s[i])
@@ -587,6 +604,22 @@ struct MediaTypeFields {
     kind: Option<String>,
     #[serde(rename = "type")]
     ty: Option<String>,
+}
+
+/// The label and media type a sidecar's bytes give (`None` when they do not parse).
+pub fn sidecar_fields(bytes: &[u8]) -> Option<(Option<String>, String)> {
+    let f = serde_json::from_slice::<SidecarFields>(bytes).ok()?;
+    let m = f.media_type.as_ref();
+    let kind = m.and_then(|m| m.kind.as_deref()).unwrap_or("file");
+    let ty = m
+        .and_then(|m| m.ty.as_deref())
+        .unwrap_or("application/octet-stream");
+    let mt = if kind == "image" {
+        format!("image/{ty}")
+    } else {
+        ty.to_string()
+    };
+    Some((f.label.filter(|l| valid_label(l)), mt))
 }
 
 /// What the index keeps of a sidecar, parsed straight into those fields (no JSON tree).

@@ -775,6 +775,40 @@ impl Store {
         })
     }
 
+    /// Sets blob `hex`'s sidecar to exactly `bytes` (a copy from another store), taking
+    /// the label they carry from every other blob.
+    pub fn import_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
+        self.writable()?;
+        if fingerprint::stat(&self.attachments.blob_path(hex))?.is_none() {
+            return Err(StoreError::NotFound(format!("no attachment {hex}")));
+        }
+        let path = self.attachments.sidecar_path(hex);
+        if fs::read(&path).ok().as_deref() == Some(bytes) {
+            return Ok(());
+        }
+        let label = crate::store::blob_index::sidecar_fields(bytes).and_then(|(l, _)| l);
+        let _lock = self.lock.acquire()?;
+        if let Some(l) = &label {
+            for b in self.attachments.listing()?.blobs() {
+                let has = b.sidecar.as_ref().and_then(|s| s.label.as_deref()) == Some(l.as_str());
+                if has && b.hex() != hex {
+                    self.drop_label(&b.hex())?;
+                }
+            }
+        }
+        let fp = fingerprint::stat(&path)?;
+        match atomic::replace_file(&path, bytes, fp)? {
+            atomic::Replaced::Done(_) => {
+                self.attachments.invalidate();
+                Ok(())
+            }
+            atomic::Replaced::Raced => Err(StoreError::Again(format!(
+                "{} changed while it was being rewritten",
+                path.display()
+            ))),
+        }
+    }
+
     /// Removes a label (the name only: bytes leave only through gc).
     pub fn unlabel(&self, label: &str) -> Result<()> {
         self.writable()?;

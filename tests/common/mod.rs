@@ -1,6 +1,8 @@
 //! Shared helpers: fixture copies and real mounts that always unmount.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -93,6 +95,9 @@ impl Mount {
             .arg(store)
             .args(extra)
             .arg(dir.path());
+        if store.to_str().is_some_and(|s| s.starts_with("postgres")) {
+            cmd.env("XDG_STATE_HOME", pg::state_home());
+        }
         for (k, v) in env {
             match v {
                 Some(v) => cmd.env(k, v),

@@ -11,9 +11,10 @@ files: trusty-mpm's sessions.json under the documented protocol (flock on
 .agentmount.lock, re-read, temp file + fsync + rename + fsync dir); the marker is the
 session's "task". sqlite: arbiter's sessions table through SQLite itself (one
 BEGIN IMMEDIATE transaction per write, as arbiter's pool does); the marker is
-"declared_intent".
+"declared_intent". postgres: agentmount's shared schema through psql (any SQL program
+on any host); the marker is the session's "task".
 """
-import fcntl, json, os, sqlite3, sys
+import fcntl, json, os, sqlite3, subprocess, sys
 
 backend, store, cmd = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -76,23 +77,58 @@ def sqlite_delete(sid):
     con.execute("COMMIT")
 
 
+def psql(script, **vars):
+    args = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+    for k, v in vars.items():
+        args += ["-v", "%s=%s" % (k, v)]
+    subprocess.run(args + [store], input=script, text=True, check=True, stdout=subprocess.DEVNULL)
+
+
+def pg_set(sid, marker):
+    psql("""INSERT INTO agentmount_records (collection, id, body)
+        VALUES ('sessions', :'id', json_build_object('id', :'id', 'tmux_name', 'ext', 'cwd', '/',
+            'task', :'marker', 'state', 'active', 'created_at', '2026-11-20T09:12:03Z')::text)
+        ON CONFLICT (collection, id) DO UPDATE
+        SET body = jsonb_pretty(jsonb_set(agentmount_records.body::jsonb, '{task}', to_jsonb(:'marker'::text)));""",
+         id=sid, marker=marker)
+
+
+def pg_delete(sid):
+    psql("DELETE FROM agentmount_records WHERE collection = 'sessions' AND id = :'id';", id=sid)
+
+
+SET = {"files": files_set, "sqlite": sqlite_set, "postgres": pg_set}
+DELETE = {"files": files_delete, "sqlite": sqlite_delete, "postgres": pg_delete}
+
 if cmd == "set":
-    (files_set if backend == "files" else sqlite_set)(sys.argv[4], sys.argv[5])
+    SET[backend](sys.argv[4], sys.argv[5])
 elif cmd == "delete":
-    (files_delete if backend == "files" else sqlite_delete)(sys.argv[4])
+    DELETE[backend](sys.argv[4])
 elif cmd == "loop":
     ids, rounds = sys.argv[4].split(","), int(sys.argv[5])
     con = db() if backend == "sqlite" else None
     for r in range(rounds):
         for sid in ids:
             marker = "ext-%d" % r
-            if backend == "files":
-                files_set(sid, marker)
-            else:
+            if backend == "sqlite":
                 sqlite_set(sid, marker, con)
+            else:
+                SET[backend](sid, marker)
             print("ack", sid, marker, flush=True)
 elif cmd == "hold":
     import time
+    if backend == "postgres":
+        # A transaction holding the records table against writers until it ends.
+        p = subprocess.Popen(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", store],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        p.stdin.write("BEGIN;\nLOCK TABLE agentmount_records IN EXCLUSIVE MODE;\n\\echo locked\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "locked"
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[4]))
+        p.stdin.write("ROLLBACK;\n")
+        p.stdin.close()
+        sys.exit(p.wait())
     if backend == "files":
         lf = open(os.path.join(store, ".agentmount.lock"), "a")
         fcntl.flock(lf, fcntl.LOCK_EX)

@@ -1,0 +1,871 @@
+//! Attachments in Postgres: bytes chunked into `agentmount_chunks` (streamed in with COPY,
+//! out with a cursor, never whole in memory, hashed as they arrive), sidecars, labels and
+//! the write-ahead manifest in tables; and each host's bounded local read cache
+//! (`<cache>/<hex>`, least recently used evicted first). Cached bytes never go stale: a
+//! blob's name is the hash of its bytes, which is checked when it is fetched.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::{ToSql, Type};
+use serde_json::{Map, Value, json};
+
+use super::{Postgres, pg_io, prepared, private_dir, schema};
+use crate::backend::AttachmentStore;
+use crate::error::{Result, StoreError};
+use crate::store::attachments::{self, Ingest, IngestPhases};
+use crate::store::blob_index::{self, Blob, Listing, SidecarInfo};
+use crate::store::gc::{GcOptions, GcReport};
+use crate::store::hash::Sha256;
+
+/// The size of one stored chunk.
+pub const CHUNK: usize = 1 << 20;
+
+#[derive(Default)]
+struct Lru {
+    /// hex → (bytes, last use).
+    entries: HashMap<String, (u64, u64)>,
+    total: u64,
+    tick: u64,
+}
+
+pub(super) struct Blobs {
+    dir: PathBuf,
+    cap: u64,
+    lru: Mutex<Lru>,
+    listing: Mutex<Option<Arc<Listing>>>,
+    /// Set while the listener is connected and has resynchronised: the cached listing is
+    /// dropped at every announced change, so it can be served without asking.
+    pub trust_listing: AtomicBool,
+    pub last_ingest: Mutex<Option<IngestPhases>>,
+    last_gc: Mutex<Option<GcReport>>,
+    hits: AtomicU64,
+    fetches: AtomicU64,
+    evictions: AtomicU64,
+}
+
+impl Blobs {
+    pub fn new(dir: PathBuf, cap: u64) -> Result<Blobs> {
+        private_dir(&dir)?;
+        private_dir(&dir.join("tmp"))?;
+        // Leftovers of fetches or ingests a crash interrupted.
+        if let Ok(rd) = fs::read_dir(dir.join("tmp")) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let mut lru = Lru::default();
+        let mut found: Vec<(SystemTime, String, u64)> = Vec::new();
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !attachments::is_hex64(&name) {
+                    continue;
+                }
+                if let Ok(m) = e.metadata() {
+                    found.push((
+                        m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        name,
+                        m.len(),
+                    ));
+                }
+            }
+        }
+        found.sort();
+        for (_, hex, size) in found {
+            lru.tick += 1;
+            lru.total += size;
+            lru.entries.insert(hex, (size, lru.tick));
+        }
+        let b = Blobs {
+            dir,
+            cap,
+            lru: Mutex::new(lru),
+            listing: Mutex::default(),
+            trust_listing: AtomicBool::new(false),
+            last_ingest: Mutex::default(),
+            last_gc: Mutex::default(),
+            hits: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        };
+        b.evict(None);
+        Ok(b)
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
+    /// Drops the cached listing (a blob, sidecar or label changed).
+    pub fn stale(&self) {
+        *self.listing.lock() = None;
+    }
+
+    pub fn cached_listing(&self) -> Option<Arc<Listing>> {
+        self.listing.lock().clone()
+    }
+
+    fn touch(&self, hex: &str) {
+        let mut l = self.lru.lock();
+        l.tick += 1;
+        let t = l.tick;
+        if let Some(e) = l.entries.get_mut(hex) {
+            e.1 = t;
+        }
+    }
+
+    fn admit(&self, hex: &str, size: u64) {
+        {
+            let mut l = self.lru.lock();
+            l.tick += 1;
+            let t = l.tick;
+            if let Some(old) = l.entries.insert(hex.to_string(), (size, t)) {
+                l.total -= old.0;
+            }
+            l.total += size;
+        }
+        self.evict(Some(hex));
+    }
+
+    /// Removes the least recently used files until the cache is within its bound (never
+    /// `keep`, the one just used: a blob larger than the bound is still served, then
+    /// evicted by the next).
+    fn evict(&self, keep: Option<&str>) {
+        let mut l = self.lru.lock();
+        if l.total <= self.cap {
+            return;
+        }
+        let mut order: Vec<(u64, String, u64)> = l
+            .entries
+            .iter()
+            .filter(|(h, _)| Some(h.as_str()) != keep)
+            .map(|(h, (s, t))| (*t, h.clone(), *s))
+            .collect();
+        order.sort();
+        for (_, hex, size) in order {
+            if l.total <= self.cap {
+                break;
+            }
+            let _ = fs::remove_file(self.dir.join(&hex));
+            l.entries.remove(&hex);
+            l.total -= size;
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        let l = self.lru.lock();
+        json!({
+            "dir": self.dir,
+            "bytes": l.total,
+            "files": l.entries.len(),
+            "bound_bytes": self.cap,
+            "over_bound": l.total > self.cap,
+            "hits": self.hits.load(Ordering::Relaxed),
+            "fetches": self.fetches.load(Ordering::Relaxed),
+            "evictions": self.evictions.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A sidecar's bytes as the directory store writes them: pretty JSON, keeping the final
+/// newline convention of what was there (none was there: one).
+fn sidecar_bytes_of(m: &Map<String, Value>, before: Option<&[u8]>) -> Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(m).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    if before.is_none_or(|b| b.ends_with(b"\n")) {
+        bytes.push(b'\n');
+    }
+    Ok(bytes)
+}
+
+type Stmts = HashMap<&'static str, postgres::Statement>;
+
+/// Takes `label` from every sidecar but `except`'s (their bytes rewritten without it).
+fn drop_label_tx(
+    tx: &mut postgres::Transaction<'_>,
+    stmts: &mut Stmts,
+    label: &str,
+    except: &str,
+) -> Result<()> {
+    const SQL: &str =
+        "SELECT hex, body FROM agentmount_sidecars WHERE label = $1 AND hex <> $2 FOR UPDATE";
+    let st = prepared(tx, stmts, SQL)?;
+    let rows = tx.query(&st, &[&label, &except]).map_err(|e| pg_io(&e))?;
+    for r in rows {
+        let hex: String = r.get(0);
+        let body: Vec<u8> = r.get(1);
+        set_label_tx(tx, stmts, &hex, &body, None)?;
+    }
+    Ok(())
+}
+
+/// Rewrites sidecar `hex` (current bytes `body`) with `label` (or without a label).
+fn set_label_tx(
+    tx: &mut postgres::Transaction<'_>,
+    stmts: &mut Stmts,
+    hex: &str,
+    body: &[u8],
+    label: Option<&str>,
+) -> Result<()> {
+    let mut m = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    match label {
+        Some(l) => m.insert("label".into(), Value::String(l.into())),
+        None => m.shift_remove("label"),
+    };
+    let bytes = sidecar_bytes_of(&m, Some(body))?;
+    if bytes == body {
+        return Ok(());
+    }
+    const SQL: &str = "UPDATE agentmount_sidecars SET body = $2, label = $3 WHERE hex = $1";
+    let st = prepared(tx, stmts, SQL)?;
+    tx.execute(&st, &[&hex, &bytes, &label])
+        .map_err(|e| pg_io(&e))?;
+    Ok(())
+}
+
+fn sidecar_row(
+    tx: &mut postgres::Transaction<'_>,
+    stmts: &mut Stmts,
+    hex: &str,
+) -> Result<Option<Vec<u8>>> {
+    const SQL: &str = "SELECT body FROM agentmount_sidecars WHERE hex = $1 FOR UPDATE";
+    let st = prepared(tx, stmts, SQL)?;
+    Ok(tx
+        .query_opt(&st, &[&hex])
+        .map_err(|e| pg_io(&e))?
+        .map(|r| r.get(0)))
+}
+
+fn put_sidecar_tx(
+    tx: &mut postgres::Transaction<'_>,
+    stmts: &mut Stmts,
+    hex: &str,
+    bytes: &[u8],
+) -> Result<()> {
+    let label = blob_index::sidecar_fields(bytes).and_then(|(l, _)| l);
+    if let Some(l) = &label {
+        drop_label_tx(tx, stmts, l, hex)?;
+    }
+    const SQL: &str = "INSERT INTO agentmount_sidecars (hex, body, label) VALUES ($1, $2, $3)
+         ON CONFLICT (hex) DO UPDATE SET body = EXCLUDED.body, label = EXCLUDED.label";
+    let st = prepared(tx, stmts, SQL)?;
+    tx.execute(&st, &[&hex, &bytes, &label])
+        .map_err(|e| pg_io(&e))?;
+    Ok(())
+}
+
+fn blob_exists(tx: &mut postgres::Transaction<'_>, stmts: &mut Stmts, hex: &str) -> Result<bool> {
+    const SQL: &str = "SELECT size FROM agentmount_blobs WHERE hex = $1 FOR KEY SHARE";
+    let st = prepared(tx, stmts, SQL)?;
+    Ok(tx.query_opt(&st, &[&hex]).map_err(|e| pg_io(&e))?.is_some())
+}
+
+fn wrong_address(name: &str, hex: &str) -> StoreError {
+    StoreError::NotPermitted(format!(
+        "attachments/{name} holds only the bytes that hash to its name; these hash to {hex}"
+    ))
+}
+
+impl Postgres {
+    /// Streams the bytes of `tmp` into the store as blob `hex` (inside `tx`).
+    fn upload(
+        tx: &mut postgres::Transaction<'_>,
+        stmts: &mut Stmts,
+        hex: &str,
+        size: u64,
+        tmp: &std::path::Path,
+    ) -> Result<()> {
+        const BLOB: &str = "INSERT INTO agentmount_blobs (hex, size) VALUES ($1, $2)";
+        let st = prepared(tx, stmts, BLOB)?;
+        tx.execute(&st, &[&hex, &(size as i64)])
+            .map_err(|e| pg_io(&e))?;
+        let mut f =
+            File::open(tmp).map_err(|e| StoreError::io(format!("open {}", tmp.display()), e))?;
+        let sink = tx
+            .copy_in("COPY agentmount_chunks (hex, n, data) FROM STDIN (FORMAT binary)")
+            .map_err(|e| pg_io(&e))?;
+        let mut w = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::INT4, Type::BYTEA]);
+        let mut buf = vec![0u8; CHUNK];
+        let mut n: i32 = 0;
+        loop {
+            let got = read_full(&mut f, &mut buf)
+                .map_err(|e| StoreError::io(format!("read {}", tmp.display()), e))?;
+            if got == 0 {
+                break;
+            }
+            let data: &[u8] = &buf[..got];
+            w.write(&[&hex, &n, &data]).map_err(|e| pg_io(&e))?;
+            n += 1;
+            if got < CHUNK {
+                break;
+            }
+        }
+        w.finish().map_err(|e| pg_io(&e))?;
+        Ok(())
+    }
+
+    fn finish_ingest_as(
+        &self,
+        mut ingest: Ingest,
+        label: Option<&str>,
+        expect: Option<&str>,
+    ) -> Result<String> {
+        if self.options.read_only {
+            return Err(StoreError::ReadOnly("the mount is read-only".into()));
+        }
+        if let Some(l) = label
+            && !attachments::valid_label(l)
+        {
+            return Err(StoreError::Invalid(format!(
+                "{l:?} cannot be an attachment label"
+            )));
+        }
+        let size = ingest.len();
+        let (hex, head, tmp) = ingest.seal_as(false)?;
+        if let Some(e) = expect
+            && e != hex
+        {
+            return Err(wrong_address(e, &hex));
+        }
+        let t = std::time::Instant::now();
+        self.write(|tx, stmts| {
+            // The write-ahead intent first; an existing uncommitted one gets a new grace
+            // (a collection running now waits for this row, then sees it young).
+            const INTENT: &str = "INSERT INTO agentmount_manifest (hex) VALUES ($1)
+                 ON CONFLICT (hex) DO UPDATE SET intent_at = clock_timestamp()
+                 WHERE agentmount_manifest.committed_at IS NULL";
+            let st = prepared(tx, stmts, INTENT)?;
+            tx.execute(&st, &[&hex]).map_err(|e| pg_io(&e))?;
+            if !blob_exists(tx, stmts, &hex)? {
+                Self::upload(tx, stmts, &hex, size, &tmp)?;
+            }
+            if let Some(l) = label {
+                drop_label_tx(tx, stmts, l, &hex)?;
+            }
+            match sidecar_row(tx, stmts, &hex)? {
+                Some(body) => set_label_tx(tx, stmts, &hex, &body, label)?,
+                None => {
+                    let m = attachments::new_sidecar(&hex, size, &head, label);
+                    put_sidecar_tx(tx, stmts, &hex, &sidecar_bytes_of(&m, None)?)?;
+                }
+            }
+            Ok(())
+        })?;
+        ingest.phases.manifest_ms = t.elapsed().as_secs_f64() * 1e3;
+        // The bytes are the store's now; the temp file becomes this host's cached copy.
+        let cached = self.blobs.dir.join(&hex);
+        if fs::rename(&tmp, &cached).is_ok() {
+            self.blobs.admit(&hex, size);
+        }
+        self.blobs.stale();
+        let phases = ingest.finish_phases();
+        tracing::info!(hex = %hex, label = label.unwrap_or(""), bytes = size, ?phases, "ingested attachment into Postgres");
+        *self.blobs.last_ingest.lock() = Some(phases);
+        Ok(hex)
+    }
+
+    /// Fetches blob `hex` into the cache (hash checked) and returns its path.
+    fn fetch(&self, hex: &str) -> Result<PathBuf> {
+        const SQL: &str = "SELECT data FROM agentmount_chunks WHERE hex = $1 ORDER BY n";
+        let dest = self.blobs.dir.join(hex);
+        let tmp = self
+            .blobs
+            .dir
+            .join("tmp")
+            .join(crate::store::atomic::temp_name("fetch"));
+        let mut out = File::create(&tmp)
+            .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+        let result = (|| {
+            let mut c = self.checkout()?;
+            let mut h = Sha256::new();
+            let mut size = 0u64;
+            let r = (|| -> std::result::Result<std::io::Result<()>, postgres::Error> {
+                let st = c.stmt(SQL)?;
+                let mut rows = c.client.query_raw(&st, [&hex as &(dyn ToSql + Sync)])?;
+                while let Some(row) = rows.next()? {
+                    let data: &[u8] = row.get(0);
+                    h.update(data);
+                    size += data.len() as u64;
+                    if let Err(e) = out.write_all(data) {
+                        return Ok(Err(e));
+                    }
+                }
+                Ok(Ok(()))
+            })();
+            match r {
+                Ok(io) => {
+                    self.checkin(c);
+                    io.map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
+                }
+                Err(e) => {
+                    if c.client.is_closed() {
+                        self.down(&super::describe(&e));
+                    }
+                    return Err(self.map_err(&e));
+                }
+            }
+            let got = h.finish_hex();
+            if size == 0 && got != hex {
+                return Err(StoreError::NotFound(format!("no attachment {hex}")));
+            }
+            if got != hex {
+                return Err(StoreError::Corrupt(format!(
+                    "attachment {hex}: the stored chunks hash to {got}; not served"
+                )));
+            }
+            fs::rename(&tmp, &dest).map_err(|e| {
+                StoreError::io(format!("rename {} -> {}", tmp.display(), dest.display()), e)
+            })?;
+            self.blobs.fetches.fetch_add(1, Ordering::Relaxed);
+            self.blobs.admit(hex, size);
+            Ok(dest.clone())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    pub(super) fn load_listing(&self) -> Result<Arc<Listing>> {
+        const SQL: &str = "SELECT b.hex, b.size, b.created_at, s.body, s.changed_at
+             FROM agentmount_blobs b LEFT JOIN agentmount_sidecars s USING (hex)";
+        let rows = self.read(|c| {
+            let st = c.stmt(SQL)?;
+            c.client.query(&st, &[])
+        })?;
+        let mut blobs = Vec::with_capacity(rows.len());
+        let mut media: HashMap<String, Arc<str>> = HashMap::new();
+        for r in rows {
+            let hex: String = r.get(0);
+            let Some(id) = blob_index::parse_id(&hex) else {
+                continue;
+            };
+            let size: i64 = r.get(1);
+            let created: SystemTime = r.get(2);
+            let body: Option<Vec<u8>> = r.get(3);
+            let sidecar = body.map(|b| {
+                let (label, mt) = blob_index::sidecar_fields(&b)
+                    .unwrap_or((None, "application/octet-stream".into()));
+                let changed: SystemTime = r.get(4);
+                let media_type = media.entry(mt.clone()).or_insert_with(|| mt.into()).clone();
+                SidecarInfo {
+                    label: label.map(Into::into),
+                    media_type,
+                    size: b.len() as u64,
+                    mtime: changed,
+                    ctime: changed,
+                }
+            });
+            blobs.push(Blob {
+                id,
+                size: size.max(0) as u64,
+                mtime: created,
+                ctime: created,
+                sidecar,
+            });
+        }
+        let l = Arc::new(Listing::from_blobs(blobs));
+        *self.blobs.listing.lock() = Some(l.clone());
+        Ok(l)
+    }
+
+    fn import_sidecar_tx(&self, hex: &str, bytes: &[u8]) -> Result<()> {
+        self.write(|tx, stmts| {
+            if !blob_exists(tx, stmts, hex)? {
+                return Err(StoreError::NotFound(format!("no attachment {hex}")));
+            }
+            if sidecar_row(tx, stmts, hex)?.as_deref() == Some(bytes) {
+                return Ok(());
+            }
+            put_sidecar_tx(tx, stmts, hex, bytes)
+        })?;
+        self.blobs.stale();
+        Ok(())
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+impl AttachmentStore for Postgres {
+    fn listing(&self) -> Result<Arc<Listing>> {
+        if self.blobs.trust_listing.load(Ordering::Acquire)
+            && let Some(l) = self.blobs.cached_listing()
+        {
+            return Ok(l);
+        }
+        match self.load_listing() {
+            Ok(l) => Ok(l),
+            Err(e @ StoreError::Io { .. }) => self.blobs.cached_listing().ok_or(e),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open_blob(&self, hex: &str) -> Result<File> {
+        let path = self.blobs.dir.join(hex);
+        if let Ok(f) = File::open(&path) {
+            self.blobs.hits.fetch_add(1, Ordering::Relaxed);
+            self.blobs.touch(hex);
+            return Ok(f);
+        }
+        let path = self.fetch(hex)?;
+        File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))
+    }
+
+    fn sidecar_bytes(&self, hex: &str) -> Result<(Vec<u8>, SystemTime)> {
+        const SQL: &str = "SELECT body, changed_at FROM agentmount_sidecars WHERE hex = $1";
+        let row = self.read(|c| {
+            let st = c.stmt(SQL)?;
+            c.client.query_opt(&st, &[&hex])
+        })?;
+        match row {
+            Some(r) => Ok((r.get(0), r.get(1))),
+            None => Err(StoreError::NotFound(format!(
+                "attachment {hex} has no sidecar"
+            ))),
+        }
+    }
+
+    fn blob_meta(&self, hex: &str) -> Result<Option<(u64, SystemTime, SystemTime)>> {
+        const SQL: &str = "SELECT size, created_at FROM agentmount_blobs WHERE hex = $1";
+        let row = self.read(|c| {
+            let st = c.stmt(SQL)?;
+            c.client.query_opt(&st, &[&hex])
+        })?;
+        Ok(row.map(|r| {
+            let size: i64 = r.get(0);
+            let t: SystemTime = r.get(1);
+            (size.max(0) as u64, t, t)
+        }))
+    }
+
+    fn begin_ingest(&self) -> Result<Ingest> {
+        if self.options.read_only {
+            return Err(StoreError::ReadOnly("the mount is read-only".into()));
+        }
+        Ingest::create(&self.blobs.dir.join("tmp"))
+    }
+
+    fn finish_ingest(&self, ingest: Ingest, label: Option<&str>) -> Result<String> {
+        self.finish_ingest_as(ingest, label, None)
+    }
+
+    fn finish_put(&self, mut ingest: Ingest, hex: &str) -> Result<()> {
+        if self.blob_meta(hex)?.is_some() {
+            let got = ingest.digest()?;
+            if got != hex {
+                return Err(wrong_address(hex, &got));
+            }
+            return Ok(());
+        }
+        self.finish_ingest_as(ingest, None, Some(hex)).map(|_| ())
+    }
+
+    fn put_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
+        let refuse = |why: &str| {
+            StoreError::NotPermitted(format!(
+                "the sidecar of {hex} describes its bytes and is made by the store: {why}"
+            ))
+        };
+        self.write(|tx, stmts| {
+            let Some(cur) = sidecar_row(tx, stmts, hex)? else {
+                return Err(StoreError::NotFound(format!(
+                    "attachment {hex} has no sidecar"
+                )));
+            };
+            if cur == bytes {
+                return Ok(());
+            }
+            let (Ok(Value::Object(mut new)), Ok(Value::Object(mut old))) = (
+                serde_json::from_slice::<Value>(bytes),
+                serde_json::from_slice::<Value>(&cur),
+            ) else {
+                return Err(refuse("what was written is not a JSON object"));
+            };
+            let label = new.shift_remove("label");
+            old.shift_remove("label");
+            if new != old {
+                return Err(refuse(
+                    "only its label may differ from what the store holds",
+                ));
+            }
+            match label {
+                None => {}
+                Some(Value::String(l)) if attachments::valid_label(&l) => {}
+                Some(other) => return Err(refuse(&format!("{other} cannot be a label"))),
+            }
+            put_sidecar_tx(tx, stmts, hex, bytes)
+        })?;
+        self.blobs.stale();
+        Ok(())
+    }
+
+    fn import_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
+        self.import_sidecar_tx(hex, bytes)
+    }
+
+    fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()> {
+        if !attachments::valid_label(label) {
+            return Err(StoreError::Invalid(format!(
+                "{label:?} cannot be an attachment label"
+            )));
+        }
+        self.write(|tx, stmts| {
+            const SIZE: &str = "SELECT size FROM agentmount_blobs WHERE hex = $1 FOR KEY SHARE";
+            let st = prepared(tx, stmts, SIZE)?;
+            let Some(size) = tx
+                .query_opt(&st, &[&hex])
+                .map_err(|e| pg_io(&e))?
+                .map(|r| r.get::<_, i64>(0))
+            else {
+                return Err(StoreError::NotFound(format!("no attachment {hex}")));
+            };
+            drop_label_tx(tx, stmts, label, hex)?;
+            if let Some(o) = old {
+                drop_label_tx(tx, stmts, o, hex)?;
+            }
+            match sidecar_row(tx, stmts, hex)? {
+                Some(body) => set_label_tx(tx, stmts, hex, &body, Some(label)),
+                None => {
+                    let m = attachments::new_sidecar(hex, size.max(0) as u64, &[], Some(label));
+                    put_sidecar_tx(tx, stmts, hex, &sidecar_bytes_of(&m, None)?)
+                }
+            }
+        })?;
+        self.blobs.stale();
+        Ok(())
+    }
+
+    fn unlabel(&self, label: &str) -> Result<()> {
+        self.write(|tx, stmts| {
+            const SQL: &str =
+                "SELECT hex, body FROM agentmount_sidecars WHERE label = $1 FOR UPDATE";
+            let st = prepared(tx, stmts, SQL)?;
+            let rows = tx.query(&st, &[&label]).map_err(|e| pg_io(&e))?;
+            if rows.is_empty() {
+                return Err(StoreError::NotFound(format!(
+                    "no attachment labelled {label:?}"
+                )));
+            }
+            for r in rows {
+                let hex: String = r.get(0);
+                let body: Vec<u8> = r.get(1);
+                set_label_tx(tx, stmts, &hex, &body, None)?;
+            }
+            Ok(())
+        })?;
+        self.blobs.stale();
+        Ok(())
+    }
+
+    /// One collection across every host: a transaction-level advisory lock (another host's
+    /// run: EBUSY), writers paused by a SHARE lock on the records while the references are
+    /// read and the orphans deleted, so a record committed anywhere either is seen by the
+    /// mark or commits after the sweep.
+    fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        if !opts.dry_run && self.options.read_only {
+            return Err(StoreError::ReadOnly("the mount is read-only".into()));
+        }
+        let mut report = GcReport {
+            started: chrono::Utc::now().to_rfc3339(),
+            dry_run: opts.dry_run,
+            grace: opts.grace_secs,
+            ..Default::default()
+        };
+        let grace = opts.grace_secs as f64;
+        let report = self.tx(|tx, _| {
+            let got: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&schema::GC_LOCK])
+                .map_err(|e| pg_io(&e))?
+                .get(0);
+            if !got {
+                return Err(StoreError::Busy(
+                    "a garbage collection is already running (on this or another host)".into(),
+                ));
+            }
+            tx.batch_execute("LOCK TABLE agentmount_records IN SHARE MODE")
+                .map_err(|e| pg_io(&e))?;
+            let mut refs = HashSet::new();
+            let mut rows = tx
+                .query_raw(
+                    "SELECT body FROM agentmount_records",
+                    std::iter::empty::<&(dyn ToSql + Sync)>(),
+                )
+                .map_err(|e| pg_io(&e))?;
+            while let Some(r) = rows.next().map_err(|e| pg_io(&e))? {
+                let body: &str = r.get(0);
+                crate::store::collection::attachment_refs(body.as_bytes(), &mut refs);
+            }
+            drop(rows);
+            let intents = tx
+                .query(
+                    "SELECT m.hex, m.committed_at IS NOT NULL,
+                            m.intent_at < clock_timestamp() - make_interval(secs => $1),
+                            coalesce(b.size, 0)
+                     FROM agentmount_manifest m LEFT JOIN agentmount_blobs b USING (hex)
+                     ORDER BY m.hex FOR UPDATE OF m",
+                    &[&grace],
+                )
+                .map_err(|e| pg_io(&e))?;
+            let (mut commit, mut reclaim) = (Vec::new(), Vec::new());
+            for r in intents {
+                let hex: String = r.get(0);
+                let committed: bool = r.get(1);
+                let old: bool = r.get(2);
+                let size: i64 = r.get(3);
+                report.scanned += 1;
+                if refs.contains(&hex) {
+                    report.kept_referenced += 1;
+                    if !committed {
+                        commit.push(hex);
+                    }
+                    continue;
+                }
+                if committed {
+                    continue;
+                }
+                if !old {
+                    report.kept_young += 1;
+                    continue;
+                }
+                report.reclaimed += 1;
+                report.bytes_freed += size.max(0) as u64;
+                report.reclaimed_ids.push(hex.clone());
+                reclaim.push(hex);
+            }
+            if !opts.dry_run {
+                tx.execute(
+                    "UPDATE agentmount_manifest SET committed_at = clock_timestamp() WHERE hex = ANY($1)",
+                    &[&commit],
+                )
+                .map_err(|e| pg_io(&e))?;
+                tx.execute("DELETE FROM agentmount_blobs WHERE hex = ANY($1)", &[&reclaim])
+                    .map_err(|e| pg_io(&e))?;
+                tx.execute("DELETE FROM agentmount_manifest WHERE hex = ANY($1)", &[&reclaim])
+                    .map_err(|e| pg_io(&e))?;
+            }
+            report.finished = chrono::Utc::now().to_rfc3339();
+            Ok(report)
+        })?;
+        if !opts.dry_run {
+            for hex in &report.reclaimed_ids {
+                let _ = fs::remove_file(self.blobs.dir.join(hex));
+            }
+            self.blobs.stale();
+        }
+        tracing::info!(
+            reclaimed = report.reclaimed,
+            bytes = report.bytes_freed,
+            dry_run = opts.dry_run,
+            "garbage collection finished (cluster-wide)"
+        );
+        *self.blobs.last_gc.lock() = Some(report.clone());
+        Ok(report)
+    }
+
+    fn last_gc(&self) -> Option<GcReport> {
+        self.blobs.last_gc.lock().clone()
+    }
+
+    fn index_mode(&self) -> String {
+        if self.blobs.trust_listing.load(Ordering::Relaxed) {
+            "postgres: listing cached, dropped at every LISTEN/NOTIFY announcement".into()
+        } else {
+            "postgres: listing read at every access (the listener is not connected)".into()
+        }
+    }
+}
+
+/// `agentmount fsck` of a Postgres store: every record is a JSON object, every blob's
+/// chunks are in order and hash to its name, every sidecar parses. Read-only.
+pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
+    let mut r = crate::store::fsck::FsckReport::default();
+    let cfg = super::connect_config(url)?;
+    let mut c = cfg.connect(postgres::NoTls).map_err(|e| pg_io(&e))?;
+    let mut tx = c
+        .build_transaction()
+        .read_only(true)
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .map_err(|e| pg_io(&e))?;
+    for row in tx
+        .query("SELECT collection, id, body FROM agentmount_records", &[])
+        .map_err(|e| pg_io(&e))?
+    {
+        r.checked_files += 1;
+        let (coll, id, body): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        if let Some(why) = super::damage_of(&body) {
+            r.problems.push(format!("{coll}/{id}: {why}"));
+        }
+    }
+    let blobs = tx
+        .query("SELECT hex, size FROM agentmount_blobs ORDER BY hex", &[])
+        .map_err(|e| pg_io(&e))?;
+    for b in blobs {
+        r.checked_files += 1;
+        let hex: String = b.get(0);
+        let size: i64 = b.get(1);
+        let mut h = Sha256::new();
+        let (mut got, mut expect_n) = (0i64, 0i32);
+        let mut rows = tx
+            .query_raw(
+                "SELECT n, data FROM agentmount_chunks WHERE hex = $1 ORDER BY n",
+                [&hex as &(dyn ToSql + Sync)],
+            )
+            .map_err(|e| pg_io(&e))?;
+        while let Some(row) = rows.next().map_err(|e| pg_io(&e))? {
+            let n: i32 = row.get(0);
+            let data: &[u8] = row.get(1);
+            if n != expect_n {
+                r.problems
+                    .push(format!("attachment {hex}: chunk {expect_n} is missing"));
+            }
+            expect_n = n + 1;
+            got += data.len() as i64;
+            h.update(data);
+        }
+        let digest = h.finish_hex();
+        if got != size {
+            r.problems.push(format!(
+                "attachment {hex}: {got} bytes stored, {size} recorded"
+            ));
+        } else if digest != hex {
+            r.problems
+                .push(format!("attachment {hex}: its bytes hash to {digest}"));
+        }
+    }
+    for s in tx
+        .query("SELECT hex, body FROM agentmount_sidecars", &[])
+        .map_err(|e| pg_io(&e))?
+    {
+        r.checked_files += 1;
+        let hex: String = s.get(0);
+        let body: Vec<u8> = s.get(1);
+        if !matches!(serde_json::from_slice::<Value>(&body), Ok(Value::Object(_))) {
+            r.problems
+                .push(format!("sidecar of {hex}: not a JSON object"));
+        }
+    }
+    tx.commit().map_err(|e| pg_io(&e))?;
+    Ok(r)
+}

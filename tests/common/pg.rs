@@ -1,0 +1,148 @@
+//! A real PostgreSQL server for the tests: `initdb` into a temp dir as the `postgres` user,
+//! `pg_ctl start` on a Unix socket in that dir (no TCP), one per test binary, stopped when
+//! the binary exits. Each test gets a database of its own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub struct Server {
+    pub dir: PathBuf,
+    bin: PathBuf,
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+/// The directory of the newest installed PostgreSQL's programs.
+fn pg_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    found.retain(|p| p.join("pg_ctl").exists());
+    found.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found
+        .pop()
+        .expect("PostgreSQL is not installed (apt-get install postgresql; scripts/setup.sh does)")
+}
+
+fn as_postgres(bin: &Path, prog: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(bin.join(prog));
+    c
+}
+
+extern "C" fn stop_at_exit() {
+    if let Some(s) = SERVER.get() {
+        s.stop();
+        let _ = std::fs::remove_dir_all(&s.dir);
+        let _ = std::fs::remove_dir_all(state_home());
+    }
+}
+
+impl Server {
+    pub fn get() -> &'static Server {
+        SERVER.get_or_init(|| {
+            let bin = pg_bin();
+            let dir = PathBuf::from(format!("/tmp/agentmount-pg-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let st = Command::new("chown")
+                .arg("postgres")
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(st.success(), "chown postgres {}", dir.display());
+            let o = as_postgres(&bin, "initdb")
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "-D",
+                ])
+                .arg(dir.join("data"))
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "initdb: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let s = Server { dir, bin };
+            s.start();
+            // SAFETY: registers a plain function to run at exit.
+            unsafe { libc::atexit(stop_at_exit) };
+            s
+        })
+    }
+
+    /// Starts the server (after `stop`, too: the restart tests).
+    pub fn start(&self) {
+        let o = as_postgres(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .arg("-o")
+            .arg(format!(
+                "-k {} -c listen_addresses='' -c max_connections=300 -c fsync=on",
+                self.dir.display()
+            ))
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+
+    /// Stops it (`fast`: connections are cut, as when the server goes away).
+    pub fn stop(&self) {
+        let _ = as_postgres(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@/{db}?host={}", self.dir.display())
+    }
+
+    /// A new, empty database; returns its URL.
+    pub fn new_db(&self) -> String {
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        self.url(&name)
+    }
+}
+
+/// A client of database `url` for the test itself (another "host", or any SQL program).
+pub fn client(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls).unwrap()
+}
+
+/// Where the daemons of this test binary keep their per-host state.
+pub fn state_home() -> PathBuf {
+    let d = PathBuf::from(format!("/tmp/agentmount-pgstate-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
