@@ -48,10 +48,29 @@ extern "C" fn stop_at_exit() {
 }
 
 impl Server {
+    /// The server this test binary shares.
     pub fn get() -> &'static Server {
         SERVER.get_or_init(|| {
+            let s = Server::init(&format!("/tmp/agentmount-pg-{}", std::process::id()));
+            // SAFETY: registers a plain function to run at exit.
+            unsafe { libc::atexit(stop_at_exit) };
+            s
+        })
+    }
+
+    /// A server of the test's own (for restarting it without disturbing other tests);
+    /// stopped and removed when dropped.
+    pub fn private(name: &str) -> Private {
+        Private(Server::init(&format!(
+            "/tmp/agentmount-pg-{}-{name}",
+            std::process::id()
+        )))
+    }
+
+    fn init(dir: &str) -> Server {
+        {
             let bin = pg_bin();
-            let dir = PathBuf::from(format!("/tmp/agentmount-pg-{}", std::process::id()));
+            let dir = PathBuf::from(dir);
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let st = Command::new("chown")
@@ -81,10 +100,8 @@ impl Server {
             );
             let s = Server { dir, bin };
             s.start();
-            // SAFETY: registers a plain function to run at exit.
-            unsafe { libc::atexit(stop_at_exit) };
             s
-        })
+        }
     }
 
     /// Starts the server (after `stop`, too: the restart tests).
@@ -145,4 +162,20 @@ pub fn state_home() -> PathBuf {
     let d = PathBuf::from(format!("/tmp/agentmount-pgstate-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+pub struct Private(pub Server);
+
+impl std::ops::Deref for Private {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.0
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        self.0.stop();
+        let _ = std::fs::remove_dir_all(&self.0.dir);
+    }
 }
