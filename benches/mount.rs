@@ -1,6 +1,10 @@
 //! Mount benchmarks against native work in the same run (scripts/bench.sh runs this).
 //! Prints a table of ratios; asserts nothing. BENCH_QUICK=1 shrinks every size;
-//! BENCH_ONLY=sqlite,sessions (any of attachments, cp, sessions, sqlite, scratch, journal, gc) runs only those.
+//! BENCH_ONLY=sqlite,sessions (any of attachments, cp, sessions, sqlite, scratch, journal, gc,
+//! postgres) runs only those.
+
+#[path = "support/postgres_rows.rs"]
+mod postgres_rows;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -987,6 +991,10 @@ fn main() {
             target: "<= 150 MiB",
         });
         eprintln!("(built the gc store in {build:?})");
+    }
+
+    if want("postgres") {
+        postgres_rows::rows(b, &mut rows);
     }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Installs what agentmount's build, tests and demo need. Idempotent: installs only what is
+# Installs what agentmount's build, tests and demo need (fuse3, the tools the tests drive,
+# sqlite3, and PostgreSQL for the shared-store backend's tests). Idempotent: installs only what is
 # missing (apt-get, as root) and the rustfmt/clippy components.
 set -euo pipefail
 need=()
 for pair in fusermount3:fuse3 jq:jq vim:vim rsync:rsync getfattr:attr perl:perl python3:python3 sha256sum:coreutils sqlite3:sqlite3 strace:strace; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
+# The Postgres backend's tests start a real server (initdb/pg_ctl as the postgres user,
+# on a Unix socket in a temp dir): Debian's postgresql package, whose programs live
+# under /usr/lib/postgresql/<version>/bin; psql comes with it.
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! command -v psql >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]}; run as root (sudo) so apt-get can install them" >&2

@@ -318,6 +318,11 @@ impl StoreArgs {
             return Ok(());
         };
         if let Some(url) = p.to_str().filter(|s| crate::backend::postgres::is_url(s)) {
+            if self.store.is_some() && crate::backend::postgres::redact(url) != url {
+                eprintln!(
+                    "agentmount: warning: the password in --store is visible to every user of this host (ps, /proc/*/cmdline); give it in PGPASSWORD, ~/.pgpass or $AGENTMOUNT_STORE instead"
+                );
+            }
             // Whether it exists is for the server to say, at mount.
             return crate::backend::postgres::connect_config(url)
                 .map(|_| ())

@@ -236,8 +236,8 @@ fn resync(pg: &Postgres, client: &mut postgres::Client) -> Result<Vec<StoreEvent
     }
     let before = pg.blobs.cached_listing();
     pg.blobs.stale();
-    if let Ok(now) = pg.listing() {
-        if let Some(before) = before {
+    if let (Ok(now), Some(before)) = (pg.listing(), before) {
+        {
             for b in before.blobs() {
                 match now.get(&b.id) {
                     None => out.push(StoreEvent::Blob {

@@ -74,7 +74,10 @@ pub fn redact(url: &str) -> String {
 pub fn describe(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
     }
 }
 
@@ -242,7 +245,18 @@ impl Postgres {
         cache_dir: PathBuf,
         cache_bytes: u64,
     ) -> Result<Postgres> {
-        let cfg = connect_config(url)?;
+        let mut cfg = connect_config(url)?;
+        // Every connection waits for a lock at most --lock-timeout (then EAGAIN): set at
+        // connect, so no statement of a change is spent on it.
+        let lt = format!(
+            "-c lock_timeout={}ms",
+            options.lock_timeout.as_millis().max(1)
+        );
+        let opts = match cfg.get_options() {
+            Some(o) => format!("{o} {lt}"),
+            None => lt,
+        };
+        cfg.options(&opts);
         let shown = redact(url);
         let mut client = cfg.connect(NoTls).map_err(|e| {
             StoreError::io(
@@ -291,13 +305,6 @@ impl Postgres {
             pg.list(kind)?;
         }
         Ok(pg)
-    }
-
-    fn lock_timeout_sql(&self) -> String {
-        format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            self.options.lock_timeout.as_millis().max(1)
-        )
     }
 
     /// A connection: an idle pooled one, or a new one unless the server was just found away.
@@ -433,8 +440,6 @@ impl Postgres {
                     }
                     Err(e) => Err(self.map_err(&e)),
                     Ok(mut tx) => (|| {
-                        tx.batch_execute(&self.lock_timeout_sql())
-                            .map_err(|e| self.map_err(&e))?;
                         let f = f.take().ok_or_else(|| {
                             StoreError::io("Postgres", std::io::Error::other("change ran twice"))
                         })?;
