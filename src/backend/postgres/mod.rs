@@ -554,9 +554,9 @@ impl Postgres {
         stmts: &mut HashMap<&'static str, Statement>,
         kind: Kind,
         id: &str,
-    ) -> Result<Option<String>> {
-        const SQL: &str =
-            "SELECT body FROM agentmount_records WHERE collection = $1 AND id = $2 FOR UPDATE";
+    ) -> Result<Option<(String, i64, SystemTime)>> {
+        const SQL: &str = "SELECT body, version, changed_at FROM agentmount_records
+             WHERE collection = $1 AND id = $2 FOR UPDATE";
         let st = prepared(tx, stmts, SQL)?;
         let row = tx
             .query_opt(&st, &[&kind.dir_name(), &id])
@@ -571,24 +571,45 @@ impl Postgres {
                 kind.singular()
             )));
         }
-        Ok(Some(body))
+        Ok(Some((body, row.get(1), row.get(2))))
     }
 
+    /// Writes record `id`: compare-and-set on the version read under the row lock when it
+    /// exists (the lost-update guard: a writer that did not lock first cannot slip in); a
+    /// new record is inserted, the last of two concurrent creators winning as on a file.
     fn put_row(
         tx: &mut postgres::Transaction<'_>,
         stmts: &mut HashMap<&'static str, Statement>,
         kind: Kind,
         id: &str,
         body: &str,
+        expected: Option<i64>,
     ) -> Result<(i64, SystemTime)> {
-        const SQL: &str =
+        const INSERT: &str =
             "INSERT INTO agentmount_records (collection, id, body) VALUES ($1, $2, $3)
              ON CONFLICT (collection, id) DO UPDATE SET body = EXCLUDED.body
              RETURNING version, changed_at";
-        let st = prepared(tx, stmts, SQL)?;
-        let row = tx
-            .query_one(&st, &[&kind.dir_name(), &id, &body])
-            .map_err(|e| pg_io(&e))?;
+        const CAS: &str = "UPDATE agentmount_records SET body = $3
+             WHERE collection = $1 AND id = $2 AND version = $4
+             RETURNING version, changed_at";
+        let row = match expected {
+            None => {
+                let st = prepared(tx, stmts, INSERT)?;
+                tx.query_one(&st, &[&kind.dir_name(), &id, &body])
+                    .map_err(|e| pg_io(&e))?
+            }
+            Some(v) => {
+                let st = prepared(tx, stmts, CAS)?;
+                tx.query_opt(&st, &[&kind.dir_name(), &id, &body, &v])
+                    .map_err(|e| pg_io(&e))?
+                    .ok_or_else(|| {
+                        StoreError::Again(format!(
+                            "{} {id} changed under its lock (version {v} is gone); nothing written",
+                            kind.singular()
+                        ))
+                    })?
+            }
+        };
         Ok((row.get(0), row.get(1)))
     }
 
@@ -817,11 +838,20 @@ impl Backend for Postgres {
     }
 
     fn count(&self, kind: Kind) -> usize {
-        self.records
-            .read()
-            .keys()
-            .filter(|(k, _)| *k == kind)
-            .count()
+        const SQL: &str = "SELECT count(*) FROM agentmount_records WHERE collection = $1";
+        match self.read(|c| {
+            let st = c.stmt(SQL)?;
+            c.client.query_one(&st, &[&kind.dir_name()])
+        }) {
+            Ok(r) => r.get::<_, i64>(0).max(0) as usize,
+            // The server is away: what the last good view holds.
+            Err(_) => self
+                .records
+                .read()
+                .keys()
+                .filter(|(k, _)| *k == kind)
+                .count(),
+        }
     }
 
     fn upsert(&self, kind: Kind, id: &str, bytes: &[u8]) -> Result<RecordView> {
@@ -843,17 +873,13 @@ impl Backend for Postgres {
         };
         let (version, changed, body) = self.write(|tx, stmts| {
             let cur = Self::lock_row(tx, stmts, kind, id)?;
-            if cur.as_deref() == Some(body.as_str()) {
+            if let Some((b, v, t)) = &cur
+                && *b == body
+            {
                 // Identical bytes: nothing changes (a restore of an unchanged backup).
-                const SQL: &str = "SELECT version, changed_at FROM agentmount_records
-                     WHERE collection = $1 AND id = $2";
-                let st = prepared(tx, stmts, SQL)?;
-                let row = tx
-                    .query_one(&st, &[&kind.dir_name(), &id])
-                    .map_err(|e| pg_io(&e))?;
-                return Ok((row.get(0), row.get(1), body));
+                return Ok((*v, *t, body));
             }
-            let (v, t) = Self::put_row(tx, stmts, kind, id, &body)?;
+            let (v, t) = Self::put_row(tx, stmts, kind, id, &body, cur.map(|c| c.1))?;
             Self::commit_refs(tx, stmts, &body)?;
             Ok((v, t, body))
         })?;
@@ -886,13 +912,13 @@ impl Backend for Postgres {
                 .ok_or_else(|| StoreError::NotFound(format!("no {} {from}", kind.singular())));
         }
         let (version, changed, body) = self.write(|tx, stmts| {
-            let Some(body) = Self::lock_row(tx, stmts, kind, from)? else {
+            let Some((body, _, _)) = Self::lock_row(tx, stmts, kind, from)? else {
                 return Err(StoreError::NotFound(format!(
                     "no {} {from}",
                     kind.singular()
                 )));
             };
-            Self::lock_row(tx, stmts, kind, to)?;
+            let replaced = Self::lock_row(tx, stmts, kind, to)?.map(|c| c.1);
             let value: Value = serde_json::from_str(&body)
                 .map_err(|e| StoreError::Corrupt(format!("{} {from}: {e}", kind.singular())))?;
             let body = match &value {
@@ -906,7 +932,7 @@ impl Backend for Postgres {
             let st = prepared(tx, stmts, DEL)?;
             tx.execute(&st, &[&kind.dir_name(), &from])
                 .map_err(|e| pg_io(&e))?;
-            let (v, t) = Self::put_row(tx, stmts, kind, to, &body)?;
+            let (v, t) = Self::put_row(tx, stmts, kind, to, &body, replaced)?;
             Ok((v, t, body))
         })?;
         self.records.write().remove(&(kind, from.to_string()));
