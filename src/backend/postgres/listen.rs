@@ -237,29 +237,27 @@ fn resync(pg: &Postgres, client: &mut postgres::Client) -> Result<Vec<StoreEvent
     let before = pg.blobs.cached_listing();
     pg.blobs.stale();
     if let (Ok(now), Some(before)) = (pg.listing(), before) {
-        {
-            for b in before.blobs() {
-                match now.get(&b.id) {
-                    None => out.push(StoreEvent::Blob {
+        for b in before.blobs() {
+            match now.get(&b.id) {
+                None => out.push(StoreEvent::Blob {
+                    id: b.id,
+                    gone: true,
+                }),
+                Some(n)
+                    if n.sidecar.as_ref().map(|s| s.mtime)
+                        != b.sidecar.as_ref().map(|s| s.mtime) =>
+                {
+                    out.push(StoreEvent::Blob {
                         id: b.id,
-                        gone: true,
-                    }),
-                    Some(n)
-                        if n.sidecar.as_ref().map(|s| s.mtime)
-                            != b.sidecar.as_ref().map(|s| s.mtime) =>
-                    {
-                        out.push(StoreEvent::Blob {
-                            id: b.id,
-                            gone: false,
-                        })
-                    }
-                    Some(_) => {}
+                        gone: false,
+                    })
                 }
+                Some(_) => {}
             }
-            for (l, id) in before.labels().iter() {
-                if now.label(l) != Some(id) {
-                    out.push(StoreEvent::LabelGone(l.to_string()));
-                }
+        }
+        for (l, id) in before.labels().iter() {
+            if now.label(l) != Some(id) {
+                out.push(StoreEvent::LabelGone(l.to_string()));
             }
         }
     }
