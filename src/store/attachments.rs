@@ -137,6 +137,9 @@ pub struct IngestPhases {
     pub rename_ms: f64,
     /// Writing the sidecar.
     pub sidecar_ms: f64,
+    /// A shared store (Postgres): the one transaction streaming the bytes in with their
+    /// blob row, write-ahead intent and sidecar.
+    pub store_ms: f64,
 }
 
 fn ms(d: std::time::Duration) -> f64 {

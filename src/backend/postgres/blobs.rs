@@ -363,7 +363,7 @@ impl Postgres {
             }
             Ok(())
         })?;
-        ingest.phases.manifest_ms = t.elapsed().as_secs_f64() * 1e3;
+        ingest.phases.store_ms = t.elapsed().as_secs_f64() * 1e3;
         // The bytes are the store's now; the temp file becomes this host's cached copy.
         let cached = self.blobs.dir.join(&hex);
         if fs::rename(&tmp, &cached).is_ok() {
