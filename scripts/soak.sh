@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The reliability suite and the conformance suite (every backend) at soak sizes. Prints one "figures:" line per area; paste them into
+# The reliability suite, the conformance suite (every backend) and the many-hosts Postgres
+# suite at soak sizes. Prints one "figures:" line per area; paste them into
 # docs/RELIABILITY.md with the date and machine. Sizes can be overridden by env vars.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ export AGENTMOUNT_CONFORMANCE_KILLS=${AGENTMOUNT_CONFORMANCE_KILLS:-60}
 export AGENTMOUNT_CONFORMANCE_ROUNDS=${AGENTMOUNT_CONFORMANCE_ROUNDS:-200}
 log=$(mktemp)
 status=0
-cargo test --release --no-fail-fast --test reliability --test store --test conformance --test journal --test sqlite_reload -- --nocapture --test-threads=1 >"$log" 2>&1 || status=$?
+cargo test --release --no-fail-fast --test reliability --test store --test conformance --test journal --test sqlite_reload --test postgres -- --nocapture --test-threads=1 >"$log" 2>&1 || status=$?
 grep -o "figures: .*" "$log" | sed 's/^figures: //'
 grep -E "^test result|FAILED|panicked" "$log" || true
 rm -f "$log"
