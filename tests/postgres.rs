@@ -526,3 +526,85 @@ fn gc_runs_once_across_hosts_and_keeps_what_any_host_refers_to() {
         );
     }
 }
+
+/// The password reaches the server from `PGPASSWORD` or `~/.pgpass` (or the URL, with a
+/// warning), and never appears in `.status`, `.errors`, the log or `/proc/mounts`.
+#[test]
+fn passwords_come_from_pgpassword_or_pgpass_and_are_never_shown() {
+    use common::pg::PASSWORD;
+    let url = Server::get().new_db_for_pwuser();
+    let store = PathBuf::from(&url);
+    // No password anywhere: refused, saying why.
+    let mp = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args(["mount", "--store", &url])
+        .arg(mp.path())
+        .env_remove("PGPASSWORD")
+        .env("HOME", home.path())
+        .env("XDG_STATE_HOME", common::pg::state_home())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("password"), "{err}");
+    // PGPASSWORD.
+    let m = Mount::with_env(&store, &[], &[("PGPASSWORD", Some(PASSWORD))]);
+    write_close(&m.p("goals/g-pw.json"), &goal("g-pw", "via PGPASSWORD")).unwrap();
+    let _ = write_close(&m.p("goals/g-pw.json"), b"{ not json");
+    let shown = [
+        std::fs::read_to_string(m.p(".status")).unwrap(),
+        std::fs::read_to_string(m.p(".errors")).unwrap(),
+        std::fs::read_to_string("/proc/mounts").unwrap(),
+    ];
+    for s in &shown {
+        assert!(!s.contains(PASSWORD), "the password shows: {s}");
+    }
+    drop(m);
+    // ~/.pgpass (0600), as libpq reads it.
+    std::fs::write(
+        home.path().join(".pgpass"),
+        format!("localhost:5432:*:pwuser:{PASSWORD}\n"),
+    )
+    .unwrap();
+    let m = Mount::with_env(
+        &store,
+        &[],
+        &[
+            ("PGPASSWORD", None),
+            ("HOME", Some(home.path().to_str().unwrap())),
+        ],
+    );
+    assert_eq!(
+        title(&std::fs::read(m.p("goals/g-pw.json")).unwrap()),
+        "via PGPASSWORD"
+    );
+    drop(m);
+    // In the URL: works, with a warning; shown nowhere.
+    let with_pw = url.replace("pwuser@", &format!("pwuser:{PASSWORD}@"));
+    let mp = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args(["mount", "--store", &with_pw])
+        .arg(mp.path())
+        .env_remove("PGPASSWORD")
+        .env("XDG_STATE_HOME", common::pg::state_home())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("visible to every user"));
+    let status = std::fs::read_to_string(mp.path().join(".status")).unwrap();
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let _ = Command::new(BIN).arg("unmount").arg(mp.path()).output();
+    assert!(!status.contains(PASSWORD) && !mounts.contains(PASSWORD));
+    // Nor in any log of this test binary's daemons.
+    let logs = Command::new("grep")
+        .args(["-rl", PASSWORD])
+        .arg(common::pg::state_home())
+        .output()
+        .unwrap();
+    assert!(
+        logs.stdout.is_empty(),
+        "the password is in {}",
+        String::from_utf8_lossy(&logs.stdout)
+    );
+}

@@ -98,8 +98,18 @@ impl Server {
                 "initdb: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
+            // Trust for the socket, except one role that must give its password
+            // (tests of PGPASSWORD and ~/.pgpass).
+            std::fs::write(
+                dir.join("data/pg_hba.conf"),
+                "local all pwuser scram-sha-256\nlocal all all trust\n",
+            )
+            .unwrap();
             let s = Server { dir, bin };
             s.start();
+            let mut c = postgres::Client::connect(&s.url("postgres"), postgres::NoTls).unwrap();
+            c.batch_execute(&format!("CREATE ROLE pwuser LOGIN PASSWORD '{PASSWORD}'"))
+                .unwrap();
             s
         }
     }
@@ -149,6 +159,25 @@ impl Server {
         let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
         c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         self.url(&name)
+    }
+}
+
+/// The password of the role `pwuser`.
+pub const PASSWORD: &str = "sekrit-Pa55word";
+
+impl Server {
+    /// A new database owned by `pwuser` (who must log in with [`PASSWORD`]); returns its
+    /// URL without the password.
+    pub fn new_db_for_pwuser(&self) -> String {
+        let name = format!(
+            "p{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name} OWNER pwuser"))
+            .unwrap();
+        format!("postgresql://pwuser@/{name}?host={}", self.dir.display())
     }
 }
 
