@@ -608,3 +608,110 @@ fn passwords_come_from_pgpassword_or_pgpass_and_are_never_shown() {
         String::from_utf8_lossy(&logs.stdout)
     );
 }
+
+/// `sslmode` as libpq means it, against a server that takes TCP clients only over TLS (a
+/// certificate for `localhost` from a test CA): require encrypts, verify-ca checks the
+/// chain, verify-full also the name; disable is turned away by the server; a wrong CA or
+/// name is refused with the reason.
+#[test]
+fn sslmode_is_honoured_over_tcp() {
+    let pg = Server::private_tls("tls");
+    let unix = pg.new_db();
+    store_with_fixture(&unix);
+    let db = unix["postgresql://postgres@/".len()..]
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    let port = pg.port.unwrap();
+    let certs = pg.dir.join("certs");
+    let other = tempfile::tempdir().unwrap();
+    common::pg::make_certs(other.path(), "other");
+    let ca = certs.join("ca.crt");
+    let url = |host: &str, q: &str| format!("postgresql://postgres@{host}:{port}/{db}?{q}");
+    let fsck = |u: &str| {
+        let o = Command::new(BIN)
+            .args(["fsck", "--store", u])
+            .env("HOME", other.path())
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let ok = |u: String| {
+        let (good, out) = fsck(&u);
+        assert!(good, "{u}: {out}");
+    };
+    let refused = |u: String, why: &str| {
+        let (good, out) = fsck(&u);
+        assert!(!good, "{u} was accepted");
+        assert!(out.contains(why), "{u}: {out}");
+    };
+    ok(url("localhost", "sslmode=require"));
+    ok(url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    ));
+    ok(url(
+        "127.0.0.1",
+        &format!("sslmode=verify-ca&sslrootcert={}", ca.display()),
+    ));
+    refused(
+        url(
+            "127.0.0.1",
+            &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+        ),
+        "certificate",
+    );
+    refused(
+        url(
+            "localhost",
+            &format!(
+                "sslmode=verify-ca&sslrootcert={}",
+                other.path().join("other.crt").display()
+            ),
+        ),
+        "certificate",
+    );
+    refused(url("localhost", "sslmode=verify-full"), "sslrootcert");
+    refused(url("localhost", "sslmode=disable"), "no encryption");
+    refused(url("localhost", "sslmode=sometimes"), "sslmode");
+    // A real mount over verified TLS: reads, writes, and the server says it is encrypted.
+    let store = PathBuf::from(url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    ));
+    let m = Mount::new(&store, &[]);
+    write_close(&m.p("goals/g-tls.json"), &goal("g-tls", "over TLS")).unwrap();
+    assert_eq!(
+        title(&std::fs::read(m.p("goals/g-tls.json")).unwrap()),
+        "over TLS"
+    );
+    let st = json(&m.p(".status"));
+    assert!(
+        st["store"]["tls"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("verify-full"),
+        "{st}"
+    );
+    let encrypted: i64 = client(&unix)
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+             WHERE application_name = 'agentmount' AND ssl",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        encrypted >= 2,
+        "the daemon's connections are encrypted: {encrypted}"
+    );
+    drop(m);
+}

@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub struct Server {
     pub dir: PathBuf,
     bin: PathBuf,
+    /// Settings beyond the Unix socket (the TLS server's TCP listener and certificate).
+    extra: String,
+    /// The TCP port, for a server that listens on 127.0.0.1.
+    pub port: Option<u16>,
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -105,7 +109,12 @@ impl Server {
                 "local all pwuser scram-sha-256\nlocal all all trust\n",
             )
             .unwrap();
-            let s = Server { dir, bin };
+            let s = Server {
+                dir,
+                bin,
+                extra: String::new(),
+                port: None,
+            };
             s.start();
             let mut c = postgres::Client::connect(&s.url("postgres"), postgres::NoTls).unwrap();
             c.batch_execute(&format!("CREATE ROLE pwuser LOGIN PASSWORD '{PASSWORD}'"))
@@ -123,8 +132,9 @@ impl Server {
             .arg(self.dir.join("log"))
             .arg("-o")
             .arg(format!(
-                "-k {} -c listen_addresses='' -c max_connections=300 -c fsync=on",
-                self.dir.display()
+                "-k {} -c listen_addresses='' -c max_connections=300 -c fsync=on {}",
+                self.dir.display(),
+                self.extra
             ))
             .args(["-w", "start"])
             .output()
@@ -146,7 +156,13 @@ impl Server {
     }
 
     pub fn url(&self, db: &str) -> String {
-        format!("postgresql://postgres@/{db}?host={}", self.dir.display())
+        match self.port {
+            Some(p) => format!(
+                "postgresql://postgres@/{db}?host={}&port={p}",
+                self.dir.display()
+            ),
+            None => format!("postgresql://postgres@/{db}?host={}", self.dir.display()),
+        }
     }
 
     /// A new, empty database; returns its URL.
@@ -206,5 +222,130 @@ impl Drop for Private {
     fn drop(&mut self) {
         self.0.stop();
         let _ = std::fs::remove_dir_all(&self.0.dir);
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A certificate authority and a server certificate it signed for `localhost` (only that
+/// name), made with the openssl command line into `dir`: ca.crt, server.crt, server.key.
+pub fn make_certs(dir: &Path, ca: &str) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca_key = format!("{ca}.key");
+    let ca_crt = format!("{ca}.crt");
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-days",
+        "2",
+        "-subj",
+        "/CN=agentmount test CA",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_crt,
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(dir, &a);
+    if ca != "ca" {
+        return;
+    }
+    let mut r = vec!["req"];
+    r.extend(ec);
+    r.extend([
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(dir, &r);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
+impl Server {
+    /// A server of the test's own that also listens on 127.0.0.1 with TLS (a certificate
+    /// for `localhost` signed by `<dir>/certs/ca.crt`), accepting TCP clients only over TLS.
+    pub fn private_tls(name: &str) -> Private {
+        let mut s = Server::init(&format!("/tmp/agentmount-pg-{}-{name}", std::process::id()));
+        s.stop();
+        let certs = s.dir.join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        make_certs(&certs, "ca");
+        for f in ["server.crt", "server.key"] {
+            std::fs::copy(certs.join(f), s.dir.join("data").join(f)).unwrap();
+        }
+        let st = Command::new("chown")
+            .args(["postgres"])
+            .arg(s.dir.join("data/server.crt"))
+            .arg(s.dir.join("data/server.key"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            s.dir.join("data/server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let mut hba = std::fs::read_to_string(s.dir.join("data/pg_hba.conf")).unwrap();
+        hba.push_str("hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n");
+        std::fs::write(s.dir.join("data/pg_hba.conf"), hba).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        s.extra = format!(
+            "-c listen_addresses=127.0.0.1 -c port={port} -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+        );
+        s.port = Some(port);
+        s.start();
+        Private(s)
     }
 }

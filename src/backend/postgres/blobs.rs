@@ -800,8 +800,9 @@ impl AttachmentStore for Postgres {
 /// chunks are in order and hash to its name, every sidecar parses. Read-only.
 pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
     let mut r = crate::store::fsck::FsckReport::default();
-    let cfg = super::connect_config(url)?;
-    let mut c = cfg.connect(postgres::NoTls).map_err(|e| pg_io(&e))?;
+    let mut c = super::connect_config(url)?
+        .connect()
+        .map_err(|e| pg_io(&e))?;
     let mut tx = c
         .build_transaction()
         .read_only(true)

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use postgres::NoTls;
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::{Value, json};
 
@@ -63,7 +62,7 @@ pub(super) fn run(pg: Arc<Postgres>, sink: Arc<dyn ChangeSink>) {
 /// One connected stretch: LISTEN, resynchronise, then follow announcements until the
 /// connection fails.
 fn session(pg: &Arc<Postgres>, sink: &Arc<dyn ChangeSink>) -> Result<(), String> {
-    let mut client = pg.cfg.connect(NoTls).map_err(|e| describe(&e))?;
+    let mut client = pg.conn.connect().map_err(|e| describe(&e))?;
     client
         .batch_execute(&format!("LISTEN {}", schema::CHANNEL))
         .map_err(|e| describe(&e))?;

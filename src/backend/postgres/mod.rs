@@ -16,6 +16,7 @@ mod blobs;
 pub use blobs::fsck;
 mod listen;
 pub mod schema;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use serde_json::{Value, json};
 
 use super::{AttachmentStore, Backend, ChangeSink, Kind, ListView, RecordView};
@@ -81,30 +82,44 @@ pub fn describe(e: &postgres::Error) -> String {
     }
 }
 
-/// How `--store postgresql://…` is connected: the URL's settings, the password from the
-/// URL, `PGPASSWORD` or `~/.pgpass`, a short connect timeout (a host that is away must not
-/// hang a file operation for long).
-pub fn connect_config(url: &str) -> Result<postgres::Config> {
-    let mut cfg = postgres::Config::from_str(url).map_err(|e| {
+/// How to reach the server: rust-postgres's settings and the TLS connector `sslmode` asks for.
+#[derive(Clone)]
+pub struct Conninfo {
+    pub cfg: postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// What `sslmode` means here, for `.status`.
+    pub ssl: String,
+}
+
+impl Conninfo {
+    pub fn connect(&self) -> std::result::Result<Client, postgres::Error> {
+        self.cfg.connect(self.tls.clone())
+    }
+}
+
+/// How `--store postgresql://…` is connected: the URL's settings, `sslmode` as libpq means
+/// it (tls.rs), the password from the URL, `PGPASSWORD` or `~/.pgpass`, a short connect
+/// timeout (a host that is away must not hang a file operation for long).
+pub fn connect_config(url: &str) -> Result<Conninfo> {
+    let bad = |e: &dyn std::fmt::Display| {
         StoreError::Invalid(format!("{} is not a usable Postgres URL: {e}", redact(url)))
-    })?;
-    match cfg.get_ssl_mode() {
-        postgres::config::SslMode::Disable | postgres::config::SslMode::Prefer => {}
-        _ => {
-            return Err(StoreError::Invalid(format!(
-                "{}: this build of agentmount has no TLS, so sslmode={} cannot be honoured; connect over a Unix socket (?host=/run/postgresql) or an ssh tunnel, or set sslmode=disable",
-                redact(url),
-                match cfg.get_ssl_mode() {
-                    postgres::config::SslMode::Require => "require",
-                    _ => "verify-*",
-                }
-            )));
-        }
-    }
-    if cfg.get_ssl_mode() == postgres::config::SslMode::Prefer {
-        // "prefer" falls back to plain when TLS is not available, as libpq does without it.
+    };
+    let asked = tls::take(url).map_err(|e| bad(&e))?;
+    let mut cfg = postgres::Config::from_str(&asked.rest).map_err(|e| bad(&e))?;
+    let (connector, mode, ssl) = tls::connector(&asked).map_err(|e| bad(&e))?;
+    let unix = !cfg.get_hosts().is_empty()
+        && cfg
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, postgres::config::Host::Unix(_)));
+    let ssl = if unix {
+        // No TLS over a Unix socket (libpq ignores sslmode there too).
         cfg.ssl_mode(postgres::config::SslMode::Disable);
-    }
+        "not used (Unix socket)".to_string()
+    } else {
+        cfg.ssl_mode(mode);
+        ssl
+    };
     if cfg.get_user().is_none() {
         let user = std::env::var("PGUSER")
             .ok()
@@ -128,7 +143,11 @@ pub fn connect_config(url: &str) -> Result<postgres::Config> {
         cfg.connect_timeout(Duration::from_secs(3));
     }
     cfg.application_name("agentmount");
-    Ok(cfg)
+    Ok(Conninfo {
+        cfg,
+        tls: connector,
+        ssl,
+    })
 }
 
 /// The password `~/.pgpass` (or `$PGPASSFILE`) gives this connection, as libpq reads it:
@@ -207,7 +226,7 @@ struct Stats {
 }
 
 pub struct Postgres {
-    cfg: postgres::Config,
+    conn: Conninfo,
     shown: String,
     options: Options,
     pool: Mutex<Vec<Conn>>,
@@ -245,7 +264,8 @@ impl Postgres {
         cache_dir: PathBuf,
         cache_bytes: u64,
     ) -> Result<Postgres> {
-        let mut cfg = connect_config(url)?;
+        let mut conn = connect_config(url)?;
+        let cfg = &mut conn.cfg;
         // Every connection waits for a lock at most --lock-timeout (then EAGAIN): set at
         // connect, so no statement of a change is spent on it.
         let lt = format!(
@@ -258,7 +278,7 @@ impl Postgres {
         };
         cfg.options(&opts);
         let shown = redact(url);
-        let mut client = cfg.connect(NoTls).map_err(|e| {
+        let mut client = conn.connect().map_err(|e| {
             StoreError::io(
                 format!("connect to {shown}"),
                 std::io::Error::other(describe(&e)),
@@ -284,7 +304,7 @@ impl Postgres {
         }
         private_dir(&state_dir)?;
         let pg = Postgres {
-            cfg,
+            conn,
             shown,
             options,
             pool: Mutex::new(vec![Conn {
@@ -320,7 +340,7 @@ impl Postgres {
                 return Err(unreachable(&self.shown, why));
             }
         }
-        match self.cfg.connect(NoTls) {
+        match self.conn.connect() {
             Ok(client) => {
                 self.up();
                 Ok(Conn {
@@ -1004,6 +1024,7 @@ impl Backend for Postgres {
             "store": {
                 "url": self.shown,
                 "schema_version": schema::VERSION,
+                "tls": self.conn.ssl,
                 "state_dir": self.state_dir,
             },
             "server": self.server_status(),
