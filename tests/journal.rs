@@ -421,3 +421,72 @@ fn tail_f_follows_the_change_feed() {
     let _ = tail.kill();
     let _ = tail.wait();
 }
+
+/// The same on a shared Postgres store: another host's write is fed as external and moves
+/// only that record's time, this host's own as mount with the writer's pid; `.history`
+/// keeps the earlier version and `cp` restores it; all of it survives a remount.
+#[test]
+fn the_journal_works_the_same_on_a_postgres_store() {
+    let url = common::pg::Server::get().new_db();
+    let o = Command::new(BIN)
+        .args(["copy", "--quiet", FIXTURE, &url])
+        .env("XDG_STATE_HOME", common::pg::state_home())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let store = std::path::PathBuf::from(&url);
+    let state = tempfile::tempdir().unwrap();
+    let args = ["--state-dir", state.path().to_str().unwrap()];
+    let m = Mount::new(&store, &args);
+    let other = Mount::new(&store, &[]);
+    let (a, b) = (
+        format!("sessions/{S_ACTIVE}.json"),
+        format!("sessions/{S_STOPPED}.json"),
+    );
+    let (ta, tb) = (mtime(&m.p(&a)), mtime(&m.p(&b)));
+    std::thread::sleep(Duration::from_millis(20));
+    let mut v = json(&other.p(&a));
+    let before = std::fs::read(m.p(&a)).unwrap();
+    v["task"] = json!("changed on the other host");
+    write_close(&other.p(&a), &serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let seen = wait_until(Duration::from_secs(2), || {
+        changes(&m)
+            .iter()
+            .any(|c| c["id"] == S_ACTIVE && c["source"] == "external")
+    });
+    assert!(seen.is_some(), "{:?}", changes(&m));
+    assert!(mtime(&m.p(&a)) > ta, "the changed record's time moved");
+    assert_eq!(mtime(&m.p(&b)), tb, "no other record's time moved");
+    // This host's own write: source mount, with our pid.
+    let mut w = json(&m.p(&b));
+    w["task"] = json!("changed here");
+    write_close(&m.p(&b), &serde_json::to_vec_pretty(&w).unwrap()).unwrap();
+    let mine = changes(&m)
+        .into_iter()
+        .find(|c| c["id"] == S_STOPPED && c["source"] == "mount")
+        .expect("own write fed");
+    // The kernel names the calling thread.
+    assert_eq!(mine["pid"], json!(unsafe { libc::gettid() }));
+    // .history has the earlier version, byte for byte; cp restores it.
+    let versions = sh_ok(&format!("ls .history/sessions/{S_ACTIVE}"), m.path());
+    let first = versions.lines().next().unwrap().to_string();
+    assert_eq!(
+        std::fs::read(m.p(&format!(".history/sessions/{S_ACTIVE}/{first}"))).unwrap(),
+        before
+    );
+    sh_ok(
+        &format!("cp .history/sessions/{S_ACTIVE}/{first} {a}"),
+        m.path(),
+    );
+    assert_eq!(
+        std::fs::read(other.p(&a)).unwrap(),
+        before,
+        "restored on every host"
+    );
+    let fed = changes(&m).len();
+    let t_now = mtime(&m.p(&a));
+    drop(m);
+    let m = Mount::new(&store, &args);
+    assert_eq!(changes(&m).len(), fed, "the feed survives a remount");
+    assert_eq!(mtime(&m.p(&a)), t_now, "times survive a remount");
+}
