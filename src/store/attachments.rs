@@ -99,7 +99,18 @@ pub fn read_sidecar_value(path: &Path) -> Option<(Value, Fingerprint)> {
 /// memory stays constant and a writer waits only when hashing falls behind), and
 /// writeback of the temp file starts as the bytes arrive, so the fsync at close has little
 /// left to do: copy, hash and disk overlap instead of adding up.
+/// Where a backend whose durable copy is elsewhere (Postgres) sends the bytes of an ingest
+/// as they arrive, in order, so storing them overlaps with receiving them.
+pub trait IngestTee: Send {
+    /// The next bytes. An error ends the tee (the backend then stores from the temp file).
+    fn push(&mut self, data: &[u8]) -> std::result::Result<(), String>;
+    /// For the backend to take its own type back at finish.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
+}
+
 pub struct Ingest {
+    /// Set by the backend: gets every byte while the writes come in order.
+    pub tee: Option<Box<dyn IngestTee>>,
     file: File,
     tmp: PathBuf,
     hasher: StreamHasher,
@@ -239,6 +250,7 @@ impl Ingest {
             .open(&tmp)
             .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
         Ok(Ingest {
+            tee: None,
             file,
             tmp,
             hasher: StreamHasher::new(),
@@ -271,8 +283,15 @@ impl Ingest {
             self.hasher.update(data, self.hashed)?;
             self.hashed += data.len() as u64;
             self.phases.hash_feed_ms += ms(t1.elapsed());
+            if let Some(t) = self.tee.as_mut()
+                && let Err(e) = t.push(data)
+            {
+                tracing::debug!(error = %e, "streaming the ingest stopped; it is stored from the temp file at close");
+                self.tee = None;
+            }
         } else {
             self.in_order = false;
+            self.tee = None;
         }
         self.len = self.len.max(offset + data.len() as u64);
         if self.len - self.started_writeback >= WRITEBACK_CHUNK {
@@ -310,6 +329,10 @@ impl Ingest {
     }
 
     pub fn truncate(&mut self, size: u64) -> Result<()> {
+        if size != self.hashed {
+            // Bytes already sent would no longer be the content.
+            self.tee = None;
+        }
         self.file
             .set_len(size)
             .map_err(|e| StoreError::io(format!("truncate {}", self.tmp.display()), e))?;
@@ -320,6 +343,7 @@ impl Ingest {
         } else if size != self.hashed {
             self.in_order = false;
         }
+
         self.len = size;
         self.started_writeback = self.started_writeback.min(size);
         Ok(())

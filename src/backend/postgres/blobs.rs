@@ -49,6 +49,8 @@ pub(super) struct Blobs {
     last_gc: Mutex<Option<GcReport>>,
     hits: AtomicU64,
     fetches: AtomicU64,
+    /// Ingests stored by streaming while they arrived.
+    pub streamed: AtomicU64,
     evictions: AtomicU64,
 }
 
@@ -95,6 +97,7 @@ impl Blobs {
             last_gc: Mutex::default(),
             hits: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
+            streamed: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         };
         b.evict(None);
@@ -172,6 +175,7 @@ impl Blobs {
             "over_bound": l.total > self.cap,
             "hits": self.hits.load(Ordering::Relaxed),
             "fetches": self.fetches.load(Ordering::Relaxed),
+            "ingests_streamed": self.streamed.load(Ordering::Relaxed),
             "evictions": self.evictions.load(Ordering::Relaxed),
         })
     }
@@ -340,29 +344,30 @@ impl Postgres {
             return Err(wrong_address(e, &hex));
         }
         let t = std::time::Instant::now();
-        self.write(|tx, stmts| {
-            // The write-ahead intent first; an existing uncommitted one gets a new grace
-            // (a collection running now waits for this row, then sees it young).
-            const INTENT: &str = "INSERT INTO agentmount_manifest (hex) VALUES ($1)
-                 ON CONFLICT (hex) DO UPDATE SET intent_at = clock_timestamp()
-                 WHERE agentmount_manifest.committed_at IS NULL";
-            let st = prepared(tx, stmts, INTENT)?;
-            tx.execute(&st, &[&hex]).map_err(|e| pg_io(&e))?;
-            if !blob_exists(tx, stmts, &hex)? {
-                Self::upload(tx, stmts, &hex, size, &tmp)?;
-            }
-            if let Some(l) = label {
-                drop_label_tx(tx, stmts, l, &hex)?;
-            }
-            match sidecar_row(tx, stmts, &hex)? {
-                Some(body) => set_label_tx(tx, stmts, &hex, &body, label)?,
-                None => {
-                    let m = attachments::new_sidecar(&hex, size, &head, label);
-                    put_sidecar_tx(tx, stmts, &hex, &sidecar_bytes_of(&m, None)?)?;
+        let job = Finish {
+            hex: hex.clone(),
+            size,
+            head,
+            label: label.map(str::to_string),
+        };
+        let streamed = match ingest
+            .tee
+            .take()
+            .and_then(|t| t.into_any().downcast::<Uploader>().ok())
+        {
+            Some(up) => up.finish(&job),
+            None => None,
+        };
+        match streamed {
+            Some(Ok(())) => self.blobs.streamed.fetch_add(1, Ordering::Relaxed),
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::warn!(hex = %hex, error = %e, "streaming the attachment in failed; storing it from the local copy");
                 }
+                self.write(|tx, stmts| finish_tx(tx, stmts, &job, Source::File(&tmp)))?;
+                0
             }
-            Ok(())
-        })?;
+        };
         ingest.phases.store_ms = t.elapsed().as_secs_f64() * 1e3;
         // The bytes are the store's now; the temp file becomes this host's cached copy.
         let cached = self.blobs.dir.join(&hex);
@@ -496,6 +501,228 @@ impl Postgres {
     }
 }
 
+/// What the close of an ingest stores.
+struct Finish {
+    hex: String,
+    size: u64,
+    head: Vec<u8>,
+    label: Option<String>,
+}
+
+/// Where the bytes of a finishing ingest are.
+enum Source<'a> {
+    /// In the local temp file: streamed in now.
+    File(&'a std::path::Path),
+    /// Already in `agentmount_chunks` under this staging key, in this transaction.
+    Staged(&'a str),
+}
+
+/// The close of an ingest, inside one transaction: the write-ahead intent (an existing
+/// uncommitted one gets a new grace: a collection running now waits for this row, then
+/// sees it young), the bytes unless the store has them, the label and the sidecar.
+fn finish_tx(
+    tx: &mut postgres::Transaction<'_>,
+    stmts: &mut Stmts,
+    job: &Finish,
+    source: Source<'_>,
+) -> Result<()> {
+    let hex = job.hex.as_str();
+    const INTENT: &str = "INSERT INTO agentmount_manifest (hex) VALUES ($1)
+         ON CONFLICT (hex) DO UPDATE SET intent_at = clock_timestamp()
+         WHERE agentmount_manifest.committed_at IS NULL";
+    let st = prepared(tx, stmts, INTENT)?;
+    tx.execute(&st, &[&hex]).map_err(|e| pg_io(&e))?;
+    let exists = blob_exists(tx, stmts, hex)?;
+    match source {
+        Source::File(tmp) if !exists => Postgres::upload(tx, stmts, hex, job.size, tmp)?,
+        Source::File(_) => {}
+        Source::Staged(key) => {
+            if !exists {
+                const BLOB: &str = "INSERT INTO agentmount_blobs (hex, size) VALUES ($1, $2)";
+                let st = prepared(tx, stmts, BLOB)?;
+                tx.execute(&st, &[&hex, &(job.size as i64)])
+                    .map_err(|e| pg_io(&e))?;
+            }
+            // Renamed to the hash (the chunk bytes are not copied), or dropped: identical
+            // bytes are already there.
+            let sql = if exists {
+                "DELETE FROM agentmount_chunks WHERE hex = $1 AND $2 <> ''"
+            } else {
+                "UPDATE agentmount_chunks SET hex = $2 WHERE hex = $1"
+            };
+            tx.execute(sql, &[&key, &hex]).map_err(|e| pg_io(&e))?;
+        }
+    }
+    let label = job.label.as_deref();
+    if let Some(l) = label {
+        drop_label_tx(tx, stmts, l, hex)?;
+    }
+    match sidecar_row(tx, stmts, hex)? {
+        Some(body) => set_label_tx(tx, stmts, hex, &body, label)?,
+        None => {
+            let m = attachments::new_sidecar(hex, job.size, &job.head, label);
+            put_sidecar_tx(tx, stmts, hex, &sidecar_bytes_of(&m, None)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Streaming starts once an ingest has this many bytes (smaller ones are stored at close
+/// on a pooled connection: a connection and a thread of their own would cost more).
+const STREAM_FROM: usize = 4 * CHUNK;
+
+enum Msg {
+    Chunk(Vec<u8>),
+    Finish(Box<Finish>),
+}
+
+/// An ingest's bytes streamed into Postgres while they arrive ([`attachments::IngestTee`]):
+/// gathered into 1 MiB chunks and handed (through a queue of a few chunks, so memory stays
+/// bounded) to a thread holding one transaction with a `COPY` open under a staging key.
+/// At close the chunks are renamed to the hash in that transaction, with the blob row,
+/// intent and sidecar, and it commits: the close waits only for what had not arrived yet.
+pub(super) struct Uploader {
+    conn: super::Conninfo,
+    gathered: Vec<Vec<u8>>,
+    buf: Vec<u8>,
+    sent: u64,
+    stream: Option<(
+        std::sync::mpsc::SyncSender<Msg>,
+        std::thread::JoinHandle<Result<()>>,
+    )>,
+}
+
+impl Uploader {
+    pub fn new(conn: super::Conninfo) -> Uploader {
+        Uploader {
+            conn,
+            gathered: Vec::new(),
+            buf: Vec::with_capacity(CHUNK),
+            sent: 0,
+            stream: None,
+        }
+    }
+
+    fn send(&mut self, chunk: Vec<u8>) -> std::result::Result<(), String> {
+        match &self.stream {
+            Some((tx, _)) => tx
+                .send(Msg::Chunk(chunk))
+                .map_err(|_| "the streaming connection stopped".to_string()),
+            None => {
+                self.gathered.push(chunk);
+                if self.gathered.len() * CHUNK < STREAM_FROM {
+                    return Ok(());
+                }
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4);
+                let conn = self.conn.clone();
+                let join = std::thread::Builder::new()
+                    .name("ingest-stream".into())
+                    .spawn(move || stream(conn, rx))
+                    .map_err(|e| format!("start the streaming thread: {e}"))?;
+                for c in std::mem::take(&mut self.gathered) {
+                    tx.send(Msg::Chunk(c))
+                        .map_err(|_| "the streaming connection stopped".to_string())?;
+                }
+                self.stream = Some((tx, join));
+                Ok(())
+            }
+        }
+    }
+
+    /// Stores the ingest through the stream: `None` when nothing was streamed (small, or
+    /// the stream had stopped), so the caller stores it from the temp file.
+    fn finish(mut self: Box<Self>, job: &Finish) -> Option<Result<()>> {
+        let (tx, join) = self.stream.take()?;
+        let rest = std::mem::take(&mut self.buf);
+        if self.sent != job.size
+            || (!rest.is_empty() && tx.send(Msg::Chunk(rest)).is_err())
+            || tx
+                .send(Msg::Finish(Box::new(Finish {
+                    hex: job.hex.clone(),
+                    size: job.size,
+                    head: job.head.clone(),
+                    label: job.label.clone(),
+                })))
+                .is_err()
+        {
+            drop(tx);
+            return match join.join() {
+                Ok(Err(e)) => Some(Err(e)),
+                _ => None,
+            };
+        }
+        drop(tx);
+        Some(join.join().unwrap_or_else(|_| {
+            Err(StoreError::io(
+                "stream attachment",
+                std::io::Error::other("the streaming thread panicked"),
+            ))
+        }))
+    }
+}
+
+impl attachments::IngestTee for Uploader {
+    fn push(&mut self, mut data: &[u8]) -> std::result::Result<(), String> {
+        self.sent += data.len() as u64;
+        while !data.is_empty() {
+            let take = (CHUNK - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == CHUNK {
+                let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+                self.send(full)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+/// The streaming thread: one connection, one transaction, a `COPY` under a staging key
+/// until the close says what the bytes are. A queue closed without that (the ingest was
+/// abandoned) rolls everything back.
+fn stream(conn: super::Conninfo, rx: std::sync::mpsc::Receiver<Msg>) -> Result<()> {
+    let mut client = conn.connect().map_err(|e| pg_io(&e))?;
+    let mut tx = client.transaction().map_err(|e| pg_io(&e))?;
+    tx.batch_execute("SET CONSTRAINTS agentmount_chunks_hex_fkey DEFERRED")
+        .map_err(|e| pg_io(&e))?;
+    let mut nonce = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).map_err(|_| {
+        StoreError::io(
+            "stream attachment",
+            std::io::Error::other("no random bytes for a staging key"),
+        )
+    })?;
+    let key = format!("staging-{}", attachments::to_hex(&nonce));
+    let job = {
+        let sink = tx
+            .copy_in("COPY agentmount_chunks (hex, n, data) FROM STDIN (FORMAT binary)")
+            .map_err(|e| pg_io(&e))?;
+        let mut w = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::INT4, Type::BYTEA]);
+        let mut n: i32 = 0;
+        loop {
+            match rx.recv() {
+                Ok(Msg::Chunk(c)) => {
+                    let data: &[u8] = &c;
+                    w.write(&[&key, &n, &data]).map_err(|e| pg_io(&e))?;
+                    n += 1;
+                }
+                Ok(Msg::Finish(job)) => {
+                    w.finish().map_err(|e| pg_io(&e))?;
+                    break job;
+                }
+                Err(_) => return Ok(()),
+            }
+        }
+    };
+    let mut stmts = HashMap::new();
+    finish_tx(&mut tx, &mut stmts, &job, Source::Staged(&key))?;
+    tx.commit().map_err(|e| pg_io(&e))
+}
+
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -563,7 +790,9 @@ impl AttachmentStore for Postgres {
         if self.options.read_only {
             return Err(StoreError::ReadOnly("the mount is read-only".into()));
         }
-        Ingest::create(&self.blobs.dir.join("tmp"))
+        let mut ing = Ingest::create(&self.blobs.dir.join("tmp"))?;
+        ing.tee = Some(Box::new(Uploader::new(self.conn.clone())));
+        Ok(ing)
     }
 
     fn finish_ingest(&self, ingest: Ingest, label: Option<&str>) -> Result<String> {
@@ -854,6 +1083,19 @@ pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
             r.problems
                 .push(format!("attachment {hex}: its bytes hash to {digest}"));
         }
+    }
+    for orphan in tx
+        .query(
+            "SELECT DISTINCT c.hex FROM agentmount_chunks c
+             LEFT JOIN agentmount_blobs b USING (hex) WHERE b.hex IS NULL",
+            &[],
+        )
+        .map_err(|e| pg_io(&e))?
+    {
+        let hex: String = orphan.get(0);
+        r.problems.push(format!(
+            "chunks stored under {hex:?} belong to no attachment"
+        ));
     }
     for s in tx
         .query("SELECT hex, body FROM agentmount_sidecars", &[])

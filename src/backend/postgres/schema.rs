@@ -43,7 +43,10 @@ CREATE TABLE agentmount_blobs (
     version    bigint NOT NULL DEFAULT nextval('agentmount_version')
 );
 CREATE TABLE agentmount_chunks (
-    hex  text    NOT NULL REFERENCES agentmount_blobs (hex) ON DELETE CASCADE,
+    -- Deferrable: an ingest streams its chunks in under a staging key while the bytes
+    -- arrive, and renames them to the hash (with the blob row) before it commits.
+    hex  text    NOT NULL REFERENCES agentmount_blobs (hex) ON DELETE CASCADE
+                 DEFERRABLE INITIALLY IMMEDIATE,
     n    integer NOT NULL,
     data bytea   NOT NULL,
     PRIMARY KEY (hex, n)
