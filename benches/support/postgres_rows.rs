@@ -216,7 +216,17 @@ pub fn rows(b: &Path, rows: &mut Vec<Row>) {
     let src = b.join(format!("pg-src-{mib}.bin"));
     {
         let mut f = std::fs::File::create(&src).unwrap();
-        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 17 % 253) as u8).collect();
+        // Incompressible bytes, as images and archives are (Postgres compresses bytea it
+        // can: a repeating pattern would measure pglz, not storage).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let chunk: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
         for k in 0..mib {
             let mut c = chunk.clone();
             c[..8].copy_from_slice(&(k as u64).to_le_bytes());
