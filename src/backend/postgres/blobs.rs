@@ -18,7 +18,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
 use serde_json::{Map, Value, json};
 
-use super::{Postgres, pg_io, prepared, private_dir, schema};
+use super::{Postgres, col, pg_io, prepared, private_dir, schema};
 use crate::backend::AttachmentStore;
 use crate::error::{Result, StoreError};
 use crate::store::attachments::{self, Ingest, IngestPhases};
@@ -205,8 +205,8 @@ fn drop_label_tx(
     let st = prepared(tx, stmts, SQL)?;
     let rows = tx.query(&st, &[&label, &except]).map_err(|e| pg_io(&e))?;
     for r in rows {
-        let hex: String = r.get(0);
-        let body: Vec<u8> = r.get(1);
+        let hex: String = col(&r, 0)?;
+        let body: Vec<u8> = col(&r, 1)?;
         set_label_tx(tx, stmts, &hex, &body, None)?;
     }
     Ok(())
@@ -246,10 +246,10 @@ fn sidecar_row(
 ) -> Result<Option<Vec<u8>>> {
     const SQL: &str = "SELECT body FROM agentmount_sidecars WHERE hex = $1 FOR UPDATE";
     let st = prepared(tx, stmts, SQL)?;
-    Ok(tx
-        .query_opt(&st, &[&hex])
+    tx.query_opt(&st, &[&hex])
         .map_err(|e| pg_io(&e))?
-        .map(|r| r.get(0)))
+        .map(|r| col(&r, 0))
+        .transpose()
 }
 
 fn put_sidecar_tx(
@@ -400,7 +400,7 @@ impl Postgres {
                 let st = c.stmt(SQL)?;
                 let mut rows = c.client.query_raw(&st, [&hex as &(dyn ToSql + Sync)])?;
                 while let Some(row) = rows.next()? {
-                    let data: &[u8] = row.get(0);
+                    let data: &[u8] = row.try_get(0)?;
                     h.update(data);
                     size += data.len() as u64;
                     if let Err(e) = out.write_all(data) {
@@ -453,17 +453,18 @@ impl Postgres {
         let mut blobs = Vec::with_capacity(rows.len());
         let mut media: HashMap<String, Arc<str>> = HashMap::new();
         for r in rows {
-            let hex: String = r.get(0);
+            let hex: String = col(&r, 0)?;
             let Some(id) = blob_index::parse_id(&hex) else {
                 continue;
             };
-            let size: i64 = r.get(1);
-            let created: SystemTime = r.get(2);
-            let body: Option<Vec<u8>> = r.get(3);
+            let size: i64 = col(&r, 1)?;
+            let created: SystemTime = col(&r, 2)?;
+            let body: Option<Vec<u8>> = col(&r, 3)?;
+            let changed: Option<SystemTime> = col(&r, 4)?;
             let sidecar = body.map(|b| {
                 let (label, mt) = blob_index::sidecar_fields(&b)
                     .unwrap_or((None, "application/octet-stream".into()));
-                let changed: SystemTime = r.get(4);
+                let changed = changed.unwrap_or(created);
                 let media_type = media.entry(mt.clone()).or_insert_with(|| mt.into()).clone();
                 SidecarInfo {
                     label: label.map(Into::into),
@@ -766,7 +767,7 @@ impl AttachmentStore for Postgres {
             c.client.query_opt(&st, &[&hex])
         })?;
         match row {
-            Some(r) => Ok((r.get(0), r.get(1))),
+            Some(r) => Ok((col(&r, 0)?, col(&r, 1)?)),
             None => Err(StoreError::NotFound(format!(
                 "attachment {hex} has no sidecar"
             ))),
@@ -779,11 +780,12 @@ impl AttachmentStore for Postgres {
             let st = c.stmt(SQL)?;
             c.client.query_opt(&st, &[&hex])
         })?;
-        Ok(row.map(|r| {
-            let size: i64 = r.get(0);
-            let t: SystemTime = r.get(1);
-            (size.max(0) as u64, t, t)
-        }))
+        row.map(|r| {
+            let size: i64 = col(&r, 0)?;
+            let t: SystemTime = col(&r, 1)?;
+            Ok((size.max(0) as u64, t, t))
+        })
+        .transpose()
     }
 
     fn begin_ingest(&self) -> Result<Ingest> {
@@ -865,7 +867,8 @@ impl AttachmentStore for Postgres {
             let Some(size) = tx
                 .query_opt(&st, &[&hex])
                 .map_err(|e| pg_io(&e))?
-                .map(|r| r.get::<_, i64>(0))
+                .map(|r| col::<i64>(&r, 0))
+                .transpose()?
             else {
                 return Err(StoreError::NotFound(format!("no attachment {hex}")));
             };
@@ -897,8 +900,8 @@ impl AttachmentStore for Postgres {
                 )));
             }
             for r in rows {
-                let hex: String = r.get(0);
-                let body: Vec<u8> = r.get(1);
+                let hex: String = col(&r, 0)?;
+                let body: Vec<u8> = col(&r, 1)?;
                 set_label_tx(tx, stmts, &hex, &body, None)?;
             }
             Ok(())
@@ -925,8 +928,8 @@ impl AttachmentStore for Postgres {
         let report = self.tx(|tx, _| {
             let got: bool = tx
                 .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&schema::GC_LOCK])
-                .map_err(|e| pg_io(&e))?
-                .get(0);
+                .map_err(|e| pg_io(&e))
+                .and_then(|r| col(&r, 0))?;
             if !got {
                 return Err(StoreError::Busy(
                     "a garbage collection is already running (on this or another host)".into(),
@@ -942,7 +945,7 @@ impl AttachmentStore for Postgres {
                 )
                 .map_err(|e| pg_io(&e))?;
             while let Some(r) = rows.next().map_err(|e| pg_io(&e))? {
-                let body: &str = r.get(0);
+                let body: &str = col(&r, 0)?;
                 crate::store::collection::attachment_refs(body.as_bytes(), &mut refs);
             }
             drop(rows);
@@ -958,10 +961,10 @@ impl AttachmentStore for Postgres {
                 .map_err(|e| pg_io(&e))?;
             let (mut commit, mut reclaim) = (Vec::new(), Vec::new());
             for r in intents {
-                let hex: String = r.get(0);
-                let committed: bool = r.get(1);
-                let old: bool = r.get(2);
-                let size: i64 = r.get(3);
+                let hex: String = col(&r, 0)?;
+                let committed: bool = col(&r, 1)?;
+                let old: bool = col(&r, 2)?;
+                let size: i64 = col(&r, 3)?;
                 report.scanned += 1;
                 if refs.contains(&hex) {
                     report.kept_referenced += 1;
@@ -1043,7 +1046,8 @@ pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
         .map_err(|e| pg_io(&e))?
     {
         r.checked_files += 1;
-        let (coll, id, body): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let (coll, id, body): (String, String, String) =
+            (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
         if let Some(why) = super::damage_of(&body) {
             r.problems.push(format!("{coll}/{id}: {why}"));
         }
@@ -1053,8 +1057,8 @@ pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
         .map_err(|e| pg_io(&e))?;
     for b in blobs {
         r.checked_files += 1;
-        let hex: String = b.get(0);
-        let size: i64 = b.get(1);
+        let hex: String = col(&b, 0)?;
+        let size: i64 = col(&b, 1)?;
         let mut h = Sha256::new();
         let (mut got, mut expect_n) = (0i64, 0i32);
         let mut rows = tx
@@ -1064,8 +1068,8 @@ pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
             )
             .map_err(|e| pg_io(&e))?;
         while let Some(row) = rows.next().map_err(|e| pg_io(&e))? {
-            let n: i32 = row.get(0);
-            let data: &[u8] = row.get(1);
+            let n: i32 = col(&row, 0)?;
+            let data: &[u8] = col(&row, 1)?;
             if n != expect_n {
                 r.problems
                     .push(format!("attachment {hex}: chunk {expect_n} is missing"));
@@ -1092,7 +1096,7 @@ pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
         )
         .map_err(|e| pg_io(&e))?
     {
-        let hex: String = orphan.get(0);
+        let hex: String = col(&orphan, 0)?;
         r.problems.push(format!(
             "chunks stored under {hex:?} belong to no attachment"
         ));
@@ -1102,8 +1106,8 @@ pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
         .map_err(|e| pg_io(&e))?
     {
         r.checked_files += 1;
-        let hex: String = s.get(0);
-        let body: Vec<u8> = s.get(1);
+        let hex: String = col(&s, 0)?;
+        let body: Vec<u8> = col(&s, 1)?;
         if !matches!(serde_json::from_slice::<Value>(&body), Ok(Value::Object(_))) {
             r.problems
                 .push(format!("sidecar of {hex}: not a JSON object"));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::{Value, json};
 
-use super::{Postgres, describe, schema};
+use super::{Postgres, col, describe, schema};
 use crate::backend::{AttachmentStore, ChangeSink, Kind, StoreEvent};
 use crate::store::blob_index;
 
@@ -203,12 +203,12 @@ fn resync(pg: &Postgres, client: &mut postgres::Client) -> Result<Vec<StoreEvent
     let mut out = Vec::new();
     let mut present: HashSet<(Kind, String)> = HashSet::with_capacity(rows.len());
     for r in rows {
-        let coll: &str = r.get(0);
+        let coll: &str = col(&r, 0).map_err(|e| e.to_string())?;
         let Some(kind) = Postgres::kind_named(coll) else {
             continue;
         };
-        let id: String = r.get(1);
-        let v: i64 = r.get(2);
+        let id: String = col(&r, 1).map_err(|e| e.to_string())?;
+        let v: i64 = col(&r, 2).map_err(|e| e.to_string())?;
         if pg.cached_version(kind, &id) != v {
             out.push(StoreEvent::Record {
                 kind,

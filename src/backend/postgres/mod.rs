@@ -290,8 +290,8 @@ impl Postgres {
                     "SELECT count(*) FROM information_schema.tables WHERE table_name = 'agentmount_schema'",
                     &[],
                 )
-                .map_err(|e| StoreError::Invalid(describe(&e)))?
-                .get(0);
+                .map_err(|e| StoreError::Invalid(describe(&e)))
+                .and_then(|r| col(&r, 0))?;
             if n == 0 {
                 return Err(StoreError::Invalid(format!(
                     "{shown} has no agentmount schema yet, and a read-only mount does not create one"
@@ -584,14 +584,14 @@ impl Postgres {
         let Some(row) = row else {
             return Ok(None);
         };
-        let body: String = row.get(0);
+        let body: String = col(&row, 0)?;
         if let Some(why) = damage_of(&body) {
             return Err(StoreError::Corrupt(format!(
                 "{} {id}: {why}; it is left as it is for whoever repairs it (UPDATE agentmount_records), and changes to it are refused until then",
                 kind.singular()
             )));
         }
-        Ok(Some((body, row.get(1), row.get(2))))
+        Ok(Some((body, col(&row, 1)?, col(&row, 2)?)))
     }
 
     /// Writes record `id`: compare-and-set on the version read under the row lock when it
@@ -630,7 +630,7 @@ impl Postgres {
                     })?
             }
         };
-        Ok((row.get(0), row.get(1)))
+        Ok((col(&row, 0)?, col(&row, 1)?))
     }
 
     /// Commits the write-ahead intents of the attachments a record refers to.
@@ -675,6 +675,20 @@ impl Postgres {
             }),
         }
     }
+}
+
+/// Column `i` of a row, or why it cannot be read (a table another program altered, text
+/// that is not UTF-8 in a database of another encoding): never a panic in a file operation.
+pub(crate) fn col<'a, T: postgres::types::FromSql<'a>>(
+    row: &'a postgres::Row,
+    i: usize,
+) -> Result<T> {
+    row.try_get(i).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "column {i} of a row of agentmount's tables cannot be read: {}",
+            describe(&e)
+        ))
+    })
 }
 
 fn unreachable(shown: &str, why: &str) -> StoreError {
@@ -777,14 +791,17 @@ impl Backend for Postgres {
                 Ok(None)
             }
             Ok(Some(row)) => {
-                let version: i64 = row.get(0);
-                match row.get::<_, Option<String>>(1) {
+                let version: i64 = col(&row, 0)?;
+                // A body that is not even text (a database of another encoding) is damage.
+                let body =
+                    col::<Option<String>>(&row, 1).unwrap_or_else(|e| Some(format!("\u{0}{e}")));
+                match body {
                     None => Ok(self
                         .records
                         .read()
                         .get(&(kind, id.to_string()))
                         .map(|c| c.view.clone())),
-                    Some(body) => self.take_row(kind, id, version, body, row.get(2)),
+                    Some(body) => self.take_row(kind, id, version, body, col(&row, 2)?),
                 }
             }
             Err(e) => self.last_good(kind, id, e),
@@ -823,8 +840,8 @@ impl Backend for Postgres {
         {
             let cache = self.records.read();
             for r in &rows {
-                let id: String = r.get(0);
-                let v: i64 = r.get(1);
+                let id: String = col(r, 0)?;
+                let v: i64 = col(r, 1)?;
                 if cache.get(&(kind, id.clone())).map(|c| c.version) != Some(v) {
                     stale.push(id.clone());
                 }
@@ -837,9 +854,11 @@ impl Backend for Postgres {
                 c.client.query(&st, &[&kind.dir_name(), &stale])
             })?;
             for r in fetched {
-                let id: String = r.get(0);
-                // A damaged row without a good version is left out (its error is in .status).
-                let _ = self.take_row(kind, &id, r.get(1), r.get(2), r.get(3));
+                let id: String = col(&r, 0)?;
+                // A damaged row without a good version is left out (its error is in .status);
+                // a body that is not even text (another encoding) is damage too.
+                let body = col::<String>(&r, 2).unwrap_or_else(|e| format!("\u{0}{e}"));
+                let _ = self.take_row(kind, &id, col(&r, 1)?, body, col(&r, 3)?);
             }
         }
         let mut cache = self.records.write();
@@ -859,11 +878,14 @@ impl Backend for Postgres {
 
     fn count(&self, kind: Kind) -> usize {
         const SQL: &str = "SELECT count(*) FROM agentmount_records WHERE collection = $1";
-        match self.read(|c| {
-            let st = c.stmt(SQL)?;
-            c.client.query_one(&st, &[&kind.dir_name()])
-        }) {
-            Ok(r) => r.get::<_, i64>(0).max(0) as usize,
+        let n = self
+            .read(|c| {
+                let st = c.stmt(SQL)?;
+                c.client.query_one(&st, &[&kind.dir_name()])
+            })
+            .and_then(|r| col::<i64>(&r, 0));
+        match n {
+            Ok(n) => n.max(0) as usize,
             // The server is away: what the last good view holds.
             Err(_) => self
                 .records

@@ -134,7 +134,8 @@ pub fn migrate(c: &mut Client) -> Result<i32, String> {
             &[],
         )
         .map_err(sql)?
-        .get(0);
+        .try_get(0)
+        .map_err(sql)?;
     if found > VERSION {
         return Err(format!(
             "the database's agentmount schema is version {found}, newer than this build reads ({VERSION}); upgrade agentmount"
