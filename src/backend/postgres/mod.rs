@@ -142,6 +142,14 @@ pub fn connect_config(url: &str) -> Result<Conninfo> {
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(3));
     }
+    // A server that stops answering (a network partition) must fail a file operation in
+    // seconds, not hang it until TCP gives up (~15 min): unacknowledged data times out after
+    // 10 s, and keepalives find a silent peer on an idle connection.
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(Duration::from_secs(10));
+    }
+    cfg.keepalives(true);
+    cfg.keepalives_idle(Duration::from_secs(10));
     cfg.application_name("agentmount");
     Ok(Conninfo {
         cfg,
