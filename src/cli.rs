@@ -68,10 +68,13 @@ Examples:
   agentmount mount /tmp/agents
   agentmount mount --store ~/.trusty-mpm --read-only /mnt/agents
   agentmount mount --store /var/lib/arbiter/arbiter.db /mnt/arbiter
+  PGPASSWORD=... agentmount mount --store postgresql://agents@db.internal/agents ~/agents
   agentmount mount --foreground --log-level debug /tmp/agents
 
-The store is a directory (trusty-mpm/lash layout) or arbiter's SQLite database, told apart
-by the file's first bytes. A --store that does not exist is refused unless --create.
+The store is a directory (trusty-mpm/lash layout), arbiter's SQLite database (told apart
+by the file's first bytes), or a postgresql:// URL: a store shared by many hosts (sslmode
+and sslrootcert as libpq; ?host=/dir for a Unix socket; the password from PGPASSWORD or
+~/.pgpass). A --store that does not exist is refused unless --create.
 
 As a mount(8) helper (ln -s $(command -v agentmount) /sbin/mount.agentmount):
   mount -t agentmount STORE MOUNTPOINT -o OPTIONS
@@ -91,8 +94,9 @@ checked at close, so a shell's `>` may not show the error: read .errors):
           links, device nodes, chmod/chown that would change something
   EXDEV   a move between directories (mv falls back to copy + unlink)
   EAGAIN  the writer lock (a database: its lock) not taken within --lock-timeout
-  EIO     a store file that no longer parses, a damaged database: writes are refused
-  EBUSY   a garbage collection already running
+  EIO     a store file that no longer parses, a damaged database: writes are refused;
+          a Postgres server that cannot be reached (reads keep the last good view)
+  EBUSY   a garbage collection already running (on any host of a Postgres store)
   ENOTSUP setting extended attributes";
 
 #[derive(Subcommand, Debug)]
