@@ -154,6 +154,19 @@ pub fn run(from: &Path, to: &Path, quiet: bool) -> Result<(), String> {
                     .map_err(|e| format!("write attachment {hex}: {e}"))?;
                 tally.blobs += 1;
             }
+            // The write-ahead manifest's state of the blob, as the source has it: so the
+            // target's gc keeps what the source's would keep.
+            let state = sa
+                .intent(&hex)
+                .map_err(|e| format!("read the intent of {hex}: {e}"))?;
+            if da
+                .intent(&hex)
+                .map_err(|e| format!("the intent of {hex} in the target: {e}"))?
+                != state
+            {
+                da.set_intent(&hex, state)
+                    .map_err(|e| format!("write the intent of {hex}: {e}"))?;
+            }
             if b.sidecar.is_some() {
                 let (bytes, _) = sa
                     .sidecar_bytes(&hex)

@@ -471,6 +471,27 @@ fn copy_into_postgres_and_back_yields_the_same_store() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Each blob's intent state came through (so gc keeps what it kept before).
+    let intents = |p: &Path| {
+        let mut v: Vec<(String, bool)> = json(&p.join("attachments/manifest.json"))["intents"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r["attachment_id"].as_str().unwrap_or("").to_string(),
+                            !r["committed_at_epoch_ms"].is_null(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let want = intents(Path::new(FIXTURE));
+    assert_eq!(want.len(), 2, "the fixture's manifest has two intents");
+    assert_eq!(intents(&out), want);
     let orig = fixture_copy();
     let (m1, m2) = (
         Mount::new(orig.path(), &["--no-journal"]),

@@ -194,6 +194,25 @@ impl AttachmentStore for Store {
         Store::import_sidecar(self, hex, bytes)
     }
 
+    fn intent(&self, hex: &str) -> Result<Option<bool>> {
+        Ok(self.manifest.current()?.find(hex).map(|r| r.committed()))
+    }
+
+    fn set_intent(&self, hex: &str, state: Option<bool>) -> Result<()> {
+        let _lock = self.lock.acquire()?;
+        let ids: std::collections::HashSet<String> = [hex.to_string()].into();
+        match state {
+            None => self.manifest.forget(&ids),
+            Some(committed) => {
+                self.manifest.add_intent(hex, None)?;
+                if committed {
+                    self.manifest.commit(&ids)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()> {
         Store::relabel(self, hex, old, label)
     }

@@ -178,6 +178,12 @@ pub trait AttachmentStore: Send + Sync {
     /// Sets blob `hex`'s sidecar to exactly `bytes` (`agentmount copy`); the label they
     /// carry is taken from any other blob.
     fn import_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()>;
+    /// Blob `hex`'s write-ahead intent: none (the store never took it in: gc leaves it
+    /// alone), uncommitted (`Some(false)`: collectable once unreferenced past the grace) or
+    /// committed (`Some(true)`).
+    fn intent(&self, hex: &str) -> Result<Option<bool>>;
+    /// Sets blob `hex`'s intent to that state (`agentmount copy` carries it over).
+    fn set_intent(&self, hex: &str, state: Option<bool>) -> Result<()>;
     /// Gives `label` to blob `hex` (dropping label `old`, for a rename).
     fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()>;
     /// Removes a label (the name only).

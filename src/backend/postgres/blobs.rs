@@ -855,6 +855,30 @@ impl AttachmentStore for Postgres {
         self.import_sidecar_tx(hex, bytes)
     }
 
+    fn intent(&self, hex: &str) -> Result<Option<bool>> {
+        const SQL: &str = "SELECT committed_at IS NOT NULL FROM agentmount_manifest WHERE hex = $1";
+        let row = self.read(|c| {
+            let st = c.stmt(SQL)?;
+            c.client.query_opt(&st, &[&hex])
+        })?;
+        row.map(|r| col::<bool>(&r, 0)).transpose()
+    }
+
+    fn set_intent(&self, hex: &str, state: Option<bool>) -> Result<()> {
+        self.write(|tx, _| {
+            let r = match state {
+                None => tx.execute("DELETE FROM agentmount_manifest WHERE hex = $1", &[&hex]),
+                Some(committed) => tx.execute(
+                    "INSERT INTO agentmount_manifest (hex, committed_at)
+                     VALUES ($1, CASE WHEN $2 THEN clock_timestamp() END)
+                     ON CONFLICT (hex) DO UPDATE SET committed_at = EXCLUDED.committed_at",
+                    &[&hex, &committed],
+                ),
+            };
+            r.map(|_| ()).map_err(|e| pg_io(&e))
+        })
+    }
+
     fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()> {
         if !attachments::valid_label(label) {
             return Err(StoreError::Invalid(format!(
