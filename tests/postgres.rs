@@ -444,6 +444,30 @@ fn an_attachment_ingested_on_one_host_reads_back_on_the_other() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     println!("figures: attachment {hex:?} B cache {cache}");
+    // A cached copy a crash cut short (the cache is not fsynced) is found out by its hash
+    // at the first use after a restart, and fetched again.
+    let state = tempfile::tempdir().unwrap();
+    let args = ["--state-dir", state.path().to_str().unwrap()];
+    let c = Mount::new(&store, &args);
+    let want = std::fs::read(src.path()).unwrap();
+    assert!(std::fs::read(c.p("attachments/again.bin")).unwrap() == want);
+    drop(c);
+    let cached = state.path().join("blobs").join(hex.as_deref().unwrap());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cached)
+        .unwrap();
+    f.set_len(4096).unwrap();
+    drop(f);
+    let c = Mount::new(&store, &args);
+    assert!(
+        std::fs::read(c.p("attachments/again.bin")).unwrap() == want,
+        "the cut copy was not served"
+    );
+    assert_eq!(
+        json(&c.p(".status"))["cache"]["attachments"]["fetches"],
+        json!(1)
+    );
 }
 
 /// `agentmount copy` of the sample store into Postgres and back: the same records byte for
@@ -600,12 +624,28 @@ fn passwords_come_from_pgpassword_or_pgpass_and_are_never_shown() {
         assert!(!s.contains(PASSWORD), "the password shows: {s}");
     }
     drop(m);
-    // ~/.pgpass (0600), as libpq reads it.
+    // ~/.pgpass, as libpq reads it: ignored while others may read it, used once 0600.
+    let pgpass = home.path().join(".pgpass");
     std::fs::write(
-        home.path().join(".pgpass"),
-        format!("localhost:5432:*:pwuser:{PASSWORD}\n"),
+        &pgpass,
+        format!("# host:port:db:user:password\nother\\:host:*:*:*:wrong\nlocalhost:5432:*:pwuser:{PASSWORD}\n"),
     )
     .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = Command::new(BIN)
+        .args(["mount", "--store", &url])
+        .arg(mp.path())
+        .env_remove("PGPASSWORD")
+        .env("HOME", home.path())
+        .env("XDG_STATE_HOME", common::pg::state_home())
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "a world-readable ~/.pgpass is not used"
+    );
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600)).unwrap();
     let m = Mount::with_env(
         &store,
         &[],

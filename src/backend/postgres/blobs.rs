@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -33,6 +33,9 @@ pub const CHUNK: usize = 1 << 20;
 struct Lru {
     /// hex → (bytes, last use).
     entries: HashMap<String, (u64, u64)>,
+    /// Found at startup: not known to have survived a crash whole (the cache is not
+    /// fsynced), so each is hashed at its first use.
+    unverified: HashSet<String>,
     total: u64,
     tick: u64,
 }
@@ -42,6 +45,8 @@ pub(super) struct Blobs {
     cap: u64,
     lru: Mutex<Lru>,
     listing: Mutex<Option<Arc<Listing>>>,
+    /// Moves at every `stale()`: a listing loaded across a change is not kept.
+    generation: AtomicU64,
     /// Set while the listener is connected and has resynchronised: the cached listing is
     /// dropped at every announced change, so it can be served without asking.
     pub trust_listing: AtomicBool,
@@ -51,6 +56,8 @@ pub(super) struct Blobs {
     fetches: AtomicU64,
     /// Ingests stored by streaming while they arrived.
     pub streamed: AtomicU64,
+    /// Streams running now (each holds a connection of its own): at most `MAX_STREAMS`.
+    streams: Arc<std::sync::atomic::AtomicUsize>,
     evictions: AtomicU64,
 }
 
@@ -58,10 +65,15 @@ impl Blobs {
     pub fn new(dir: PathBuf, cap: u64) -> Result<Blobs> {
         private_dir(&dir)?;
         private_dir(&dir.join("tmp"))?;
-        // Leftovers of fetches or ingests a crash interrupted.
+        // Leftovers of fetches or ingests a crash interrupted (not those of another live
+        // mount sharing this cache directory).
         if let Ok(rd) = fs::read_dir(dir.join("tmp")) {
             for e in rd.flatten() {
-                let _ = fs::remove_file(e.path());
+                let owner = crate::store::atomic::temp_owner_pid(&e.file_name().to_string_lossy());
+                let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                if !alive {
+                    let _ = fs::remove_file(e.path());
+                }
             }
         }
         let mut lru = Lru::default();
@@ -85,6 +97,7 @@ impl Blobs {
         for (_, hex, size) in found {
             lru.tick += 1;
             lru.total += size;
+            lru.unverified.insert(hex.clone());
             lru.entries.insert(hex, (size, lru.tick));
         }
         let b = Blobs {
@@ -92,12 +105,14 @@ impl Blobs {
             cap,
             lru: Mutex::new(lru),
             listing: Mutex::default(),
+            generation: AtomicU64::new(0),
             trust_listing: AtomicBool::new(false),
             last_ingest: Mutex::default(),
             last_gc: Mutex::default(),
             hits: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
             streamed: AtomicU64::new(0),
+            streams: Arc::default(),
             evictions: AtomicU64::new(0),
         };
         b.evict(None);
@@ -110,11 +125,47 @@ impl Blobs {
 
     /// Drops the cached listing (a blob, sidecar or label changed).
     pub fn stale(&self) {
-        *self.listing.lock() = None;
+        let mut l = self.listing.lock();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        *l = None;
+    }
+
+    /// Keeps a listing loaded while the generation was `generation`, unless a change was
+    /// announced since (then it may already be old: the next access loads again).
+    fn keep(&self, generation: u64, l: &Arc<Listing>) {
+        let mut cur = self.listing.lock();
+        if self.generation.load(Ordering::SeqCst) == generation {
+            *cur = Some(l.clone());
+        }
     }
 
     pub fn cached_listing(&self) -> Option<Arc<Listing>> {
         self.listing.lock().clone()
+    }
+
+    /// Whether the cached file of `hex` holds its bytes: known for files this process
+    /// wrote or checked; a file from before (a crash may have left it short) is hashed
+    /// once, and dropped if it does not match.
+    fn check(&self, hex: &str, path: &std::path::Path) -> bool {
+        if !self.lru.lock().unverified.contains(hex) {
+            return true;
+        }
+        let ok = File::open(path)
+            .and_then(crate::store::hash::hash_reader)
+            .is_ok_and(|(got, _)| got == hex);
+        let mut l = self.lru.lock();
+        l.unverified.remove(hex);
+        if !ok {
+            tracing::warn!(
+                hex,
+                "a cached attachment does not hash to its name (a crash cut it short?); fetching it again"
+            );
+            let _ = fs::remove_file(path);
+            if let Some((size, _)) = l.entries.remove(hex) {
+                l.total -= size;
+            }
+        }
+        ok
     }
 
     fn touch(&self, hex: &str) {
@@ -131,6 +182,7 @@ impl Blobs {
             let mut l = self.lru.lock();
             l.tick += 1;
             let t = l.tick;
+            l.unverified.remove(hex);
             if let Some(old) = l.entries.insert(hex.to_string(), (size, t)) {
                 l.total -= old.0;
             }
@@ -393,32 +445,46 @@ impl Postgres {
         let mut out = File::create(&tmp)
             .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
         let result = (|| {
-            let mut c = self.checkout()?;
-            let mut h = Sha256::new();
-            let mut size = 0u64;
-            let r = (|| -> std::result::Result<std::io::Result<()>, postgres::Error> {
-                let st = c.stmt(SQL)?;
-                let mut rows = c.client.query_raw(&st, [&hex as &(dyn ToSql + Sync)])?;
-                while let Some(row) = rows.next()? {
-                    let data: &[u8] = row.try_get(0)?;
-                    h.update(data);
-                    size += data.len() as u64;
-                    if let Err(e) = out.write_all(data) {
-                        return Ok(Err(e));
+            let (mut h, mut size);
+            let mut attempt = 0;
+            loop {
+                // A pooled connection the server dropped (a restart, an idle timeout) is
+                // replaced once, as for every read; the partial copy starts over.
+                h = Sha256::new();
+                size = 0u64;
+                out.set_len(0)
+                    .and_then(|()| std::io::Seek::rewind(&mut out))
+                    .map_err(|e| StoreError::io(format!("truncate {}", tmp.display()), e))?;
+                let mut c = self.checkout()?;
+                let r = (|| -> std::result::Result<std::io::Result<()>, postgres::Error> {
+                    let st = c.stmt(SQL)?;
+                    let mut rows = c.client.query_raw(&st, [&hex as &(dyn ToSql + Sync)])?;
+                    while let Some(row) = rows.next()? {
+                        let data: &[u8] = row.try_get(0)?;
+                        h.update(data);
+                        size += data.len() as u64;
+                        if let Err(e) = out.write_all(data) {
+                            return Ok(Err(e));
+                        }
                     }
-                }
-                Ok(Ok(()))
-            })();
-            match r {
-                Ok(io) => {
-                    self.checkin(c);
-                    io.map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
-                }
-                Err(e) => {
-                    if c.client.is_closed() {
-                        self.down(&super::describe(&e));
+                    Ok(Ok(()))
+                })();
+                match r {
+                    Ok(io) => {
+                        self.checkin(c);
+                        io.map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
+                        break;
                     }
-                    return Err(self.map_err(&e));
+                    Err(e) if (e.is_closed() || c.client.is_closed()) && attempt == 0 => {
+                        self.pool.lock().clear();
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        if c.client.is_closed() {
+                            self.down(&super::describe(&e));
+                        }
+                        return Err(self.map_err(&e));
+                    }
                 }
             }
             let got = h.finish_hex();
@@ -446,6 +512,7 @@ impl Postgres {
     pub(super) fn load_listing(&self) -> Result<Arc<Listing>> {
         const SQL: &str = "SELECT b.hex, b.size, b.created_at, s.body, s.changed_at
              FROM agentmount_blobs b LEFT JOIN agentmount_sidecars s USING (hex)";
+        let generation = self.blobs.generation.load(Ordering::SeqCst);
         let rows = self.read(|c| {
             let st = c.stmt(SQL)?;
             c.client.query(&st, &[])
@@ -483,7 +550,7 @@ impl Postgres {
             });
         }
         let l = Arc::new(Listing::from_blobs(blobs));
-        *self.blobs.listing.lock() = Some(l.clone());
+        self.blobs.keep(generation, &l);
         Ok(l)
     }
 
@@ -568,6 +635,29 @@ fn finish_tx(
     Ok(())
 }
 
+/// At most this many ingests stream at once per daemon (each holds a connection of its own
+/// outside the pool); more are stored at close.
+const MAX_STREAMS: usize = 2;
+
+/// Counts a running stream; gives its place back when the stream ends.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamSlot {
+    fn take(n: &Arc<std::sync::atomic::AtomicUsize>) -> Option<StreamSlot> {
+        n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+            (v < MAX_STREAMS).then_some(v + 1)
+        })
+        .ok()
+        .map(|_| StreamSlot(n.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Streaming starts once an ingest has this many bytes (smaller ones are stored at close
 /// on a pooled connection: a connection and a thread of their own would cost more).
 const STREAM_FROM: usize = 4 * CHUNK;
@@ -584,6 +674,7 @@ enum Msg {
 /// intent and sidecar, and it commits: the close waits only for what had not arrived yet.
 pub(super) struct Uploader {
     conn: super::Conninfo,
+    slots: Arc<std::sync::atomic::AtomicUsize>,
     gathered: Vec<Vec<u8>>,
     buf: Vec<u8>,
     sent: u64,
@@ -594,9 +685,10 @@ pub(super) struct Uploader {
 }
 
 impl Uploader {
-    pub fn new(conn: super::Conninfo) -> Uploader {
+    pub fn new(conn: super::Conninfo, slots: Arc<std::sync::atomic::AtomicUsize>) -> Uploader {
         Uploader {
             conn,
+            slots,
             gathered: Vec::new(),
             buf: Vec::with_capacity(CHUNK),
             sent: 0,
@@ -614,11 +706,16 @@ impl Uploader {
                 if self.gathered.len() * CHUNK < STREAM_FROM {
                     return Ok(());
                 }
+                let slot = StreamSlot::take(&self.slots)
+                    .ok_or_else(|| format!("{MAX_STREAMS} ingests are streaming already"))?;
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4);
                 let conn = self.conn.clone();
                 let join = std::thread::Builder::new()
                     .name("ingest-stream".into())
-                    .spawn(move || stream(conn, rx))
+                    .spawn(move || {
+                        let _slot = slot;
+                        stream(conn, rx)
+                    })
                     .map_err(|e| format!("start the streaming thread: {e}"))?;
                 for c in std::mem::take(&mut self.gathered) {
                     tx.send(Msg::Chunk(c))
@@ -751,7 +848,10 @@ impl AttachmentStore for Postgres {
 
     fn open_blob(&self, hex: &str) -> Result<File> {
         let path = self.blobs.dir.join(hex);
-        if let Ok(f) = File::open(&path) {
+        if path.exists()
+            && self.blobs.check(hex, &path)
+            && let Ok(f) = File::open(&path)
+        {
             self.blobs.hits.fetch_add(1, Ordering::Relaxed);
             self.blobs.touch(hex);
             return Ok(f);
@@ -793,7 +893,13 @@ impl AttachmentStore for Postgres {
             return Err(StoreError::ReadOnly("the mount is read-only".into()));
         }
         let mut ing = Ingest::create(&self.blobs.dir.join("tmp"))?;
-        ing.tee = Some(Box::new(Uploader::new(self.conn.clone())));
+        // While the server is away there is nothing to stream to: stored at close.
+        if self.health.lock().down.is_none() {
+            ing.tee = Some(Box::new(Uploader::new(
+                self.conn.clone(),
+                self.blobs.streams.clone(),
+            )));
+        }
         Ok(ing)
     }
 

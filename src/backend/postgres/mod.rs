@@ -44,31 +44,36 @@ pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (auth_end, _) = rest
-        .char_indices()
-        .find(|(_, c)| *c == '/' || *c == '?')
-        .unwrap_or((rest.len(), ' '));
-    let (authority, tail) = rest.split_at(auth_end);
-    let authority = match authority.rsplit_once('@') {
+    // Credentials run to the first `@`, wherever it is, as rust-postgres reads them (a
+    // password may hold an unencoded `/` or `?`).
+    let (creds, rest) = match rest.split_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
+            Some((user, _)) => (format!("{user}:***@"), host),
+            None => (format!("{userinfo}@"), host),
         },
-        None => authority.to_string(),
+        None => (String::new(), rest),
     };
-    let tail = tail
-        .split('&')
-        .map(|kv| {
-            let (k, _) = kv.split_once('=').unwrap_or((kv, ""));
-            if k.trim_start_matches('?') == "password" {
-                format!("{k}=***")
-            } else {
-                kv.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("&");
-    format!("{scheme}://{authority}{tail}")
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let mut out = format!("{scheme}://{creds}{path}");
+    if let Some(q) = query {
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|kv| {
+                let (k, _) = kv.split_once('=').unwrap_or((kv, ""));
+                if tls::percent_decode(k).eq_ignore_ascii_case("password") {
+                    format!("{k}=***")
+                } else {
+                    kv.to_string()
+                }
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
 }
 
 /// A Postgres error as one line (the server's message and its SQLSTATE; never the URL).
@@ -164,6 +169,14 @@ fn pgpass(cfg: &postgres::Config) -> Option<String> {
     let path = std::env::var_os("PGPASSFILE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).ok()?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "the password file is readable by others and is ignored (chmod 0600 it), as libpq does");
+            return None;
+        }
+    }
     let text = std::fs::read_to_string(path).ok()?;
     let host = match cfg.get_hosts().first() {
         Some(postgres::config::Host::Tcp(h)) => h.clone(),
@@ -176,13 +189,22 @@ fn pgpass(cfg: &postgres::Config) -> Option<String> {
         if line.starts_with('#') {
             continue;
         }
-        let f: Vec<&str> = line.splitn(5, ':').collect();
+        // Fields split at unescaped colons; `\:` and `\\` stand for `:` and `\`.
+        let mut f = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(ch) = chars.next() {
+            match ch {
+                '\\' => f.last_mut()?.push(chars.next().unwrap_or('\\')),
+                ':' if f.len() < 5 => f.push(String::new()),
+                c => f.last_mut()?.push(c),
+            }
+        }
         if f.len() != 5 {
             continue;
         }
         let want = [host.as_str(), &port, &db, &user];
-        if f[..4].iter().zip(want).all(|(f, w)| *f == "*" || *f == w) {
-            return Some(f[4].to_string());
+        if f[..4].iter().zip(want).all(|(f, w)| f == "*" || f == w) {
+            return Some(f[4].clone());
         }
     }
     None
@@ -502,6 +524,9 @@ impl Postgres {
             {
                 StoreError::Again(format!("another writer won the race: {why}"))
             }
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Again(format!(
+                "another writer took the same name at the same moment: {why}"
+            )),
             Some(c) if *c == SqlState::QUERY_CANCELED => {
                 StoreError::Again(format!("the statement was cancelled: {why}"))
             }
@@ -547,13 +572,7 @@ impl Postgres {
         }
         self.damaged.lock().remove(&key);
         let view = Self::view_of(id, body, changed);
-        self.records.write().insert(
-            key,
-            Cached {
-                version,
-                view: view.clone(),
-            },
-        );
+        self.cache_put(key, version, &view);
         Ok(Some(view))
     }
 
@@ -662,13 +681,22 @@ impl Postgres {
 
     fn remember(&self, kind: Kind, id: &str, version: i64, view: &RecordView) {
         self.damaged.lock().remove(&(kind, id.to_string()));
-        self.records.write().insert(
-            (kind, id.to_string()),
-            Cached {
-                version,
-                view: view.clone(),
-            },
-        );
+        self.cache_put((kind, id.to_string()), version, view);
+    }
+
+    /// Caches a version unless a newer one is there already (versions only grow: a slow
+    /// read must not replace what a later write of ours or a later read cached).
+    fn cache_put(&self, key: (Kind, String), version: i64, view: &RecordView) {
+        let mut c = self.records.write();
+        if c.get(&key).is_none_or(|old| old.version <= version) {
+            c.insert(
+                key,
+                Cached {
+                    version,
+                    view: view.clone(),
+                },
+            );
+        }
     }
 
     fn server_status(&self) -> Value {
@@ -714,7 +742,8 @@ pub(crate) fn pg_io(e: &postgres::Error) -> StoreError {
         )),
         Some(c)
             if *c == SqlState::T_R_SERIALIZATION_FAILURE
-                || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::UNIQUE_VIOLATION =>
         {
             StoreError::Again(format!("another writer won the race: {}", describe(e)))
         }
@@ -739,6 +768,10 @@ pub(crate) fn prepared(
 /// the log and the attachment cache of a store others may not be allowed to read.
 pub(crate) fn private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        // One the user gave and made: its mode is theirs.
+        return Ok(());
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -787,11 +820,23 @@ impl Backend for Postgres {
         const SQL: &str =
             "SELECT version, CASE WHEN version = $3 THEN NULL ELSE body END, changed_at
              FROM agentmount_records WHERE collection = $1 AND id = $2";
-        let known = self.cached_version(kind, id);
-        let row = self.read(|c| {
+        let mut known = self.cached_version(kind, id);
+        let mut row = self.read(|c| {
             let st = c.stmt(SQL)?;
             c.client.query_opt(&st, &[&kind.dir_name(), &id, &known])
         });
+        // "Unchanged", but a listing or resync dropped the cached copy meanwhile: ask for
+        // the bytes.
+        if let Ok(Some(r)) = &row
+            && matches!(col::<Option<String>>(r, 1), Ok(None))
+            && self.cached_version(kind, id) != known
+        {
+            known = -1;
+            row = self.read(|c| {
+                let st = c.stmt(SQL)?;
+                c.client.query_opt(&st, &[&kind.dir_name(), &id, &known])
+            });
+        }
         match row {
             Ok(None) => {
                 self.records.write().remove(&(kind, id.to_string()));
@@ -1079,5 +1124,40 @@ impl Postgres {
     /// Names collections by their directory name (for notifications).
     pub(crate) fn kind_named(name: &str) -> Option<Kind> {
         kind_of(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_every_form_of_password() {
+        for (url, want) in [
+            ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
+            (
+                "postgresql://u:ab/cd?e@db/agents",
+                "postgresql://u:***@db/agents",
+            ),
+            (
+                "postgresql://h/db?password=s3cret",
+                "postgresql://h/db?password=***",
+            ),
+            (
+                "postgresql://h/db?sslmode=require&PASSWORD=x",
+                "postgresql://h/db?sslmode=require&PASSWORD=***",
+            ),
+            (
+                "postgresql://h/db?pass%77ord=x",
+                "postgresql://h/db?pass%77ord=***",
+            ),
+            (
+                "postgresql://u@/db?host=/run/pg",
+                "postgresql://u@/db?host=/run/pg",
+            ),
+        ] {
+            assert_eq!(redact(url), want, "{url}");
+            assert!(!redact(url).contains("s3cret") && !redact(url).contains("pw@"));
+        }
     }
 }

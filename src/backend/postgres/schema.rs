@@ -118,16 +118,19 @@ CREATE TRIGGER agentmount_sidecars_announce AFTER INSERT OR UPDATE OR DELETE ON 
 /// Brings the database's schema to [`VERSION`]. Returns the version found before.
 pub fn migrate(c: &mut Client) -> Result<i32, String> {
     let sql = |e: postgres::Error| super::describe(&e);
-    c.batch_execute(
+    // The lock first: hosts mounting a new database at once would otherwise race even on
+    // CREATE TABLE IF NOT EXISTS (a duplicate type name). DDL is transactional in
+    // Postgres, so all of it commits together or not at all.
+    let mut tx = c.transaction().map_err(sql)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+        .map_err(sql)?;
+    tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS agentmount_schema (
              version    integer PRIMARY KEY,
              applied_at timestamptz NOT NULL DEFAULT now()
          )",
     )
     .map_err(sql)?;
-    let mut tx = c.transaction().map_err(sql)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
-        .map_err(sql)?;
     let found: i32 = tx
         .query_one(
             "SELECT coalesce(max(version), 0) FROM agentmount_schema",
