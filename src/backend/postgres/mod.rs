@@ -94,11 +94,19 @@ pub struct Conninfo {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// What `sslmode` means here, for `.status`.
     pub ssl: String,
+    /// How long a statement waits for a lock before it fails (--lock-timeout).
+    pub lock_timeout_ms: Option<u64>,
 }
 
 impl Conninfo {
     pub fn connect(&self) -> std::result::Result<Client, postgres::Error> {
-        self.cfg.connect(self.tls.clone())
+        let mut c = self.cfg.connect(self.tls.clone())?;
+        if let Some(ms) = self.lock_timeout_ms {
+            // A session setting, not a startup option: connection poolers (pgbouncer)
+            // refuse unknown startup options.
+            c.batch_execute(&format!("SET lock_timeout = {ms}"))?;
+        }
+        Ok(c)
     }
 }
 
@@ -160,6 +168,7 @@ pub fn connect_config(url: &str) -> Result<Conninfo> {
         cfg,
         tls: connector,
         ssl,
+        lock_timeout_ms: None,
     })
 }
 
@@ -295,18 +304,9 @@ impl Postgres {
         cache_bytes: u64,
     ) -> Result<Postgres> {
         let mut conn = connect_config(url)?;
-        let cfg = &mut conn.cfg;
-        // Every connection waits for a lock at most --lock-timeout (then EAGAIN): set at
-        // connect, so no statement of a change is spent on it.
-        let lt = format!(
-            "-c lock_timeout={}ms",
-            options.lock_timeout.as_millis().max(1)
-        );
-        let opts = match cfg.get_options() {
-            Some(o) => format!("{o} {lt}"),
-            None => lt,
-        };
-        cfg.options(&opts);
+        // Every connection waits for a lock at most --lock-timeout (then EAGAIN): set once
+        // a connection, so no statement of a change is spent on it.
+        conn.lock_timeout_ms = Some(options.lock_timeout.as_millis().max(1) as u64);
         let shown = redact(url);
         let mut client = conn.connect().map_err(|e| {
             StoreError::io(
