@@ -405,6 +405,39 @@ impl Drop for Ingest {
     }
 }
 
+/// A sidecar written back (DESIGN §7): `Ok(None)` when `new` is `cur` byte for byte
+/// (nothing to do); `Ok(Some(label))` when only its `label` differs (store `new` as
+/// written, giving the blob that label, if any); EPERM otherwise: every other field
+/// describes the bytes, which never change.
+pub fn sidecar_restore(hex: &str, cur: &[u8], new: &[u8]) -> Result<Option<Option<String>>> {
+    if cur == new {
+        return Ok(None);
+    }
+    let refuse = |why: &str| {
+        StoreError::NotPermitted(format!(
+            "the sidecar of {hex} describes its bytes and is made by the store: {why}"
+        ))
+    };
+    let (Ok(Value::Object(mut new)), Ok(Value::Object(mut old))) = (
+        serde_json::from_slice::<Value>(new),
+        serde_json::from_slice::<Value>(cur),
+    ) else {
+        return Err(refuse("what was written is not a JSON object"));
+    };
+    let label = new.shift_remove("label");
+    old.shift_remove("label");
+    if new != old {
+        return Err(refuse(
+            "only its label may differ from what the store holds",
+        ));
+    }
+    match label {
+        None => Ok(Some(None)),
+        Some(Value::String(l)) if valid_label(&l) => Ok(Some(Some(l))),
+        Some(other) => Err(refuse(&format!("{other} cannot be a label"))),
+    }
+}
+
 /// The sidecar for new bytes: lash's AttachmentMeta form.
 pub fn new_sidecar(hex: &str, size: u64, head: &[u8], label: Option<&str>) -> Map<String, Value> {
     let (media, dims) = detect_media(head, label);

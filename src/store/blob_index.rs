@@ -625,25 +625,10 @@ pub fn sidecar_fields(bytes: &[u8]) -> Option<(Option<String>, String)> {
 /// What the index keeps of a sidecar, parsed straight into those fields (no JSON tree).
 fn read_sidecar(path: &Path, media: &mut HashMap<Box<str>, Arc<str>>) -> Option<SidecarInfo> {
     let (bytes, fp) = fingerprint::read_with_fingerprint(path).ok()??;
-    let (label, mt) = match serde_json::from_slice::<SidecarFields>(&bytes) {
-        Ok(f) => {
-            let m = f.media_type.as_ref();
-            let kind = m.and_then(|m| m.kind.as_deref()).unwrap_or("file");
-            let ty = m
-                .and_then(|m| m.ty.as_deref())
-                .unwrap_or("application/octet-stream");
-            let mt = if kind == "image" {
-                format!("image/{ty}")
-            } else {
-                ty.to_string()
-            };
-            (f.label.filter(|l| valid_label(l)), mt)
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "attachment sidecar does not parse");
-            (None, "application/octet-stream".to_string())
-        }
-    };
+    let (label, mt) = sidecar_fields(&bytes).unwrap_or_else(|| {
+        tracing::warn!(path = %path.display(), "attachment sidecar does not parse");
+        (None, "application/octet-stream".to_string())
+    });
     let media_type = match media.get(mt.as_str()) {
         Some(m) => m.clone(),
         None => {

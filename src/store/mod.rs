@@ -551,36 +551,20 @@ impl Store {
         let path = self.attachments.sidecar_path(hex);
         let cur =
             fs::read(&path).map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
-        if cur == bytes {
+        let Some(label) = attachments::sidecar_restore(hex, &cur, bytes)? else {
             return Ok(());
-        }
-        let refuse = |why: &str| {
-            StoreError::NotPermitted(format!(
-                "the sidecar of {hex} describes its bytes and is made by the store: {why}"
-            ))
         };
-        let (Ok(Value::Object(mut new)), Ok(Value::Object(mut old))) = (
-            serde_json::from_slice::<Value>(bytes),
-            serde_json::from_slice::<Value>(&cur),
-        ) else {
-            return Err(refuse("what was written is not a JSON object"));
-        };
-        let label = new.shift_remove("label");
-        old.shift_remove("label");
-        if new != old {
-            return Err(refuse(
-                "only its label may differ from what the store holds",
-            ));
-        }
-        let label = match label {
-            None => None,
-            Some(Value::String(l)) if attachments::valid_label(&l) => Some(l),
-            Some(other) => return Err(refuse(&format!("{other} cannot be a label"))),
-        };
+        self.store_sidecar_bytes(hex, label.as_deref(), bytes)
+    }
+
+    /// Writes blob `hex`'s sidecar as `bytes`, taking `label` (what they carry) from every
+    /// other blob first.
+    fn store_sidecar_bytes(&self, hex: &str, label: Option<&str>, bytes: &[u8]) -> Result<()> {
+        let path = self.attachments.sidecar_path(hex);
         let _lock = self.lock.acquire()?;
-        if let Some(l) = &label {
+        if let Some(l) = label {
             for b in self.attachments.listing()?.blobs() {
-                let has = b.sidecar.as_ref().and_then(|s| s.label.as_deref()) == Some(l.as_str());
+                let has = b.sidecar.as_ref().and_then(|s| s.label.as_deref()) == Some(l);
                 if has && b.hex() != hex {
                     self.drop_label(&b.hex())?;
                 }
@@ -588,7 +572,10 @@ impl Store {
         }
         let fp = fingerprint::stat(&path)?;
         match atomic::replace_file(&path, bytes, fp)? {
-            atomic::Replaced::Done(_) => Ok(()),
+            atomic::Replaced::Done(_) => {
+                self.attachments.invalidate();
+                Ok(())
+            }
             atomic::Replaced::Raced => Err(StoreError::Again(format!(
                 "{} changed while it was being rewritten",
                 path.display()
@@ -787,26 +774,7 @@ impl Store {
             return Ok(());
         }
         let label = crate::store::blob_index::sidecar_fields(bytes).and_then(|(l, _)| l);
-        let _lock = self.lock.acquire()?;
-        if let Some(l) = &label {
-            for b in self.attachments.listing()?.blobs() {
-                let has = b.sidecar.as_ref().and_then(|s| s.label.as_deref()) == Some(l.as_str());
-                if has && b.hex() != hex {
-                    self.drop_label(&b.hex())?;
-                }
-            }
-        }
-        let fp = fingerprint::stat(&path)?;
-        match atomic::replace_file(&path, bytes, fp)? {
-            atomic::Replaced::Done(_) => {
-                self.attachments.invalidate();
-                Ok(())
-            }
-            atomic::Replaced::Raced => Err(StoreError::Again(format!(
-                "{} changed while it was being rewritten",
-                path.display()
-            ))),
-        }
+        self.store_sidecar_bytes(hex, label.as_deref(), bytes)
     }
 
     /// Removes a label (the name only: bytes leave only through gc).

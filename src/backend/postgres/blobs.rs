@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,7 +18,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
 use serde_json::{Map, Value, json};
 
-use super::{Postgres, col, pg_io, prepared, private_dir, schema};
+use super::{Postgres, Stmts, Tx, col, pg_io, prepared, private_dir, schema};
 use crate::backend::AttachmentStore;
 use crate::error::{Result, StoreError};
 use crate::store::attachments::{self, Ingest, IngestPhases};
@@ -243,15 +243,8 @@ fn sidecar_bytes_of(m: &Map<String, Value>, before: Option<&[u8]>) -> Result<Vec
     Ok(bytes)
 }
 
-type Stmts = HashMap<&'static str, postgres::Statement>;
-
 /// Takes `label` from every sidecar but `except`'s (their bytes rewritten without it).
-fn drop_label_tx(
-    tx: &mut postgres::Transaction<'_>,
-    stmts: &mut Stmts,
-    label: &str,
-    except: &str,
-) -> Result<()> {
+fn drop_label_tx(tx: &mut Tx<'_>, stmts: &mut Stmts, label: &str, except: &str) -> Result<()> {
     const SQL: &str =
         "SELECT hex, body FROM agentmount_sidecars WHERE label = $1 AND hex <> $2 FOR UPDATE";
     let st = prepared(tx, stmts, SQL)?;
@@ -266,7 +259,7 @@ fn drop_label_tx(
 
 /// Rewrites sidecar `hex` (current bytes `body`) with `label` (or without a label).
 fn set_label_tx(
-    tx: &mut postgres::Transaction<'_>,
+    tx: &mut Tx<'_>,
     stmts: &mut Stmts,
     hex: &str,
     body: &[u8],
@@ -291,11 +284,7 @@ fn set_label_tx(
     Ok(())
 }
 
-fn sidecar_row(
-    tx: &mut postgres::Transaction<'_>,
-    stmts: &mut Stmts,
-    hex: &str,
-) -> Result<Option<Vec<u8>>> {
+fn sidecar_row(tx: &mut Tx<'_>, stmts: &mut Stmts, hex: &str) -> Result<Option<Vec<u8>>> {
     const SQL: &str = "SELECT body FROM agentmount_sidecars WHERE hex = $1 FOR UPDATE";
     let st = prepared(tx, stmts, SQL)?;
     tx.query_opt(&st, &[&hex])
@@ -304,12 +293,7 @@ fn sidecar_row(
         .transpose()
 }
 
-fn put_sidecar_tx(
-    tx: &mut postgres::Transaction<'_>,
-    stmts: &mut Stmts,
-    hex: &str,
-    bytes: &[u8],
-) -> Result<()> {
+fn put_sidecar_tx(tx: &mut Tx<'_>, stmts: &mut Stmts, hex: &str, bytes: &[u8]) -> Result<()> {
     let label = blob_index::sidecar_fields(bytes).and_then(|(l, _)| l);
     if let Some(l) = &label {
         drop_label_tx(tx, stmts, l, hex)?;
@@ -322,7 +306,7 @@ fn put_sidecar_tx(
     Ok(())
 }
 
-fn blob_exists(tx: &mut postgres::Transaction<'_>, stmts: &mut Stmts, hex: &str) -> Result<bool> {
+fn blob_exists(tx: &mut Tx<'_>, stmts: &mut Stmts, hex: &str) -> Result<bool> {
     const SQL: &str = "SELECT size FROM agentmount_blobs WHERE hex = $1 FOR KEY SHARE";
     let st = prepared(tx, stmts, SQL)?;
     Ok(tx.query_opt(&st, &[&hex]).map_err(|e| pg_io(&e))?.is_some())
@@ -337,7 +321,7 @@ fn wrong_address(name: &str, hex: &str) -> StoreError {
 impl Postgres {
     /// Streams the bytes of `tmp` into the store as blob `hex` (inside `tx`).
     fn upload(
-        tx: &mut postgres::Transaction<'_>,
+        tx: &mut Tx<'_>,
         stmts: &mut Stmts,
         hex: &str,
         size: u64,
@@ -356,7 +340,7 @@ impl Postgres {
         let mut buf = vec![0u8; CHUNK];
         let mut n: i32 = 0;
         loop {
-            let got = read_full(&mut f, &mut buf)
+            let got = crate::backend::read_full(&mut f, &mut buf)
                 .map_err(|e| StoreError::io(format!("read {}", tmp.display()), e))?;
             if got == 0 {
                 break;
@@ -588,12 +572,7 @@ enum Source<'a> {
 /// The close of an ingest, inside one transaction: the write-ahead intent (an existing
 /// uncommitted one gets a new grace: a collection running now waits for this row, then
 /// sees it young), the bytes unless the store has them, the label and the sidecar.
-fn finish_tx(
-    tx: &mut postgres::Transaction<'_>,
-    stmts: &mut Stmts,
-    job: &Finish,
-    source: Source<'_>,
-) -> Result<()> {
+fn finish_tx(tx: &mut Tx<'_>, stmts: &mut Stmts, job: &Finish, source: Source<'_>) -> Result<()> {
     let hex = job.hex.as_str();
     const INTENT: &str = "INSERT INTO agentmount_manifest (hex) VALUES ($1)
          ON CONFLICT (hex) DO UPDATE SET intent_at = clock_timestamp()
@@ -821,17 +800,6 @@ fn stream(conn: super::Conninfo, rx: std::sync::mpsc::Receiver<Msg>) -> Result<(
     tx.commit().map_err(|e| pg_io(&e))
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
-}
-
 impl AttachmentStore for Postgres {
     fn listing(&self) -> Result<Arc<Listing>> {
         if self.blobs.trust_listing.load(Ordering::Acquire)
@@ -919,39 +887,16 @@ impl AttachmentStore for Postgres {
     }
 
     fn put_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
-        let refuse = |why: &str| {
-            StoreError::NotPermitted(format!(
-                "the sidecar of {hex} describes its bytes and is made by the store: {why}"
-            ))
-        };
         self.write(|tx, stmts| {
             let Some(cur) = sidecar_row(tx, stmts, hex)? else {
                 return Err(StoreError::NotFound(format!(
                     "attachment {hex} has no sidecar"
                 )));
             };
-            if cur == bytes {
-                return Ok(());
+            match attachments::sidecar_restore(hex, &cur, bytes)? {
+                None => Ok(()),
+                Some(_) => put_sidecar_tx(tx, stmts, hex, bytes),
             }
-            let (Ok(Value::Object(mut new)), Ok(Value::Object(mut old))) = (
-                serde_json::from_slice::<Value>(bytes),
-                serde_json::from_slice::<Value>(&cur),
-            ) else {
-                return Err(refuse("what was written is not a JSON object"));
-            };
-            let label = new.shift_remove("label");
-            old.shift_remove("label");
-            if new != old {
-                return Err(refuse(
-                    "only its label may differ from what the store holds",
-                ));
-            }
-            match label {
-                None => {}
-                Some(Value::String(l)) if attachments::valid_label(&l) => {}
-                Some(other) => return Err(refuse(&format!("{other} cannot be a label"))),
-            }
-            put_sidecar_tx(tx, stmts, hex, bytes)
         })?;
         self.blobs.stale();
         Ok(())

@@ -219,6 +219,10 @@ fn pgpass(cfg: &postgres::Config) -> Option<String> {
     None
 }
 
+/// A transaction of a change, and the prepared statements of its connection.
+pub(crate) type Tx<'a> = postgres::Transaction<'a>;
+pub(crate) type Stmts = HashMap<&'static str, Statement>;
+
 /// A pooled connection with its prepared statements.
 pub(crate) struct Conn {
     pub client: Client,
@@ -454,13 +458,7 @@ impl Postgres {
     /// restarted, or the backend was terminated, while it sat in the pool) is replaced once:
     /// nothing was sent on it. Any later failure aborts the whole transaction (Postgres rolls
     /// back what a broken connection left), so a change is applied entirely or not at all.
-    fn write<T>(
-        &self,
-        f: impl FnOnce(
-            &mut postgres::Transaction<'_>,
-            &mut HashMap<&'static str, Statement>,
-        ) -> Result<T>,
-    ) -> Result<T> {
+    fn write<T>(&self, f: impl FnOnce(&mut Tx<'_>, &mut Stmts) -> Result<T>) -> Result<T> {
         if self.options.read_only {
             return Err(StoreError::ReadOnly("the mount is read-only".into()));
         }
@@ -469,13 +467,7 @@ impl Postgres {
 
     /// One transaction (as `write`, also on a read-only mount: for reads that must see
     /// one snapshot under locks, such as a gc dry run).
-    fn tx<T>(
-        &self,
-        f: impl FnOnce(
-            &mut postgres::Transaction<'_>,
-            &mut HashMap<&'static str, Statement>,
-        ) -> Result<T>,
-    ) -> Result<T> {
+    fn tx<T>(&self, f: impl FnOnce(&mut Tx<'_>, &mut Stmts) -> Result<T>) -> Result<T> {
         let mut f = Some(f);
         for attempt in 0..2 {
             let mut c = self.checkout()?;
@@ -512,27 +504,10 @@ impl Postgres {
     }
 
     fn map_err(&self, e: &postgres::Error) -> StoreError {
-        let why = describe(e);
-        match e.code() {
-            Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => StoreError::Again(format!(
-                "the record is locked by another writer past --lock-timeout ({} ms): {why}",
-                self.options.lock_timeout.as_millis()
-            )),
-            Some(c)
-                if *c == SqlState::T_R_SERIALIZATION_FAILURE
-                    || *c == SqlState::T_R_DEADLOCK_DETECTED =>
-            {
-                StoreError::Again(format!("another writer won the race: {why}"))
-            }
-            Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Again(format!(
-                "another writer took the same name at the same moment: {why}"
-            )),
-            Some(c) if *c == SqlState::QUERY_CANCELED => {
-                StoreError::Again(format!("the statement was cancelled: {why}"))
-            }
-            _ if e.is_closed() => unreachable(&self.shown, &why),
-            _ => StoreError::io("Postgres", std::io::Error::other(why)),
+        if e.is_closed() && e.code().is_none() {
+            return unreachable(&self.shown, &describe(e));
         }
+        pg_io(e)
     }
 
     fn view_of(id: &str, body: String, changed: SystemTime) -> RecordView {
@@ -597,8 +572,8 @@ impl Postgres {
 
     /// The stored bytes of a record inside a change, locked for it; refuses damaged rows.
     fn lock_row(
-        tx: &mut postgres::Transaction<'_>,
-        stmts: &mut HashMap<&'static str, Statement>,
+        tx: &mut Tx<'_>,
+        stmts: &mut Stmts,
         kind: Kind,
         id: &str,
     ) -> Result<Option<(String, i64, SystemTime)>> {
@@ -625,8 +600,8 @@ impl Postgres {
     /// exists (the lost-update guard: a writer that did not lock first cannot slip in); a
     /// new record is inserted, the last of two concurrent creators winning as on a file.
     fn put_row(
-        tx: &mut postgres::Transaction<'_>,
-        stmts: &mut HashMap<&'static str, Statement>,
+        tx: &mut Tx<'_>,
+        stmts: &mut Stmts,
         kind: Kind,
         id: &str,
         body: &str,
@@ -661,11 +636,7 @@ impl Postgres {
     }
 
     /// Commits the write-ahead intents of the attachments a record refers to.
-    fn commit_refs(
-        tx: &mut postgres::Transaction<'_>,
-        stmts: &mut HashMap<&'static str, Statement>,
-        body: &str,
-    ) -> Result<()> {
+    fn commit_refs(tx: &mut Tx<'_>, stmts: &mut Stmts, body: &str) -> Result<()> {
         let mut refs = std::collections::HashSet::new();
         collection::attachment_refs(body.as_bytes(), &mut refs);
         if refs.is_empty() {
@@ -734,28 +705,30 @@ fn unreachable(shown: &str, why: &str) -> StoreError {
     )
 }
 
+/// What a Postgres error means to the file operation: EAGAIN for a lock not taken within
+/// --lock-timeout, a lost race (serialization, deadlock, a name taken at the same moment) or
+/// a cancelled statement; EIO for the rest, with the server's reason.
 pub(crate) fn pg_io(e: &postgres::Error) -> StoreError {
+    let why = describe(e);
     match e.code() {
         Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => StoreError::Again(format!(
-            "locked by another writer past --lock-timeout: {}",
-            describe(e)
+            "locked by another writer past --lock-timeout: {why}"
         )),
         Some(c)
             if *c == SqlState::T_R_SERIALIZATION_FAILURE
                 || *c == SqlState::T_R_DEADLOCK_DETECTED
                 || *c == SqlState::UNIQUE_VIOLATION =>
         {
-            StoreError::Again(format!("another writer won the race: {}", describe(e)))
+            StoreError::Again(format!("another writer won the race: {why}"))
         }
-        _ => StoreError::io("Postgres", std::io::Error::other(describe(e))),
+        Some(c) if *c == SqlState::QUERY_CANCELED => {
+            StoreError::Again(format!("the statement was cancelled: {why}"))
+        }
+        _ => StoreError::io("Postgres", std::io::Error::other(why)),
     }
 }
 
-pub(crate) fn prepared(
-    tx: &mut postgres::Transaction<'_>,
-    stmts: &mut HashMap<&'static str, Statement>,
-    sql: &'static str,
-) -> Result<Statement> {
+pub(crate) fn prepared(tx: &mut Tx<'_>, stmts: &mut Stmts, sql: &'static str) -> Result<Statement> {
     if let Some(s) = stmts.get(sql) {
         return Ok(s.clone());
     }
