@@ -366,18 +366,9 @@ impl Backend for Postgres {
     const NAME: &'static str = "postgres";
 
     fn create() -> Self {
-        let url = common::pg::Server::get().new_db();
-        let o = Command::new(BIN)
-            .args(["copy", "--quiet", FIXTURE, &url])
-            .env("XDG_STATE_HOME", common::pg::state_home())
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "copy: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Postgres { url }
+        Postgres {
+            url: common::pg::fixture_db(),
+        }
     }
 
     fn store(&self) -> PathBuf {

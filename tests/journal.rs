@@ -427,13 +427,7 @@ fn tail_f_follows_the_change_feed() {
 /// keeps the earlier version and `cp` restores it; all of it survives a remount.
 #[test]
 fn the_journal_works_the_same_on_a_postgres_store() {
-    let url = common::pg::Server::get().new_db();
-    let o = Command::new(BIN)
-        .args(["copy", "--quiet", FIXTURE, &url])
-        .env("XDG_STATE_HOME", common::pg::state_home())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let url = common::pg::fixture_db();
     let store = std::path::PathBuf::from(&url);
     let state = tempfile::tempdir().unwrap();
     let args = ["--state-dir", state.path().to_str().unwrap()];

@@ -11,28 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::pg::{Server, client};
+use common::pg::{Server, client, fixture_db, store_with_fixture};
 use common::*;
 use serde_json::{Value, json};
-
-fn store_with_fixture(url: &str) {
-    let o = Command::new(BIN)
-        .args(["copy", "--quiet", FIXTURE, url])
-        .env("XDG_STATE_HOME", common::pg::state_home())
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "copy: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn shared_store() -> String {
-    let url = Server::get().new_db();
-    store_with_fixture(&url);
-    url
-}
 
 fn goal(id: &str, title: &str) -> Vec<u8> {
     serde_json::to_vec_pretty(&json!({"id": id, "title": title, "description": "d",
@@ -77,7 +58,7 @@ fn stored_task(url: &str, id: &str) -> Option<String> {
 /// (NOTIFY → invalidation).
 #[test]
 fn a_write_on_one_host_is_read_by_an_open_on_the_other() {
-    let url = shared_store();
+    let url = fixture_db();
     let store = PathBuf::from(&url);
     let (a, b) = (Mount::new(&store, &[]), Mount::new(&store, &[]));
     let g = "goals/g-1a2b3c4d.json";
@@ -126,7 +107,7 @@ fn a_write_on_one_host_is_read_by_an_open_on_the_other() {
 /// writers on one record leave one whole version of it.
 #[test]
 fn writers_on_both_hosts_lose_nothing() {
-    let url = shared_store();
+    let url = fixture_db();
     let store = PathBuf::from(&url);
     let (a, b) = (Mount::new(&store, &[]), Mount::new(&store, &[]));
     let shared = S_ACTIVE;
@@ -214,7 +195,7 @@ fn writers_on_both_hosts_lose_nothing() {
 /// other host.
 #[test]
 fn kill_9_on_one_host_loses_nothing_the_other_host_reads() {
-    let url = shared_store();
+    let url = fixture_db();
     let store = PathBuf::from(&url);
     let b = Mount::new(&store, &[]);
     let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
@@ -396,7 +377,7 @@ fn random_file(path: &Path, bytes: usize, seed: u64) {
 /// server (hash checked), then from B's local cache.
 #[test]
 fn an_attachment_ingested_on_one_host_reads_back_on_the_other() {
-    let url = shared_store();
+    let url = fixture_db();
     let store = PathBuf::from(&url);
     let (a, b) = (Mount::new(&store, &[]), Mount::new(&store, &[]));
     let src = tempfile::NamedTempFile::new().unwrap();
@@ -536,7 +517,7 @@ fn copy_into_postgres_and_back_yields_the_same_store() {
 /// a record on any host refers to.
 #[test]
 fn gc_runs_once_across_hosts_and_keeps_what_any_host_refers_to() {
-    let url = shared_store();
+    let url = fixture_db();
     let store = PathBuf::from(&url);
     let (a, b) = (Mount::new(&store, &[]), Mount::new(&store, &[]));
     write_close(&b.p("attachments/orphan.txt"), b"nobody refers to me\n").unwrap();

@@ -349,3 +349,30 @@ impl Server {
         Private(s)
     }
 }
+
+/// Fills the database at `url` with the sample store, by `agentmount copy` (as a team
+/// moves its directory in).
+pub fn store_with_fixture(url: &str) {
+    let o = Command::new(env!("CARGO_BIN_EXE_agentmount"))
+        .args([
+            "copy",
+            "--quiet",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/store"),
+            url,
+        ])
+        .env("XDG_STATE_HOME", state_home())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "copy: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A new database of the shared server holding the sample store; its URL.
+pub fn fixture_db() -> String {
+    let url = Server::get().new_db();
+    store_with_fixture(&url);
+    url
+}

@@ -148,21 +148,37 @@ fn load_roots(path: &Path) -> Result<RootCertStore> {
     Ok(roots)
 }
 
-/// Checks the handshake's signatures but not who signed the certificate (libpq's
-/// `prefer`/`require` without a root certificate: encrypted, not authenticated).
+/// How the server's certificate is checked. The handshake's signatures are always
+/// verified; `chain`: the certificate must chain to these roots (libpq's `verify-ca`), and
+/// with `name` also name the host (`verify-full`); without `chain` it is not checked at
+/// all (libpq's `prefer`/`require` without a root certificate: encrypted, not
+/// authenticated).
 #[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
+struct Verifier {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    name: bool,
+}
 
-impl ServerCertVerifier for Unverified {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) if !self.name => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
     }
     fn verify_tls12_signature(
         &self,
@@ -174,7 +190,7 @@ impl ServerCertVerifier for Unverified {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
     fn verify_tls13_signature(
@@ -187,56 +203,13 @@ impl ServerCertVerifier for Unverified {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// The chain is checked against the roots; the name is not (libpq's `verify-ca`).
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -247,28 +220,28 @@ pub fn connector(asked: &Asked) -> Result<(MakeRustlsConnect, postgres::config::
         .with_safe_default_protocol_versions()
         .map_err(|e| StoreError::Invalid(format!("TLS: {e}")))?;
     let root = root_file(asked);
-    let verifier: Arc<dyn ServerCertVerifier> = match (asked.mode, &root) {
-        (SslMode::Disable | SslMode::Prefer, _) | (SslMode::Require, None) => {
-            Arc::new(Unverified(provider.clone()))
-        }
+    let chain = match (asked.mode, &root) {
+        (SslMode::Disable | SslMode::Prefer, _) | (SslMode::Require, None) => None,
         (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
             return Err(StoreError::Invalid(format!(
                 "sslmode={} needs the root certificate to check the server against: give sslrootcert=FILE (or put it in ~/.postgresql/root.crt)",
                 asked.mode.name()
             )));
         }
-        (mode, Some(path)) => {
-            let roots = Arc::new(load_roots(path)?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(|e| StoreError::Invalid(format!("TLS: {e}")))?;
-            if mode == SslMode::VerifyFull {
-                webpki
-            } else {
-                Arc::new(ChainOnly(webpki))
-            }
-        }
+        (_, Some(path)) => Some(
+            WebPkiServerVerifier::builder_with_provider(
+                Arc::new(load_roots(path)?),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("TLS: {e}")))?,
+        ),
     };
+    let verifier = Arc::new(Verifier {
+        provider: provider.clone(),
+        chain,
+        name: asked.mode == SslMode::VerifyFull,
+    });
     let config = builder
         .dangerous()
         .with_custom_certificate_verifier(verifier)
