@@ -434,6 +434,16 @@ fn an_attachment_ingested_on_one_host_reads_back_on_the_other() {
     assert!(std::fs::read(c.p("attachments/again.bin")).unwrap() == want);
     drop(c);
     let cached = state.path().join("blobs").join(hex.as_deref().unwrap());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode(&cached),
+            0o600,
+            "cached bytes are the mounting user's alone"
+        );
+        assert_eq!(mode(&state.path().join("blobs")), 0o700);
+    }
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&cached)

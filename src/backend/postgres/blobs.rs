@@ -407,6 +407,11 @@ impl Postgres {
         ingest.phases.store_ms = t.elapsed().as_secs_f64() * 1e3;
         // The bytes are the store's now; the temp file becomes this host's cached copy.
         let cached = self.blobs.dir.join(&hex);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The cache is for the mounting user alone (DESIGN §5.3).
+            let _ = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600));
+        }
         if fs::rename(&tmp, &cached).is_ok() {
             self.blobs.admit(&hex, size);
         }
@@ -426,8 +431,15 @@ impl Postgres {
             .dir
             .join("tmp")
             .join(crate::store::atomic::temp_name("fetch"));
-        let mut out = File::create(&tmp)
-            .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+        let mut out = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?
+        };
         let result = (|| {
             let (mut h, mut size);
             let mut attempt = 0;
