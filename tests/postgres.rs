@@ -785,3 +785,76 @@ fn sslmode_is_honoured_over_tcp() {
     );
     drop(m);
 }
+
+/// The daemon's connections terminated while a large attachment streams in: the copy
+/// either fails with EIO or lands whole (the stream's transaction is rolled back and the
+/// bytes are stored from the local copy at close); nothing partial is ever left, and the
+/// next ingest works.
+#[test]
+fn a_stream_cut_mid_ingest_leaves_nothing_partial() {
+    let url = fixture_db();
+    let db = url["postgresql://postgres@/".len()..]
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    let store = PathBuf::from(&url);
+    let m = Mount::new(&store, &[]);
+    let src = tempfile::NamedTempFile::new().unwrap();
+    random_file(src.path(), 48 << 20, 11);
+    let (mp, sp) = (m.path().to_path_buf(), src.path().to_path_buf());
+    let cp = std::thread::spawn(move || {
+        Command::new("cp")
+            .arg(&sp)
+            .arg(mp.join("attachments/cut.bin"))
+            .output()
+            .unwrap()
+    });
+    // Cut every connection of the daemon to this database while the bytes flow.
+    let mut admin = client(&url);
+    let t0 = Instant::now();
+    let mut cut = 0;
+    while t0.elapsed() < Duration::from_secs(10) && cut == 0 {
+        cut = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name = 'agentmount'
+                   AND query LIKE 'COPY%'",
+                &[&db],
+            )
+            .unwrap()
+            .get::<_, i64>(0);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = cp.join().unwrap();
+    let landed = out.status.success();
+    if landed {
+        let o = sh(
+            &format!("cmp {} attachments/cut.bin", src.path().display()),
+            m.path(),
+        );
+        assert!(o.status.success(), "what landed is whole");
+    } else {
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let o = Command::new(BIN)
+        .args(["fsck", "--store", &url])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "no partial chunks: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // The next ingest works.
+    write_close(&m.p("attachments/after.txt"), b"after the cut\n").unwrap();
+    assert_eq!(
+        std::fs::read(m.p("attachments/after.txt")).unwrap(),
+        b"after the cut\n"
+    );
+    println!("figures: stream cut: terminated={cut} copy landed={landed}");
+}
