@@ -4,7 +4,7 @@
 # missing (apt-get, as root) and the rustfmt/clippy components.
 set -euo pipefail
 need=()
-for pair in fusermount3:fuse3 jq:jq vim:vim rsync:rsync getfattr:attr perl:perl python3:python3 sha256sum:coreutils sqlite3:sqlite3 strace:strace; do
+for pair in fusermount3:fuse3 jq:jq vim:vim rsync:rsync getfattr:attr perl:perl python3:python3 sha256sum:coreutils sqlite3:sqlite3 strace:strace openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 # The Postgres backend's tests start a real server (initdb/pg_ctl as the postgres user,
