@@ -858,3 +858,34 @@ fn a_stream_cut_mid_ingest_leaves_nothing_partial() {
     );
     println!("figures: stream cut: terminated={cut} copy landed={landed}");
 }
+
+/// A server that accepts the connection and then never answers (a stuck proxy): the mount
+/// fails within the connect deadline, saying so, instead of hanging.
+#[test]
+fn a_peer_that_never_answers_fails_the_mount_in_seconds() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts, reads nothing, answers nothing, keeps the sockets open.
+    let held = std::thread::spawn(move || {
+        let mut socks = Vec::new();
+        for s in listener.incoming().take(4) {
+            socks.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let url = format!("postgresql://u@127.0.0.1:{port}/db?sslmode=disable&connect_timeout=1");
+    let mp = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let o = Command::new(BIN)
+        .args(["mount", "--store", &url])
+        .arg(mp.path())
+        .env("XDG_STATE_HOME", common::pg::state_home())
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no answer within"), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    drop(held);
+}

@@ -774,7 +774,9 @@ impl attachments::IngestTee for Uploader {
 /// until the close says what the bytes are. A queue closed without that (the ingest was
 /// abandoned) rolls everything back.
 fn stream(conn: super::Conninfo, rx: std::sync::mpsc::Receiver<Msg>) -> Result<()> {
-    let mut client = conn.connect().map_err(|e| pg_io(&e))?;
+    let mut client = conn
+        .connect()
+        .map_err(|why| StoreError::io("Postgres", std::io::Error::other(why)))?;
     let mut tx = client.transaction().map_err(|e| pg_io(&e))?;
     tx.batch_execute("SET CONSTRAINTS agentmount_chunks_hex_fkey DEFERRED")
         .map_err(|e| pg_io(&e))?;
@@ -1121,7 +1123,7 @@ pub fn fsck(url: &str) -> Result<crate::store::fsck::FsckReport> {
     let mut r = crate::store::fsck::FsckReport::default();
     let mut c = super::connect_config(url)?
         .connect()
-        .map_err(|e| pg_io(&e))?;
+        .map_err(|why| StoreError::io("Postgres", std::io::Error::other(why)))?;
     let mut tx = c
         .build_transaction()
         .read_only(true)

@@ -62,7 +62,7 @@ pub(super) fn run(pg: Arc<Postgres>, sink: Arc<dyn ChangeSink>) {
 /// One connected stretch: LISTEN, resynchronise, then follow announcements until the
 /// connection fails.
 fn session(pg: &Arc<Postgres>, sink: &Arc<dyn ChangeSink>) -> Result<(), String> {
-    let mut client = pg.conn.connect().map_err(|e| describe(&e))?;
+    let mut client = pg.conn.connect()?;
     client
         .batch_execute(&format!("LISTEN {}", schema::CHANNEL))
         .map_err(|e| describe(&e))?;

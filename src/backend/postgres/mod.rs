@@ -99,16 +99,50 @@ pub struct Conninfo {
 }
 
 impl Conninfo {
-    pub fn connect(&self) -> std::result::Result<Client, postgres::Error> {
-        let mut c = self.cfg.connect(self.tls.clone())?;
+    /// A new connection, or why not. The whole of it (TCP, TLS, login, setup) has a
+    /// deadline: a peer that accepts and then never answers (a stuck proxy) fails it in
+    /// seconds instead of holding a file operation forever.
+    pub fn connect(&self) -> std::result::Result<Client, String> {
+        let deadline = self
+            .cfg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(3))
+            + CONNECT_GRACE;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("pg-connect".into())
+            .spawn(move || {
+                let _ = tx.send(me.connect_now());
+            })
+            .map_err(|e| format!("cannot start a connection: {e}"))?;
+        match rx.recv_timeout(deadline) {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no answer within {} s while connecting and logging in",
+                deadline.as_secs()
+            )),
+        }
+    }
+
+    fn connect_now(&self) -> std::result::Result<Client, String> {
+        let mut c = self
+            .cfg
+            .connect(self.tls.clone())
+            .map_err(|e| describe(&e))?;
         if let Some(ms) = self.lock_timeout_ms {
             // A session setting, not a startup option: connection poolers (pgbouncer)
             // refuse unknown startup options.
-            c.batch_execute(&format!("SET lock_timeout = {ms}"))?;
+            c.batch_execute(&format!("SET lock_timeout = {ms}"))
+                .map_err(|e| describe(&e))?;
         }
         Ok(c)
     }
 }
+
+/// How long TLS, the login and the session setup may take beyond the connect timeout.
+const CONNECT_GRACE: Duration = Duration::from_secs(7);
 
 /// How `--store postgresql://…` is connected: the URL's settings, `sslmode` as libpq means
 /// it (tls.rs), the password from the URL, `PGPASSWORD` or `~/.pgpass`, a short connect
@@ -312,11 +346,8 @@ impl Postgres {
         // a connection, so no statement of a change is spent on it.
         conn.lock_timeout_ms = Some(options.lock_timeout.as_millis().max(1) as u64);
         let shown = redact(url);
-        let mut client = conn.connect().map_err(|e| {
-            StoreError::io(
-                format!("connect to {shown}"),
-                std::io::Error::other(describe(&e)),
-            )
+        let mut client = conn.connect().map_err(|why| {
+            StoreError::io(format!("connect to {shown}"), std::io::Error::other(why))
         })?;
         if options.read_only {
             let n: i64 = client
@@ -383,8 +414,7 @@ impl Postgres {
                     last_used: Instant::now(),
                 })
             }
-            Err(e) => {
-                let why = describe(&e);
+            Err(why) => {
                 self.down(&why);
                 Err(unreachable(&self.shown, &why))
             }
