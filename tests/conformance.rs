@@ -52,8 +52,20 @@ trait Backend: Sized + 'static {
     fn stored_marker(&self, id: &str) -> Option<String>;
     /// Everything the store holds, for "nothing changed".
     fn dump(&self) -> String;
-    /// The store is consistent (every file parses / PRAGMA integrity_check).
-    fn check_integrity(&self);
+    /// The store is consistent: `agentmount fsck` finds no problem (a backend may check
+    /// more, as SQLite's PRAGMA integrity_check).
+    fn check_integrity(&self) {
+        let o = Command::new(BIN)
+            .args(["fsck", "--store"])
+            .arg(self.store())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "fsck: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
     /// Records the backend refuses, with the errno: (what, bytes, errno).
     fn bad_records(&self, id: &str) -> Vec<(&'static str, Vec<u8>, i32)>;
     /// Another program damages the store behind session `existing_ids()[0]` (not through
@@ -129,19 +141,6 @@ impl Backend for Files {
         std::fs::write(&tmp, b"{\"sessions\": {\"6f1c2a9e-").unwrap();
         std::fs::rename(&tmp, &p).unwrap();
         p
-    }
-
-    fn check_integrity(&self) {
-        let o = Command::new(BIN)
-            .args(["fsck", "--store"])
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "fsck: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
     }
 
     fn bad_records(&self, id: &str) -> Vec<(&'static str, Vec<u8>, i32)> {
@@ -412,18 +411,6 @@ impl Backend for Postgres {
             }
         }
         out
-    }
-
-    fn check_integrity(&self) {
-        let o = Command::new(BIN)
-            .args(["fsck", "--store", &self.url])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "fsck: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
     }
 
     fn bad_records(&self, id: &str) -> Vec<(&'static str, Vec<u8>, i32)> {

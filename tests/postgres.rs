@@ -591,14 +591,18 @@ fn passwords_come_from_pgpassword_or_pgpass_and_are_never_shown() {
     // No password anywhere: refused, saying why.
     let mp = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
-    let o = Command::new(BIN)
-        .args(["mount", "--store", &url])
-        .arg(mp.path())
-        .env_remove("PGPASSWORD")
-        .env("HOME", home.path())
-        .env("XDG_STATE_HOME", common::pg::state_home())
-        .output()
-        .unwrap();
+    // A mount with no PGPASSWORD, HOME (so ~/.pgpass) the test's own.
+    let mount = || {
+        Command::new(BIN)
+            .args(["mount", "--store", &url])
+            .arg(mp.path())
+            .env_remove("PGPASSWORD")
+            .env("HOME", home.path())
+            .env("XDG_STATE_HOME", common::pg::state_home())
+            .output()
+            .unwrap()
+    };
+    let o = mount();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("password"), "{err}");
@@ -624,14 +628,7 @@ fn passwords_come_from_pgpassword_or_pgpass_and_are_never_shown() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let o = Command::new(BIN)
-        .args(["mount", "--store", &url])
-        .arg(mp.path())
-        .env_remove("PGPASSWORD")
-        .env("HOME", home.path())
-        .env("XDG_STATE_HOME", common::pg::state_home())
-        .output()
-        .unwrap();
+    let o = mount();
     assert!(
         !o.status.success(),
         "a world-readable ~/.pgpass is not used"

@@ -78,6 +78,16 @@ pub fn valid_label(label: &str) -> bool {
         && !label.strip_suffix(".json").is_some_and(is_hex64)
 }
 
+/// EINVAL unless `label` can be an attachment label.
+pub fn check_label(label: &str) -> Result<()> {
+    if valid_label(label) {
+        return Ok(());
+    }
+    Err(StoreError::Invalid(format!(
+        "{label:?} cannot be an attachment label"
+    )))
+}
+
 /// A sidecar's full JSON and the fingerprint of the bytes it was parsed from (for a rewrite).
 pub fn read_sidecar_value(path: &Path) -> Option<(Value, Fingerprint)> {
     let (bytes, fp) = fingerprint::read_with_fingerprint(path).ok()??;

@@ -590,12 +590,8 @@ impl Store {
         expect: Option<&str>,
     ) -> Result<String> {
         self.writable()?;
-        if let Some(l) = label
-            && !attachments::valid_label(l)
-        {
-            return Err(StoreError::Invalid(format!(
-                "{l:?} cannot be an attachment label"
-            )));
+        if let Some(l) = label {
+            attachments::check_label(l)?;
         }
         let size = ingest.len();
         let (hex, head, tmp) = ingest.seal()?;
@@ -727,11 +723,7 @@ impl Store {
     /// dropping label `old` everywhere.
     pub fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()> {
         self.writable()?;
-        if !attachments::valid_label(label) {
-            return Err(StoreError::Invalid(format!(
-                "{label:?} cannot be an attachment label"
-            )));
-        }
+        attachments::check_label(label)?;
         let _lock = self.lock.acquire()?;
         let listing = self.attachments.listing()?;
         for b in listing.blobs() {

@@ -56,6 +56,17 @@ pub fn parse_record(
     bytes: &[u8],
     max_len: u64,
 ) -> Result<Map<String, Value>> {
+    parse_record_filled(kind, id, bytes, max_len).map(|(obj, _)| obj)
+}
+
+/// As [`parse_record`], also saying whether `id` was filled in (the bytes written are then
+/// not the record's bytes as stored).
+pub fn parse_record_filled(
+    kind: Kind,
+    id: &str,
+    bytes: &[u8],
+    max_len: u64,
+) -> Result<(Map<String, Value>, bool)> {
     check_id(kind, id)?;
     if bytes.len() as u64 > max_len {
         return Err(StoreError::TooBig(format!(
@@ -79,6 +90,7 @@ pub fn parse_record(
             type_name(&value)
         )));
     };
+    let filled = obj.get("id").is_none() && kind != Kind::Conversations;
     match obj.get("id") {
         None if kind != Kind::Conversations => {
             // Put the id first, as the platform writes it.
@@ -110,7 +122,7 @@ pub fn parse_record(
             )));
         }
     }
-    Ok(obj)
+    Ok((obj, filled))
 }
 
 fn type_name(v: &Value) -> &'static str {

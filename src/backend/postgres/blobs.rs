@@ -365,12 +365,8 @@ impl Postgres {
         if self.options.read_only {
             return Err(StoreError::ReadOnly("the mount is read-only".into()));
         }
-        if let Some(l) = label
-            && !attachments::valid_label(l)
-        {
-            return Err(StoreError::Invalid(format!(
-                "{l:?} cannot be an attachment label"
-            )));
+        if let Some(l) = label {
+            attachments::check_label(l)?;
         }
         let size = ingest.len();
         let (hex, head, tmp) = ingest.seal_as(false)?;
@@ -945,11 +941,7 @@ impl AttachmentStore for Postgres {
     }
 
     fn relabel(&self, hex: &str, old: Option<&str>, label: &str) -> Result<()> {
-        if !attachments::valid_label(label) {
-            return Err(StoreError::Invalid(format!(
-                "{label:?} cannot be an attachment label"
-            )));
-        }
+        attachments::check_label(label)?;
         self.write(|tx, stmts| {
             const SIZE: &str = "SELECT size FROM agentmount_blobs WHERE hex = $1 FOR KEY SHARE";
             let st = prepared(tx, stmts, SIZE)?;

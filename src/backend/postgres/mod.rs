@@ -953,21 +953,15 @@ impl Backend for Postgres {
     }
 
     fn upsert(&self, kind: Kind, id: &str, bytes: &[u8]) -> Result<RecordView> {
-        let obj = validate::parse_record(kind, id, bytes, self.options.max_record_bytes)?;
+        let (obj, filled) =
+            validate::parse_record_filled(kind, id, bytes, self.options.max_record_bytes)?;
         // The exact bytes written, unless the id had to be filled in.
-        #[derive(serde::Deserialize)]
-        struct IdField {
-            id: Option<serde::de::IgnoredAny>,
-        }
-        let had_id = serde_json::from_slice::<IdField>(bytes)
-            .map(|f| f.id.is_some())
-            .unwrap_or(false);
-        let body = if had_id || kind == Kind::Conversations {
+        let body = if filled {
+            String::from_utf8_lossy(&collection::present(&Value::Object(obj))).into_owned()
+        } else {
             String::from_utf8(bytes.to_vec()).map_err(|e| {
                 StoreError::Invalid(format!("{} {id}: not UTF-8: {e}", kind.singular()))
             })?
-        } else {
-            String::from_utf8_lossy(&collection::present(&Value::Object(obj))).into_owned()
         };
         let (version, changed, body) = self.write(|tx, stmts| {
             let cur = Self::lock_row(tx, stmts, kind, id)?;
