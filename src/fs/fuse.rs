@@ -91,6 +91,7 @@ impl Passthrough {
 fn to_attr(core: &Core, a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
+        st_ino: core.st_ino(a.ino).map(INodeNo),
         size: a.size,
         blocks: a.size.div_ceil(512),
         atime: a.atime,
@@ -186,6 +187,10 @@ impl Filesystem for AgentFs {
         };
         *self.core.attachment_data_path.lock() = path;
         Ok(())
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(ino.0, nlookup);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -508,7 +513,9 @@ impl Filesystem for AgentFs {
         mut reply: ReplyDirectory,
     ) {
         let r = self.core.dir_page(fh.0, offset, |e, next| {
-            reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name)
+            // d_ino is the number stat shows (a record keeps one across its versions).
+            let ino = self.core.st_ino(e.ino).unwrap_or(e.ino);
+            reply.add(INodeNo(ino), next, file_type(e.kind), &e.name)
         });
         match r {
             Ok(()) => reply.ok(),
@@ -525,22 +532,28 @@ impl Filesystem for AgentFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let r = self.core.dir_page(fh.0, offset, |e, next| {
-            // A name that vanished between listing and now is skipped rather than faked.
-            let attr = match &e.attr {
-                Some(a) => a.clone(),
-                None => match self.core.getattr(e.ino, None) {
+            // A name that vanished between listing and now is skipped rather than faked. A
+            // record's inode shows its own version, which may be newer than the listing.
+            let attr = match (self.core.pinned_attr(e.ino), &e.attr) {
+                (Some(a), _) => a,
+                (None, Some(a)) => a.clone(),
+                (None, None) => match self.core.getattr(e.ino, None) {
                     Ok(a) => a,
                     Err(_) => return false,
                 },
             };
-            reply.add(
+            let full = reply.add(
                 INodeNo(e.ino),
                 next,
                 &e.name,
                 &attr.ttl,
                 &to_attr(&self.core, &attr),
                 Generation(0),
-            )
+            );
+            if !full {
+                self.core.handed_out(e.ino);
+            }
+            full
         });
         match r {
             Ok(()) => reply.ok(),

@@ -220,6 +220,32 @@ impl Inodes {
         Some(i)
     }
 
+    /// A new inode for a record's name whose content became another version: the old
+    /// number keeps meaning the old version for whoever still holds it (descriptors, the
+    /// kernel's pages) until the kernel forgets it.
+    pub fn reassign(&self, node: &Node) -> u64 {
+        let mut t = self.t.write();
+        let i = t.next;
+        t.next += 1;
+        t.by_node.insert(node.clone(), i);
+        t.by_ino.insert(i, node.clone());
+        i
+    }
+
+    /// The kernel forgot inode `ino`: a superseded version's number goes (a name's current
+    /// inode stays, so a later lookup finds the same number). Returns whether it went.
+    pub fn forget(&self, ino: u64) -> bool {
+        let mut t = self.t.write();
+        let Some(node) = t.by_ino.get(&ino) else {
+            return false;
+        };
+        if node.fixed_ino().is_some() || t.by_node.get(node) == Some(&ino) {
+            return false;
+        }
+        t.by_ino.remove(&ino);
+        true
+    }
+
     /// A rename: the inode keeps its number under its new name; whatever had the new name
     /// before loses its inode. (Blob names never change.)
     pub fn rename(&self, from: &Node, to: &Node) {

@@ -19,6 +19,8 @@ use crate::backend::{ChangeSink, StoreEvent};
 pub enum Inval {
     /// Attributes and cached pages of an inode.
     Inode(u64),
+    /// Attributes only (pages readers may still use stay).
+    Attrs(u64),
     /// A name in a directory.
     Entry(u64, String),
 }
@@ -53,6 +55,8 @@ impl Invalidator {
         };
         let r = match &i {
             Inval::Inode(ino) => n.inval_inode(INodeNo(*ino), 0, 0),
+            // A negative offset: the kernel drops the attributes and leaves the pages.
+            Inval::Attrs(ino) => n.inval_inode(INodeNo(*ino), -1, 0),
             Inval::Entry(parent, name) => {
                 n.inval_entry(INodeNo(*parent), std::ffi::OsStr::new(name))
             }
@@ -100,11 +104,21 @@ impl ChangeSink for super::Core {
                     if self.journal.is_some() {
                         records.push((kind, id.clone()));
                     }
-                    let node = Node::Record(kind, id);
+                    let node = Node::Record(kind, id.clone());
                     if gone {
                         self.gone(node, &mut out);
                     } else if let Some(ino) = self.inodes.existing(&node) {
-                        out.push(Inval::Inode(ino));
+                        // The name's node id takes the new version in place unless page-cache
+                        // readers have it open (versions.rs): then the kernel drops its
+                        // attributes (its pages go at the next open); else the new version
+                        // has a node id of its own and the kernel drops the name.
+                        match self.store.get(kind, &id).ok().flatten() {
+                            Some(v) if self.record_ino(kind, &id, &v, false) == ino => {
+                                out.push(Inval::Attrs(ino));
+                            }
+                            Some(_) => out.push(Inval::Entry(node.parent_ino(), node.name())),
+                            None => self.gone(node, &mut out),
+                        }
                     }
                 }
                 StoreEvent::Blob { id, gone: false } => {
@@ -135,8 +149,13 @@ impl ChangeSink for super::Core {
             }
         }
         self.stats.external_changes.fetch_add(1, Ordering::Relaxed);
+        // Entry invalidations go through the sender thread: one needs its directory's lock,
+        // which a process waiting for the mount may hold (never block a watcher on it).
         for i in out {
-            self.invalidate_now(i);
+            match i {
+                Inval::Entry(..) => self.inval.send(i),
+                i => self.invalidate_now(i),
+            }
         }
         let us = since.elapsed().as_micros() as u64;
         self.stats.last_latency_us.store(us, Ordering::Relaxed);

@@ -111,7 +111,17 @@ impl Core {
 
     pub fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
         let node = self.resolve(parent, name)?;
-        let ino = self.inodes.ino(&node);
+        let ino = match &node {
+            Node::Record(kind, id) => match self.store.get(*kind, id)? {
+                // The inode of this version (its own: see versions.rs), counted as a lookup.
+                Some(v) => {
+                    let ino = self.record_ino(*kind, id, &v, true);
+                    return Ok(self.record_attr(ino, *kind, &v));
+                }
+                None => self.inodes.ino(&node),
+            },
+            _ => self.inodes.ino(&node),
+        };
         self.attr_of(ino, &node, None)
     }
 
@@ -188,14 +198,7 @@ impl Core {
                     ));
                 }
                 match self.store.get(*kind, id)? {
-                    Some(v) => Ok(self.attr(
-                        ino,
-                        FileKind::File,
-                        v.bytes.len() as u64,
-                        self.record_times(*kind, &v),
-                        file_perm(0o644),
-                        ttl,
-                    )),
+                    Some(v) => Ok(self.record_attr(ino, *kind, &v)),
                     None => match self.pending.lock().get(&(*kind, id.clone())) {
                         Some(&t) => Ok(self.attr(
                             ino,

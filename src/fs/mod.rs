@@ -10,6 +10,7 @@
 //! - `rename.rs`: unlink and rename
 //! - `control.rs`: `.gc`, `.status`, xattrs, statfs
 //! - `invalidate.rs`: kernel cache invalidation, driven by the backend's change events
+//! - `versions.rs`: one inode a record version, so reads can use the page cache
 //! - `inodes.rs`, `errors_log.rs`: the inode table, `.errors`
 
 mod control;
@@ -22,6 +23,7 @@ mod open;
 mod readdir;
 mod rename;
 mod setattr;
+mod versions;
 mod write;
 
 use std::collections::HashMap;
@@ -37,6 +39,7 @@ use serde_json::json;
 use self::errors_log::ErrorLog;
 use self::inodes::{Inodes, Node};
 use self::invalidate::{Inval, Invalidator};
+use self::versions::{DropAttrs, RecordOpen};
 use crate::backend::{AttachmentStore, Backend, Kind, RecordView};
 use crate::error::StoreError;
 use crate::journal::Journal;
@@ -159,6 +162,10 @@ enum Handle {
         refused: Option<i32>,
         /// The lock owner (file table) of the process whose writes filled `data`.
         writer: Option<u64>,
+        /// Opened for writing (counts as a writer of its inode until released).
+        for_write: bool,
+        /// Reads from the kernel's page cache.
+        cached: bool,
     },
     Scratch {
         ino: u64,
@@ -290,6 +297,9 @@ pub struct Core {
     scratch: Mutex<HashMap<u64, ScratchFile>>,
     /// When a name in a directory last changed through the mount.
     dir_times: Mutex<HashMap<u64, SystemTime>>,
+    /// Record inodes: the version each shows and what the kernel may hold of it (one inode
+    /// a version: see versions.rs).
+    versions: Mutex<HashMap<u64, versions::RecIno>>,
     pending: Mutex<HashMap<(Kind, String), SystemTime>>,
     ingests: Mutex<HashMap<String, Arc<Mutex<IngestState>>>>,
     last_size: Mutex<HashMap<u64, u64>>,
@@ -352,6 +362,7 @@ impl Core {
             next_fh: AtomicU64::new(1),
             scratch: Mutex::new(HashMap::new()),
             dir_times: Mutex::new(HashMap::new()),
+            versions: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             ingests: Mutex::new(HashMap::new()),
             last_size: Mutex::new(HashMap::new()),

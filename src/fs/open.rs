@@ -65,28 +65,52 @@ impl Core {
         };
         match node {
             Node::Record(kind, id) => {
-                let data = if trunc {
-                    Vec::new()
+                let current = if trunc {
+                    None
                 } else {
                     match self.store.get(kind, &id)? {
-                        Some(v) => v.bytes.to_vec(),
-                        None if self.pending.lock().contains_key(&(kind, id.clone())) => Vec::new(),
+                        Some(v) => Some(v),
+                        None if self.pending.lock().contains_key(&(kind, id.clone())) => None,
                         None => return Err(FsError::new(libc::ENOENT)),
                     }
                 };
-                // A size the kernel cached before this version would cut reads short or pad
-                // them: drop its attributes before the open returns (safe here: the kernel
-                // holds no lock an inode invalidation needs).
-                if !trunc
-                    && self
-                        .last_size
-                        .lock()
-                        .get(&ino)
-                        .is_some_and(|&s| s != data.len() as u64)
-                {
-                    self.inval.now(Inval::Inode(ino));
-                    self.last_size.lock().insert(ino, data.len() as u64);
-                }
+                let data = current
+                    .as_ref()
+                    .map(|v| v.bytes.to_vec())
+                    .unwrap_or_default();
+                let how = self.record_open(ino, kind, &id, current.as_ref(), write);
+                let cached = matches!(how, RecordOpen::Cached);
+                let mode = match how {
+                    RecordOpen::Stale => return Err(FsError::new(libc::ESTALE)),
+                    RecordOpen::Cached => OpenMode {
+                        direct_io: false,
+                        keep_cache: true,
+                        ..Default::default()
+                    },
+                    RecordOpen::Direct { attrs } => {
+                        // A size the kernel cached of another version would cut reads short
+                        // or pad them: drop its attributes before the open returns (safe
+                        // here: the kernel holds no lock an inode invalidation needs, and
+                        // no reader's pages are on this inode).
+                        let size = data.len() as u64;
+                        let stale = match attrs {
+                            DropAttrs::Always => true,
+                            DropAttrs::IfSizeDiffers => {
+                                !trunc
+                                    && self.last_size.lock().get(&ino).is_some_and(|&s| s != size)
+                            }
+                            DropAttrs::Never => false,
+                        };
+                        if stale {
+                            self.inval.now(Inval::Inode(ino));
+                            self.last_size.lock().insert(ino, size);
+                        }
+                        if attrs == DropAttrs::Always {
+                            self.pages_dropped(ino, &data);
+                        }
+                        direct
+                    }
+                };
                 Ok((
                     self.add_handle(Handle::Record {
                         ino,
@@ -95,8 +119,10 @@ impl Core {
                         written: false,
                         refused: None,
                         writer: None,
+                        for_write: write,
+                        cached,
                     }),
-                    direct,
+                    mode,
                 ))
             }
             Node::Scratch(..) => {
@@ -273,8 +299,16 @@ impl Core {
                     }
                     self.pending.lock().insert((kind, id.clone()), now);
                     self.dir_changed(parent);
-                    let node = Node::Record(kind, id);
-                    let ino = self.inodes.ino(&node);
+                    let node = Node::Record(kind, id.clone());
+                    let mut ino = self.inodes.ino(&node);
+                    // A record another process made meanwhile, whose inode readers' pages
+                    // hold: the writer gets the name's new inode (no retry needed here).
+                    if let RecordOpen::Stale = self.record_open(ino, kind, &id, None, true) {
+                        ino = self.inodes.ino(&node);
+                        if let RecordOpen::Stale = self.record_open(ino, kind, &id, None, true) {
+                            return Err(FsError::new(libc::ESTALE));
+                        }
+                    }
                     let exists = self.attr_of(ino, &node, None)?;
                     let fh = self.add_handle(Handle::Record {
                         ino,
@@ -283,6 +317,8 @@ impl Core {
                         written: false,
                         refused: None,
                         writer: None,
+                        for_write: true,
+                        cached: false,
                     });
                     Ok((exists, fh, direct))
                 }

@@ -29,11 +29,14 @@ impl Core {
         ];
         let head = out.clone();
         let ttl = self.opts.ttl;
-        let file_perm = if self.opts.read_only { 0o444 } else { 0o644 };
         // `attr`: attributes known from the listing; None = ask attr_of.
+        // `at`: the entry's inode when the caller chose it (a record's version).
         let mut add =
-            |n: Node, k: FileKind, attr: Option<(u64, SystemTime, SystemTime, u16, Duration)>| {
-                let i = self.inodes.ino(&n);
+            |at: Option<u64>,
+             n: Node,
+             k: FileKind,
+             attr: Option<(u64, SystemTime, SystemTime, u16, Duration)>| {
+                let i = at.unwrap_or_else(|| self.inodes.ino(&n));
                 let attr = match attr {
                     Some((size, m, c, perm, ttl)) => Some(self.attr(i, k, size, (m, c), perm, ttl)),
                     None => self.attr_of(i, &n, None).ok(),
@@ -55,6 +58,7 @@ impl Core {
                     .chain(history)
                 {
                     add(
+                        None,
                         n,
                         FileKind::Dir,
                         Some((0, dir.mtime, dir.ctime, 0o755, ttl)),
@@ -63,7 +67,7 @@ impl Core {
                 let control = attachments.then_some(Node::Gc).into_iter();
                 let changes = self.journal.is_some().then_some(Node::Changes);
                 for n in control.chain(changes).chain([Node::Status, Node::Errors]) {
-                    add(n, FileKind::File, None);
+                    add(None, n, FileKind::File, None);
                 }
             }
             Node::Dir(kind) => {
@@ -71,9 +75,11 @@ impl Core {
                 let mut seen = std::collections::HashSet::new();
                 for r in list.records {
                     seen.insert(r.id.clone());
-                    let (m, c) = self.record_times(kind, &r);
-                    let a = (r.bytes.len() as u64, m, c, file_perm, ttl);
-                    add(Node::Record(kind, r.id), FileKind::File, Some(a));
+                    // Each version its own inode (see versions.rs).
+                    let i = self.record_ino(kind, &r.id, &r, false);
+                    let a = self.record_attr(i, kind, &r);
+                    let a = (a.size, a.mtime, a.ctime, a.perm, a.ttl);
+                    add(Some(i), Node::Record(kind, r.id), FileKind::File, Some(a));
                 }
                 let pending: Vec<String> = self
                     .pending
@@ -83,7 +89,7 @@ impl Core {
                     .map(|(_, id)| id.clone())
                     .collect();
                 for id in pending {
-                    add(Node::Record(kind, id), FileKind::File, None);
+                    add(None, Node::Record(kind, id), FileKind::File, None);
                 }
                 let scratch: Vec<String> = self
                     .scratch
@@ -95,7 +101,7 @@ impl Core {
                     })
                     .collect();
                 for name in scratch {
-                    add(Node::Scratch(kind, name), FileKind::File, None);
+                    add(None, Node::Scratch(kind, name), FileKind::File, None);
                 }
             }
             Node::AttachDir => {
@@ -137,6 +143,7 @@ impl Core {
             Node::HistoryRoot => {
                 for k in self.store.collections() {
                     add(
+                        None,
                         Node::HistoryDir(*k),
                         FileKind::Dir,
                         Some((0, dir.mtime, dir.ctime, 0o555, ttl)),
@@ -147,6 +154,7 @@ impl Core {
                 if let Some(j) = &self.journal {
                     for id in j.history_ids(k) {
                         add(
+                            None,
                             Node::HistoryRecord(k, id),
                             FileKind::Dir,
                             Some((0, dir.mtime, dir.ctime, 0o555, ttl)),
@@ -157,7 +165,12 @@ impl Core {
             Node::HistoryRecord(k, id) => {
                 if let Some(j) = &self.journal {
                     for v in j.history_versions(k, &id) {
-                        add(Node::HistoryVersion(k, id.clone(), v), FileKind::File, None);
+                        add(
+                            None,
+                            Node::HistoryVersion(k, id.clone(), v),
+                            FileKind::File,
+                            None,
+                        );
                     }
                 }
             }

@@ -126,9 +126,12 @@ impl Core {
                             return Ok(cur);
                         }
                         bytes.resize(n as usize, 0);
+                        // Readers' pages hold this inode: the kernel tries the new one.
+                        self.record_truncate(ino, *kind, id)?;
                         self.expect_change(*kind, id);
                         let r = self.store.upsert(*kind, id, &bytes);
                         self.changed(*kind, id);
+                        self.record_closed(ino, true, false);
                         r?;
                         self.inval.send(Inval::Inode(ino));
                     }

@@ -227,7 +227,13 @@ impl Core {
         };
         let h = h.lock();
         match &*h {
-            Handle::Record { ino, .. } => {
+            Handle::Record {
+                ino,
+                for_write,
+                cached,
+                ..
+            } => {
+                self.record_closed(*ino, *for_write, *cached);
                 // A record created here whose bytes never made it into the store goes away.
                 if let Some(Node::Record(kind, id)) = self.inodes.node(*ino) {
                     let still_open = self.handles.lock().values().any(|o| {
