@@ -275,3 +275,75 @@ fn security_and_acl_attributes_are_not_supported_and_ls_stops_asking() {
         assert!(calls <= 4, "ls -l asked {calls} times: {text}");
     }
 }
+
+/// Records are read from the kernel's page cache. A descriptor keeps the version it opened,
+/// whole, while the platform renames a longer version into place and while a writer
+/// through the mount replaces the record; new opens and stat see each new version at once;
+/// the record keeps one inode number throughout, as a file written in place does.
+#[test]
+fn a_record_read_from_the_page_cache_keeps_its_version_while_it_changes() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let rec = m.p(&format!("sessions/{S_ACTIVE}.json"));
+    let store_file = st.path().join("session-manager/sessions.json");
+    let read_whole = |f: &std::fs::File| {
+        let mut buf = vec![0u8; 1 << 16];
+        let n = f.read_at(&mut buf, 0).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    // Read it twice, so the second open finds its pages.
+    let v1 = std::fs::read(&rec).unwrap();
+    let held = std::fs::File::open(&rec).unwrap();
+    assert_eq!(read_whole(&held), v1);
+    let ino = std::fs::metadata(&rec).unwrap().ino();
+
+    // The platform renames a longer version into place.
+    let long = "x".repeat(9000);
+    let orig = std::fs::read_to_string(&store_file).unwrap();
+    let text = orig.replace("fix flaky login test", &long);
+    let tmp = store_file.with_extension("tmp");
+    std::fs::write(&tmp, &text).unwrap();
+    std::fs::rename(&tmp, &store_file).unwrap();
+    let mut v2 = Vec::new();
+    std::fs::File::open(&rec)
+        .unwrap()
+        .read_to_end(&mut v2)
+        .unwrap();
+    let task = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap()["task"].clone();
+    assert_eq!(task(&v2), long.as_str(), "an open after the rename reads the new version");
+    let md = std::fs::metadata(&rec).unwrap();
+    assert_eq!(md.len() as usize, v2.len(), "stat shows the new version's size");
+    assert_eq!(md.ino(), ino, "the record keeps its inode number");
+    assert_eq!(read_whole(&held), v1, "the held descriptor reads its version, whole");
+    assert_eq!(fstat(held.as_raw_fd()).st_size as usize, v1.len());
+
+    // A writer through the mount replaces it while the descriptor is still held (a shorter
+    // version, O_TRUNC), then a reader reads it twice.
+    let mut short: serde_json::Value = serde_json::from_slice(&v1).unwrap();
+    short["task"] = "short".into();
+    std::fs::write(&rec, serde_json::to_vec(&short).unwrap()).unwrap();
+    assert_eq!(read_whole(&held), v1, "still whole after a write through the mount");
+    for _ in 0..2 {
+        let mut v3 = Vec::new();
+        std::fs::File::open(&rec)
+            .unwrap()
+            .read_to_end(&mut v3)
+            .unwrap();
+        assert_eq!(task(&v3), "short");
+        assert_eq!(std::fs::metadata(&rec).unwrap().len() as usize, v3.len());
+    }
+    assert_eq!(std::fs::metadata(&rec).unwrap().ino(), ino);
+    drop(held);
+    // The platform's next version, after every descriptor closed, is read at once too.
+    let text = orig.replace("fix flaky login test", "after");
+    std::fs::write(&tmp, &text).unwrap();
+    std::fs::rename(&tmp, &store_file).unwrap();
+    for _ in 0..2 {
+        let v4 = std::fs::read(&rec).unwrap();
+        assert_eq!(task(&v4), "after");
+        assert_eq!(std::fs::metadata(&rec).unwrap().len() as usize, v4.len());
+    }
+}
