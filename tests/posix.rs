@@ -313,11 +313,23 @@ fn a_record_read_from_the_page_cache_keeps_its_version_while_it_changes() {
         .read_to_end(&mut v2)
         .unwrap();
     let task = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap()["task"].clone();
-    assert_eq!(task(&v2), long.as_str(), "an open after the rename reads the new version");
+    assert_eq!(
+        task(&v2),
+        long.as_str(),
+        "an open after the rename reads the new version"
+    );
     let md = std::fs::metadata(&rec).unwrap();
-    assert_eq!(md.len() as usize, v2.len(), "stat shows the new version's size");
+    assert_eq!(
+        md.len() as usize,
+        v2.len(),
+        "stat shows the new version's size"
+    );
     assert_eq!(md.ino(), ino, "the record keeps its inode number");
-    assert_eq!(read_whole(&held), v1, "the held descriptor reads its version, whole");
+    assert_eq!(
+        read_whole(&held),
+        v1,
+        "the held descriptor reads its version, whole"
+    );
     assert_eq!(fstat(held.as_raw_fd()).st_size as usize, v1.len());
 
     // A writer through the mount replaces it while the descriptor is still held (a shorter
@@ -325,7 +337,11 @@ fn a_record_read_from_the_page_cache_keeps_its_version_while_it_changes() {
     let mut short: serde_json::Value = serde_json::from_slice(&v1).unwrap();
     short["task"] = "short".into();
     std::fs::write(&rec, serde_json::to_vec(&short).unwrap()).unwrap();
-    assert_eq!(read_whole(&held), v1, "still whole after a write through the mount");
+    assert_eq!(
+        read_whole(&held),
+        v1,
+        "still whole after a write through the mount"
+    );
     for _ in 0..2 {
         let mut v3 = Vec::new();
         std::fs::File::open(&rec)

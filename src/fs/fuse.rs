@@ -91,7 +91,7 @@ impl Passthrough {
 fn to_attr(core: &Core, a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
-        st_ino: core.st_ino(a.ino).map(INodeNo),
+        st_ino: (a.st_ino != 0 && a.st_ino != a.ino).then_some(INodeNo(a.st_ino)),
         size: a.size,
         blocks: a.size.div_ceil(512),
         atime: a.atime,
@@ -514,7 +514,10 @@ impl Filesystem for AgentFs {
     ) {
         let r = self.core.dir_page(fh.0, offset, |e, next| {
             // d_ino is the number stat shows (a record keeps one across its versions).
-            let ino = self.core.st_ino(e.ino).unwrap_or(e.ino);
+            let ino = match &e.attr {
+                Some(a) if a.st_ino != 0 => a.st_ino,
+                _ => self.core.st_ino(e.ino).unwrap_or(e.ino),
+            };
             reply.add(INodeNo(ino), next, file_type(e.kind), &e.name)
         });
         match r {

@@ -103,6 +103,9 @@ pub struct Attr {
     pub ttl: Duration,
     /// The I/O size tools should use (`st_blksize`): `cp` reads and writes in pieces of it.
     pub blksize: u32,
+    /// The inode number `stat` shows, when it is not `ino` (a record's versions: see
+    /// versions.rs); 0 otherwise.
+    pub st_ino: u64,
 }
 
 /// `st_blksize` of attachment files: `cp` then copies in 1 MiB writes (the FUSE maximum
@@ -299,7 +302,7 @@ pub struct Core {
     dir_times: Mutex<HashMap<u64, SystemTime>>,
     /// Record inodes: the version each shows and what the kernel may hold of it (one inode
     /// a version: see versions.rs).
-    versions: Mutex<HashMap<u64, versions::RecIno>>,
+    versions: Mutex<versions::Table>,
     pending: Mutex<HashMap<(Kind, String), SystemTime>>,
     ingests: Mutex<HashMap<String, Arc<Mutex<IngestState>>>>,
     last_size: Mutex<HashMap<u64, u64>>,
@@ -362,7 +365,7 @@ impl Core {
             next_fh: AtomicU64::new(1),
             scratch: Mutex::new(HashMap::new()),
             dir_times: Mutex::new(HashMap::new()),
-            versions: Mutex::new(HashMap::new()),
+            versions: Mutex::new(versions::Table::default()),
             pending: Mutex::new(HashMap::new()),
             ingests: Mutex::new(HashMap::new()),
             last_size: Mutex::new(HashMap::new()),
@@ -426,6 +429,7 @@ impl Core {
             perm,
             ttl,
             blksize: 4096,
+            st_ino: 0,
         }
     }
 
