@@ -104,20 +104,18 @@ impl ChangeSink for super::Core {
                     if self.journal.is_some() {
                         records.push((kind, id.clone()));
                     }
-                    let node = Node::Record(kind, id.clone());
+                    let node = Node::Record(kind, id);
                     if gone {
                         self.gone(node, &mut out);
                     } else if let Some(ino) = self.inodes.existing(&node) {
-                        // The name's node id takes the new version in place unless page-cache
-                        // readers have it open (versions.rs): then the kernel drops its
-                        // attributes (its pages go at the next open); else the new version
-                        // has a node id of its own and the kernel drops the name.
-                        match self.store.get(kind, &id).ok().flatten() {
-                            Some(v) if self.record_ino(kind, &id, &v, false) == ino => {
-                                out.push(Inval::Attrs(ino));
-                            }
-                            Some(_) => out.push(Inval::Entry(node.parent_ino(), node.name())),
-                            None => self.gone(node, &mut out),
+                        // No page-cache reader has the name's node id open: it takes the new
+                        // version in place, the kernel drops its attributes now and its pages
+                        // at the next open. Otherwise the new version gets a node id of its own
+                        // at the next lookup, and the kernel drops the name (versions.rs).
+                        if self.record_changed(ino) {
+                            out.push(Inval::Attrs(ino));
+                        } else {
+                            out.push(Inval::Entry(node.parent_ino(), node.name()));
                         }
                     }
                 }

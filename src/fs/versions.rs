@@ -206,6 +206,28 @@ impl Core {
         new
     }
 
+    /// Another process changed the record node id `ino` shows. Returns whether the node id
+    /// can take the new version in place (it forgets its version: the next lookup, listing
+    /// or open gives it the new one, and its pages go at that open); false while page-cache
+    /// readers have it open, when the new version must get a node id of its own and the
+    /// kernel must drop the name. (No version is made here: the record's times come from the
+    /// journal, which records the change after the kernel has been told.)
+    pub(super) fn record_changed(&self, ino: u64) -> bool {
+        let mut t = self.versions.lock();
+        let Some(e) = t.get_mut(&ino) else {
+            return true;
+        };
+        if e.written {
+            return true;
+        }
+        if e.cached_handles > 0 {
+            return false;
+        }
+        e.version = None;
+        e.stale_pages = true;
+        true
+    }
+
     /// A listing's entry was handed to the kernel (readdirplus): one more lookup.
     pub(super) fn handed_out(&self, ino: u64) {
         if let Some(e) = self.versions.lock().get_mut(&ino) {
