@@ -536,17 +536,24 @@ impl Filesystem for AgentFs {
     ) {
         let r = self.core.dir_page(fh.0, offset, |e, next| {
             // A name that vanished between listing and now is skipped rather than faked. A
-            // record's inode shows its own version, which may be newer than the listing.
-            let attr = match (self.core.pinned_attr(e.ino), &e.attr) {
+            // record's name may have a newer node id than the listing's, and a node id shows
+            // its own version, which may be newer than the listing.
+            let Some(ino) = self.core.listed_ino(e.ino) else {
+                return false;
+            };
+            let mut attr = match (self.core.pinned_attr(ino), &e.attr) {
                 (Some(a), _) => a,
-                (None, Some(a)) => a.clone(),
-                (None, None) => match self.core.getattr(e.ino, None) {
+                (None, Some(a)) if ino == e.ino => a.clone(),
+                _ => match self.core.getattr(ino, None) {
                     Ok(a) => a,
                     Err(_) => return false,
                 },
             };
+            if attr.st_ino == 0 {
+                attr.st_ino = self.core.st_ino(ino).unwrap_or(0);
+            }
             let full = reply.add(
-                INodeNo(e.ino),
+                INodeNo(ino),
                 next,
                 &e.name,
                 &attr.ttl,
@@ -554,7 +561,7 @@ impl Filesystem for AgentFs {
                 Generation(0),
             );
             if !full {
-                self.core.handed_out(e.ino);
+                self.core.handed_out(ino);
             }
             full
         });

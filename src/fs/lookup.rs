@@ -118,7 +118,13 @@ impl Core {
                     let ino = self.record_ino(*kind, id, &v, true);
                     return Ok(self.record_attr(ino, *kind, &v));
                 }
-                None => self.inodes.ino(&node),
+                // A record created and not stored yet.
+                None => {
+                    let ino = self.inodes.ino(&node);
+                    let a = self.attr_of(ino, &node, None)?;
+                    self.looked_up(ino);
+                    return Ok(a);
+                }
             },
             _ => self.inodes.ino(&node),
         };
@@ -196,6 +202,11 @@ impl Core {
                         file_perm(0o644),
                         Duration::ZERO,
                     ));
+                }
+                // A superseded node id, or one page-cache readers hold, shows its version
+                // whatever the store has now (even nothing).
+                if let Some(a) = self.held_attr(ino, node) {
+                    return Ok(a);
                 }
                 match self.store.get(*kind, id)? {
                     Some(v) => Ok(self.record_attr(ino, *kind, &v)),

@@ -169,6 +169,8 @@ enum Handle {
         for_write: bool,
         /// Reads from the kernel's page cache.
         cached: bool,
+        /// A direct-I/O reader's version generation (versions.rs).
+        generation: u64,
     },
     Scratch {
         ino: u64,

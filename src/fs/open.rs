@@ -78,8 +78,14 @@ impl Core {
                     .as_ref()
                     .map(|v| v.bytes.to_vec())
                     .unwrap_or_default();
+                // O_TRUNC changes the kernel's size of the inode even on a read-only open.
+                let write = write || trunc;
                 let how = self.record_open(ino, kind, &id, current.as_ref(), write);
                 let cached = matches!(how, RecordOpen::Cached);
+                let generation = match how {
+                    RecordOpen::Direct { generation, .. } => generation,
+                    _ => versions::FOREIGN,
+                };
                 let mode = match how {
                     RecordOpen::Stale => return Err(FsError::new(libc::ESTALE)),
                     RecordOpen::Cached => OpenMode {
@@ -87,7 +93,7 @@ impl Core {
                         keep_cache: true,
                         ..Default::default()
                     },
-                    RecordOpen::Direct { attrs } => {
+                    RecordOpen::Direct { attrs, .. } => {
                         // A size the kernel cached of another version would cut reads short
                         // or pad them: drop its attributes before the open returns (safe
                         // here: the kernel holds no lock an inode invalidation needs, and
@@ -101,11 +107,11 @@ impl Core {
                             }
                             DropAttrs::Never => false,
                         };
+                        let dropped = stale && self.inval.now(Inval::Inode(ino));
                         if stale {
-                            self.inval.now(Inval::Inode(ino));
                             self.last_size.lock().insert(ino, size);
                         }
-                        if attrs == DropAttrs::Always {
+                        if attrs == DropAttrs::Always && dropped {
                             self.pages_dropped(ino, &data);
                         }
                         direct
@@ -121,6 +127,7 @@ impl Core {
                         writer: None,
                         for_write: write,
                         cached,
+                        generation,
                     }),
                     mode,
                 ))
@@ -303,13 +310,26 @@ impl Core {
                     let mut ino = self.inodes.ino(&node);
                     // A record another process made meanwhile, whose inode readers' pages
                     // hold: the writer gets the name's new inode (no retry needed here).
+                    let unpend = || {
+                        self.pending.lock().remove(&(kind, id.clone()));
+                    };
                     if let RecordOpen::Stale = self.record_open(ino, kind, &id, None, true) {
                         ino = self.inodes.ino(&node);
                         if let RecordOpen::Stale = self.record_open(ino, kind, &id, None, true) {
+                            unpend();
                             return Err(FsError::new(libc::ESTALE));
                         }
                     }
-                    let exists = self.attr_of(ino, &node, None)?;
+                    let exists = match self.attr_of(ino, &node, None) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            self.record_closed(ino, true, false, versions::FOREIGN);
+                            unpend();
+                            return Err(e);
+                        }
+                    };
+                    // The kernel counts the entry a create returns as a lookup.
+                    self.looked_up(ino);
                     let fh = self.add_handle(Handle::Record {
                         ino,
                         data: Vec::new(),
@@ -319,6 +339,7 @@ impl Core {
                         writer: None,
                         for_write: true,
                         cached: false,
+                        generation: versions::FOREIGN,
                     });
                     Ok((exists, fh, direct))
                 }

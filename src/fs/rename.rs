@@ -236,6 +236,8 @@ impl Core {
                     r?;
                     self.drop_scratch_target(&target);
                     let ino = self.inodes.ino(&node);
+                    // A scratch file from now on: it shows no record version.
+                    self.drop_version(ino);
                     let now = SystemTime::now();
                     self.scratch.lock().insert(
                         ino,

@@ -131,7 +131,7 @@ impl Core {
                         self.expect_change(*kind, id);
                         let r = self.store.upsert(*kind, id, &bytes);
                         self.changed(*kind, id);
-                        self.record_closed(ino, true, false);
+                        self.record_closed(ino, true, false, versions::FOREIGN);
                         r?;
                         self.inval.send(Inval::Inode(ino));
                     }

@@ -18,6 +18,9 @@
 //!   changes the kernel's size of it): it is sent to a node id of its own the same way,
 //!   reserved for it. A node id open for writing (`written`) is read direct-I/O and shows
 //!   the store's current attributes; after its last writer, it is a reader's again.
+//! - A direct-I/O descriptor's mmap fills the page cache from its own snapshot: while a
+//!   direct-I/O reader whose snapshot may not be the node id's version is open (`foreign`),
+//!   no open uses the page cache, and when the last one goes the pages are dropped first.
 //! - Every version of a record shows the inode number the record's name first had
 //!   (`st_ino`), as a file written in place keeps its inode: editors compare it.
 //! - Entry invalidations go from the sender thread only (see invalidate.rs); the common
@@ -51,6 +54,13 @@ pub(super) struct RecIno {
     handles: u32,
     writers: u32,
     cached_handles: u32,
+    /// Direct-I/O readers whose snapshot is `version` (of generation `generation`), and those whose
+    /// snapshot may be another version's: an mmap of a direct-I/O descriptor fills the page
+    /// cache from its own snapshot, so while any of the latter is open no open uses the page
+    /// cache, and when the last goes the pages are dropped before one does.
+    generation: u64,
+    direct_now: u32,
+    foreign: u32,
     /// The kernel's lookup count (replies that handed the number out, less FORGETs).
     lookups: u64,
     /// The inode number `stat` shows: the name's first node id, kept by every version
@@ -95,10 +105,14 @@ impl RecIno {
         self.redirect.is_some_and(|t| t.elapsed() < RESERVED)
     }
 
-    /// Takes version `v` in place (no page-cache reader has it open); whatever pages it has
-    /// are another version's until dropped.
-    fn take(&mut self, v: Version) {
-        self.version = Some(v);
+    /// Takes version `v` in place (no page-cache reader has it open; None: the next lookup or
+    /// open gives it one); whatever pages it has are another version's until dropped, and
+    /// direct-I/O readers of the old version are now foreign.
+    fn take(&mut self, v: Option<Version>) {
+        self.foreign += self.direct_now;
+        self.direct_now = 0;
+        self.generation += 1;
+        self.version = v;
         self.stale_pages = true;
     }
 }
@@ -108,8 +122,9 @@ pub(super) enum RecordOpen {
     /// From the page cache, which can only hold this inode's version.
     Cached,
     /// Direct I/O from the descriptor's snapshot, after doing `attrs` to the kernel's
-    /// attributes of the inode.
-    Direct { attrs: DropAttrs },
+    /// attributes of the inode; `generation`: the generation of the version its snapshot is
+    /// (`FOREIGN`: maybe not the inode's), for `record_closed`.
+    Direct { attrs: DropAttrs, generation: u64 },
     /// The name now has another inode: the kernel must look it up again.
     Stale,
 }
@@ -125,6 +140,9 @@ pub(super) enum DropAttrs {
     /// Readers' pages hold another version: its attributes stay that version's.
     Never,
 }
+
+/// The generation of a direct-I/O reader whose snapshot may not be its inode's version.
+pub(super) const FOREIGN: u64 = u64::MAX;
 
 pub(super) fn same_bytes(a: &Arc<[u8]>, b: &Arc<[u8]>) -> bool {
     Arc::ptr_eq(a, b) || a[..] == b[..]
@@ -175,7 +193,7 @@ impl Core {
             if e.writers == 0 && !e.reserved_now() {
                 e.written = false;
                 e.reserved = None;
-                e.take(self.version_of(kind, view));
+                e.take(Some(self.version_of(kind, view)));
             }
             true
         } else {
@@ -187,7 +205,7 @@ impl Core {
                     true
                 }
                 _ if e.cached_handles == 0 => {
-                    e.take(self.version_of(kind, view));
+                    e.take(Some(self.version_of(kind, view)));
                     true
                 }
                 _ => false,
@@ -223,8 +241,7 @@ impl Core {
         if e.cached_handles > 0 {
             return false;
         }
-        e.version = None;
-        e.stale_pages = true;
+        e.take(None);
         true
     }
 
@@ -294,16 +311,20 @@ impl Core {
     ) -> RecordOpen {
         let node = Node::Record(kind, id.to_string());
         let mut t = self.versions.lock();
+        let current = self.inodes.existing(&node) == Some(ino);
         let e = t.entry(ino).or_default();
         if write {
             if e.cached_handles > 0 {
                 // Readers have its pages open: the writer gets a node id of its own, which
-                // no reader caches (the inode number stat shows stays the record's).
-                let new = self.move_name(&mut t, &node, ino);
-                let n = t.entry(new).or_default();
-                n.written = true;
-                n.redirect = Some(Instant::now());
-                n.reserved = Some(Instant::now());
+                // no reader caches (the inode number stat shows stays the record's). A
+                // superseded node id is not the name's: the kernel's retry finds the name's.
+                if current {
+                    let new = self.move_name(&mut t, &node, ino);
+                    let n = t.entry(new).or_default();
+                    n.written = true;
+                    n.redirect = Some(Instant::now());
+                    n.reserved = Some(Instant::now());
+                }
                 return RecordOpen::Stale;
             }
             e.written = true;
@@ -312,55 +333,78 @@ impl Core {
             e.writers += 1;
             return RecordOpen::Direct {
                 attrs: DropAttrs::IfSizeDiffers,
+                generation: FOREIGN,
             };
         }
         let Some(now) = now.filter(|_| !e.written) else {
             e.handles += 1;
+            e.foreign += 1;
             return RecordOpen::Direct {
                 attrs: DropAttrs::IfSizeDiffers,
+                generation: FOREIGN,
             };
         };
-        match &e.version {
-            Some(p) if same_bytes(&p.bytes, &now.bytes) && !e.stale_pages => {
-                e.cached_handles += 1;
-                e.handles += 1;
-                RecordOpen::Cached
+        let same = e
+            .version
+            .as_ref()
+            .is_some_and(|p| same_bytes(&p.bytes, &now.bytes));
+        if same && !e.stale_pages && e.foreign == 0 {
+            e.cached_handles += 1;
+            e.handles += 1;
+            return RecordOpen::Cached;
+        }
+        if same && e.foreign > 0 {
+            // Its pages may hold a foreign snapshot: direct-I/O until those readers go.
+            e.handles += 1;
+            e.direct_now += 1;
+            return RecordOpen::Direct {
+                attrs: DropAttrs::IfSizeDiffers,
+                generation: e.generation,
+            };
+        }
+        if same || e.cached_handles == 0 {
+            // This version's, with stale pages; or no page-cache reader has it open, so it
+            // takes this version. Its pages and attributes are dropped before the open
+            // returns (`pages_dropped` then lets the next open use the page cache).
+            if !same {
+                e.take(Some(self.version_of(kind, now)));
             }
-            // No page-cache reader has it open: it takes this version, its pages and
-            // attributes dropped before the open returns (`pages_dropped` then lets the
-            // next open use the page cache).
-            _ if e.cached_handles == 0 => {
-                e.take(self.version_of(kind, now));
-                e.handles += 1;
-                RecordOpen::Direct {
-                    attrs: DropAttrs::Always,
-                }
-            }
-            // Readers hold its pages: the kernel looks the name up again and finds a node
-            // id for this version.
-            _ if !e.redirect_now() => {
-                let new = self.move_name(&mut t, &node, ino);
-                t.entry(new).or_default().redirect = Some(Instant::now());
-                RecordOpen::Stale
-            }
-            // That retry found its node id outdated too, and held: this open reads the new
-            // bytes direct-I/O (its fstat shows the size its lookup gave), and the name
-            // moves on at its next lookup.
-            _ => {
-                e.handles += 1;
-                self.inval
-                    .send(Inval::Entry(kind_dir_ino(kind), node.name()));
-                RecordOpen::Direct {
-                    attrs: DropAttrs::Never,
-                }
-            }
+            e.handles += 1;
+            e.direct_now += 1;
+            return RecordOpen::Direct {
+                attrs: DropAttrs::Always,
+                generation: e.generation,
+            };
+        }
+        if current && !e.redirect_now() {
+            // Readers hold its pages: the kernel looks the name up again and finds a node id
+            // for this version.
+            let new = self.move_name(&mut t, &node, ino);
+            t.entry(new).or_default().redirect = Some(Instant::now());
+            return RecordOpen::Stale;
+        }
+        // A superseded node id reopened without a lookup (/proc/self/fd), or the retry of an
+        // ESTALE that found its node id outdated and held too: this open reads the new bytes
+        // direct-I/O (its fstat shows the size the node id shows), and the name moves on at
+        // its next lookup.
+        e.handles += 1;
+        e.foreign += 1;
+        if current {
+            self.inval
+                .send(Inval::Entry(kind_dir_ino(kind), node.name()));
+        }
+        RecordOpen::Direct {
+            attrs: DropAttrs::Never,
+            generation: FOREIGN,
         }
     }
 
     /// The kernel's pages and attributes of `ino` were dropped while it showed `bytes`: if it
-    /// still does, the next open may use the page cache.
+    /// still does and no foreign snapshot can refill them, the next open may use the page
+    /// cache.
     pub(super) fn pages_dropped(&self, ino: u64, bytes: &[u8]) {
         if let Some(e) = self.versions.lock().get_mut(&ino)
+            && e.foreign == 0
             && e.version.as_ref().is_some_and(|v| v.bytes[..] == *bytes)
         {
             e.stale_pages = false;
@@ -368,24 +412,75 @@ impl Core {
     }
 
     /// A record descriptor on `ino` closed (`wrote`: opened for writing; `cached`: read from
-    /// the page cache). When the last writer goes the inode is a reader's again, its pages
-    /// dropped at the next open.
-    pub(super) fn record_closed(&self, ino: u64, wrote: bool, cached: bool) {
+    /// the page cache; `generation`: a direct-I/O reader's, from `RecordOpen::Direct`). When the
+    /// last writer goes the inode is a reader's again, its pages dropped at the next open.
+    pub(super) fn record_closed(&self, ino: u64, wrote: bool, cached: bool, generation: u64) {
         let mut t = self.versions.lock();
         let Some(e) = t.get_mut(&ino) else {
             return;
         };
         e.handles = e.handles.saturating_sub(1);
-        if cached {
-            e.cached_handles = e.cached_handles.saturating_sub(1);
-        }
         if wrote {
             e.writers = e.writers.saturating_sub(1);
             if e.writers == 0 {
                 e.written = false;
-                e.version = None;
+                e.take(None);
+            }
+        } else if cached {
+            e.cached_handles = e.cached_handles.saturating_sub(1);
+        } else if generation == e.generation {
+            e.direct_now = e.direct_now.saturating_sub(1);
+        } else {
+            e.foreign = e.foreign.saturating_sub(1);
+            if e.foreign == 0 {
                 e.stale_pages = true;
             }
+        }
+        self.retire(&mut t, ino);
+    }
+
+    /// Counts a lookup the kernel made of record node id `ino` outside `record_ino` (a
+    /// create, a record not stored yet).
+    pub(super) fn looked_up(&self, ino: u64) {
+        self.versions.lock().entry(ino).or_default().lookups += 1;
+    }
+
+    /// The attributes a record node id shows whatever the store says now: its version's,
+    /// when it is superseded or page-cache readers hold it (a removed record, one made again
+    /// under the name).
+    pub(super) fn held_attr(&self, ino: u64, node: &Node) -> Option<Attr> {
+        let held = {
+            let t = self.versions.lock();
+            let e = t.get(&ino)?;
+            !e.written
+                && e.version.is_some()
+                && (e.cached_handles > 0 || self.inodes.existing(node) != Some(ino))
+        };
+        if held { self.pinned_attr(ino) } else { None }
+    }
+
+    /// The node id a listing made earlier should hand out for `ino`: the name's node id now
+    /// (a record's may have moved since), or None if the mount no longer knows it.
+    pub(super) fn listed_ino(&self, ino: u64) -> Option<u64> {
+        match self.inodes.node(ino)? {
+            node @ Node::Record(..) => Some(self.inodes.existing(&node).unwrap_or(ino)),
+            _ => Some(ino),
+        }
+    }
+
+    /// A record node id became something else (a scratch file): it shows no version.
+    pub(super) fn drop_version(&self, ino: u64) {
+        self.versions.lock().remove(&ino);
+    }
+
+    /// Removes superseded node id `ino` once neither the kernel nor a descriptor has it.
+    fn retire(&self, t: &mut Table, ino: u64) {
+        if let Some(e) = t.get(&ino)
+            && e.lookups == 0
+            && e.handles == 0
+            && (self.inodes.forget(ino) || self.inodes.node(ino).is_none())
+        {
+            t.remove(&ino);
         }
     }
 
@@ -403,15 +498,15 @@ impl Core {
     /// once the kernel knows it no more.
     pub fn forget(&self, ino: u64, nlookup: u64) {
         let mut t = self.versions.lock();
-        if let Some(e) = t.get_mut(&ino) {
-            e.lookups = e.lookups.saturating_sub(nlookup);
-            if e.lookups > 0 || e.handles > 0 {
-                return;
+        match t.get_mut(&ino) {
+            Some(e) => {
+                e.lookups = e.lookups.saturating_sub(nlookup);
+                // Superseded (or its name renamed over or removed): nobody can reach it again.
+                self.retire(&mut t, ino);
             }
-        }
-        // Superseded (or its name renamed over or removed): nobody can reach it again.
-        if self.inodes.forget(ino) || self.inodes.node(ino).is_none() {
-            t.remove(&ino);
+            None => {
+                self.inodes.forget(ino);
+            }
         }
     }
 }

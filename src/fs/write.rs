@@ -231,9 +231,10 @@ impl Core {
                 ino,
                 for_write,
                 cached,
+                generation,
                 ..
             } => {
-                self.record_closed(*ino, *for_write, *cached);
+                self.record_closed(*ino, *for_write, *cached, *generation);
                 // A record created here whose bytes never made it into the store goes away.
                 if let Some(Node::Record(kind, id)) = self.inodes.node(*ino) {
                     let still_open = self.handles.lock().values().any(|o| {
