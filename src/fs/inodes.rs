@@ -203,6 +203,12 @@ impl Inodes {
         })
     }
 
+    /// Whether `ino` still names something (without cloning what).
+    pub fn knows(&self, ino: u64) -> bool {
+        let t = self.t.read();
+        t.by_ino.contains_key(&ino) || t.blob_of.contains_key(&(ino & !1))
+    }
+
     /// Forgets a name that no longer exists. Returns the inode it had.
     pub fn remove(&self, node: &Node) -> Option<u64> {
         if node.fixed_ino().is_some() {

@@ -66,6 +66,8 @@ pub(super) struct RecIno {
     /// The inode number `stat` shows: the name's first node id, kept by every version
     /// (0: this node id).
     st_ino: u64,
+    /// The name has moved on to another node id.
+    superseded: bool,
 }
 
 /// Node ids to what the kernel may hold of them. Keys are node ids, which the mount hands out
@@ -157,6 +159,7 @@ impl Core {
             _ => from,
         };
         let new = self.inodes.reassign(node);
+        t.entry(from).or_default().superseded = true;
         t.entry(new).or_default().st_ino = st_ino;
         new
     }
@@ -266,37 +269,44 @@ impl Core {
     }
 
     /// The attributes of record inode `ino` while the record's version is `now`: the
-    /// inode's own version's, whatever the name shows now (the kernel's pages of it are that
-    /// version's).
+    /// inode's own version's if it shows one (the kernel's pages of it are that version's,
+    /// whatever the name shows now), else `now`'s.
     pub(super) fn record_attr(&self, ino: u64, kind: Kind, now: &RecordView) -> Attr {
-        let perm = if self.opts.read_only { 0o444 } else { 0o644 };
         let (pinned, st_ino) = self.shown(ino);
-        let (size, times) = match pinned {
-            Some(p) if !same_bytes(&p.bytes, &now.bytes) => (p.bytes.len(), (p.mtime, p.ctime)),
-            Some(p) => (p.bytes.len(), (p.mtime, p.ctime)),
-            None => (now.bytes.len(), self.record_times(kind, now)),
-        };
-        let mut a = self.attr(ino, FileKind::File, size as u64, times, perm, self.opts.ttl);
-        a.st_ino = st_ino;
-        a
+        match pinned {
+            Some(p) => self.version_attr(ino, &p, st_ino),
+            None => {
+                let times = self.record_times(kind, now);
+                let v = Version {
+                    bytes: now.bytes.clone(),
+                    mtime: times.0,
+                    ctime: times.1,
+                };
+                self.version_attr(ino, &v, st_ino)
+            }
+        }
     }
 
     /// The attributes a listing gives inode `ino` if it shows one version: the listing
     /// may be older than the version the inode shows now.
     pub(super) fn pinned_attr(&self, ino: u64) -> Option<Attr> {
         let (p, st_ino) = self.shown(ino);
-        let p = p?;
+        Some(self.version_attr(ino, &p?, st_ino))
+    }
+
+    fn version_attr(&self, ino: u64, v: &Version, st_ino: u64) -> Attr {
         let perm = if self.opts.read_only { 0o444 } else { 0o644 };
+        let times = (v.mtime, v.ctime);
         let mut a = self.attr(
             ino,
             FileKind::File,
-            p.bytes.len() as u64,
-            (p.mtime, p.ctime),
+            v.bytes.len() as u64,
+            times,
             perm,
             self.opts.ttl,
         );
         a.st_ino = st_ino;
-        Some(a)
+        a
     }
 
     /// Opens record inode `ino` of record `id`, whose current version is `now` (None: a
@@ -462,6 +472,14 @@ impl Core {
     /// The node id a listing made earlier should hand out for `ino`: the name's node id now
     /// (a record's may have moved since), or None if the mount no longer knows it.
     pub(super) fn listed_ino(&self, ino: u64) -> Option<u64> {
+        if self
+            .versions
+            .lock()
+            .get(&ino)
+            .is_some_and(|e| !e.superseded)
+        {
+            return self.inodes.knows(ino).then_some(ino);
+        }
         match self.inodes.node(ino)? {
             node @ Node::Record(..) => Some(self.inodes.existing(&node).unwrap_or(ino)),
             _ => Some(ino),
