@@ -29,6 +29,10 @@ pub enum StoreError {
     NotPermitted(String),
     #[error("{0}")]
     ReadOnly(String),
+    /// An entry of the store that is not what the store may hold there (a symlink, a FIFO,
+    /// a device, a file over the read bound): never followed or opened, reported instead.
+    #[error("{0}")]
+    Untrusted(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -49,6 +53,7 @@ impl StoreError {
             StoreError::Corrupt(_) => libc::EIO,
             StoreError::NotPermitted(_) => libc::EPERM,
             StoreError::ReadOnly(_) => libc::EROFS,
+            StoreError::Untrusted(_) => libc::EIO,
             StoreError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

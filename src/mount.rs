@@ -281,18 +281,20 @@ fn init_logging(
             .try_init();
         return Ok(None);
     }
-    std::fs::create_dir_all(layout_root).map_err(|e| {
+    let layout_root = crate::store::untrusted::trusted_path(layout_root);
+    std::fs::create_dir_all(&layout_root).map_err(|e| {
         format!(
             "cannot create the store directory {}: {e}",
             layout_root.display()
         )
     })?;
+    // The log sits in a store others may write: never appended through a symlink planted
+    // there (root would write wherever it points), never a FIFO or device.
     let path = layout_root.join(log_name);
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
+    let file = crate::store::untrusted::open_write(&path, true, 0o600).map_err(|e| {
+        let why = crate::store::untrusted::refusal(&e, &path).unwrap_or_else(|| e.to_string());
+        format!("cannot open the log file {}: {why}", path.display())
+    })?;
     let file = Arc::new(file);
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -364,6 +366,7 @@ fn serve(
     if let Some(g) = args.gid {
         opts.gid = g;
     }
+    opts.owner_given = args.uid.is_some() || args.gid.is_some();
     let mut journal_off = None;
     let journal = if args.no_journal {
         journal_off = Some("off (--no-journal): records show their store file's times".into());

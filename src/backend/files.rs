@@ -73,9 +73,7 @@ impl Backend for Store {
     }
 
     fn root_time(&self) -> SystemTime {
-        self.layout
-            .root
-            .metadata()
+        std::fs::symlink_metadata(&self.layout.root)
             .ok()
             .and_then(|m| m.modified().ok())
             .unwrap_or(SystemTime::UNIX_EPOCH)
@@ -87,7 +85,9 @@ impl Backend for Store {
             Kind::Goals => &self.layout.goals,
             _ => &self.layout.conversations,
         };
-        let t = path.metadata().ok().and_then(|m| m.modified().ok());
+        let t = std::fs::symlink_metadata(path)
+            .ok()
+            .and_then(|m| m.modified().ok());
         t.map_or_else(
             || Backend::root_time(self),
             |t| t.max(Backend::root_time(self)),
@@ -96,6 +96,26 @@ impl Backend for Store {
 
     fn state_dir(&self) -> PathBuf {
         self.layout.root.join(".agentmount")
+    }
+
+    fn access(&self) -> Option<super::Access> {
+        let l = &self.layout;
+        let metas: Vec<std::fs::Metadata> = [
+            &l.root,
+            &l.sessions,
+            &l.goals,
+            &l.conversations,
+            &l.attachments,
+        ]
+        .iter()
+        .filter_map(|p| std::fs::symlink_metadata(p).ok())
+        .filter(|m| m.is_file() || m.is_dir())
+        .collect();
+        // The root first: a store not created yet shows what its parent would give it.
+        match std::fs::symlink_metadata(&l.root) {
+            Ok(_) => super::Access::of(&metas),
+            Err(_) => None,
+        }
     }
 
     fn statfs_path(&self) -> PathBuf {
@@ -155,18 +175,14 @@ impl AttachmentStore for Store {
     }
 
     fn open_blob(&self, hex: &str) -> Result<File> {
-        let path = self.attachments.blob_path(hex);
-        File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))
+        Store::open_blob(self, hex)
     }
 
     fn sidecar_bytes(&self, hex: &str) -> Result<(Vec<u8>, SystemTime)> {
         let path = self.attachments.sidecar_path(hex);
-        let data = std::fs::read(&path)
-            .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
-        let mtime = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        Ok((data, mtime))
+        let (data, fp) = fingerprint::read_with_fingerprint(&path)?
+            .ok_or_else(|| StoreError::NotFound(format!("no sidecar {}", path.display())))?;
+        Ok((data, fp.mtime()))
     }
 
     fn blob_meta(&self, hex: &str) -> Result<Option<(u64, SystemTime, SystemTime)>> {

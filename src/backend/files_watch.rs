@@ -88,8 +88,12 @@ impl Watcher {
         let mut dirs = l.dirs();
         dirs.push(l.root.clone());
         dirs.push(cas.clone());
-        if let Ok(rd) = std::fs::read_dir(&cas) {
-            dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        if let Ok(rd) = crate::store::untrusted::read_dir(&cas) {
+            dirs.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| cas.join(e.file_name())),
+            );
         }
         let mask = WatchMask::CLOSE_WRITE
             | WatchMask::MOVED_TO
@@ -97,7 +101,9 @@ impl Watcher {
             | WatchMask::CREATE
             | WatchMask::DELETE
             | WatchMask::ATTRIB
-            | WatchMask::DELETE_SELF;
+            | WatchMask::DELETE_SELF
+            // A store directory swapped for a symlink is not watched through it.
+            | WatchMask::DONT_FOLLOW;
         for d in dirs {
             if self.watched.contains_key(&d) || !d.is_dir() {
                 continue;

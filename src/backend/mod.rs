@@ -142,6 +142,12 @@ pub trait Backend: Send + Sync {
     /// Where agentmount keeps its own state for this store (record times, the change feed,
     /// history): beside the platform's files, never inside them.
     fn state_dir(&self) -> PathBuf;
+    /// Who may read and write the store itself (its files' modes and owner), which the
+    /// mount mirrors so that a private store stays private under `--allow-other`. `None`
+    /// for a store with no files of its own here (Postgres).
+    fn access(&self) -> Option<Access> {
+        None
+    }
     /// A local path whose filesystem `statfs` reports.
     fn statfs_path(&self) -> PathBuf;
     /// The attachment store, for backends that have one.
@@ -194,6 +200,49 @@ pub trait AttachmentStore: Send + Sync {
     fn last_gc(&self) -> Option<GcReport>;
     /// How the attachment index keeps itself fresh (for `.status`).
     fn index_mode(&self) -> String;
+}
+
+/// The permission bits and owner a store's own files have, as the mount shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// Permission bits (0o777) no file of the mount may exceed: for each class (owner,
+    /// group, others), read only if every store file and directory grants it, write only
+    /// if every one does. Directories show execute where they show read.
+    pub mask: u16,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Access {
+    /// The access the store's files `metas` (the root first) give: the owner is the root's,
+    /// the mask the intersection of what each grants.
+    pub fn of(metas: &[std::fs::Metadata]) -> Option<Access> {
+        use std::os::unix::fs::MetadataExt;
+        let root = metas.first()?;
+        let mut mask = 0o777u16;
+        for m in metas {
+            // Read and write bits of each class; a directory's execute counts as read.
+            let mode = m.mode() as u16;
+            let mut grant = 0u16;
+            for shift in [6, 3, 0] {
+                let bits = (mode >> shift) & 0o7;
+                let r = if m.is_dir() {
+                    bits & 0o4 != 0 && bits & 0o1 != 0
+                } else {
+                    bits & 0o4 != 0
+                };
+                let w = bits & 0o2 != 0;
+                let class = if r { 0o5 } else { 0 } | if w { 0o2 } else { 0 };
+                grant |= class << shift;
+            }
+            mask &= grant;
+        }
+        Some(Access {
+            mask,
+            uid: root.uid(),
+            gid: root.gid(),
+        })
+    }
 }
 
 /// What a `--store` value names.
@@ -257,21 +306,27 @@ pub fn open(
     let options = args.options(read_only);
     match detect(&layout.root).map_err(|e| e.to_string())? {
         StoreKind::Directory => {
-            let store = crate::store::Store::open(layout, options)
+            let store = crate::store::Store::open(layout.resolved(), options)
                 .map_err(|e| format!("cannot open the store: {e}"))?;
             Ok(std::sync::Arc::new(store))
         }
         StoreKind::Sqlite => Ok(std::sync::Arc::new(
-            sqlite::Sqlite::open(&layout.root, options)
-                .map_err(|e| format!("cannot open {}: {e}", layout.root.display()))?,
+            sqlite::Sqlite::open(
+                &crate::store::untrusted::trusted_path(&layout.root),
+                options,
+            )
+            .map_err(|e| format!("cannot open {}: {e}", layout.root.display()))?,
         )),
         StoreKind::Postgres => {
             let url = layout.root.to_str().unwrap_or_default();
-            let state = postgres_state_dir(args, place);
-            let cache = args
-                .cache_dir
-                .clone()
-                .unwrap_or_else(|| state.join("blobs"));
+            // Resolved once: files under them are opened with no symlink on the path.
+            let state = crate::store::untrusted::trusted_path(&postgres_state_dir(args, place));
+            let cache = crate::store::untrusted::trusted_path(
+                &args
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(|| state.join("blobs")),
+            );
             Ok(std::sync::Arc::new(
                 postgres::Postgres::open(url, options, state, cache, args.cache_size)
                     .map_err(|e| format!("cannot open {}: {e}", postgres::redact(url)))?,

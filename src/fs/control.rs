@@ -64,6 +64,7 @@ impl Core {
             "read_only_reason": self.store.read_only_reason(),
             "xattrs": self.opts.xattrs,
             "counts": counts,
+            "untrusted_entries": untrusted_status(),
             "invalidation": {
                 "external_changes": fs.external_changes.load(Ordering::Relaxed),
                 "sent": fs.invalidations.load(Ordering::Relaxed),
@@ -99,6 +100,15 @@ impl Core {
         out
     }
 
+    /// Moves the store entries skipped as untrusted (symlinks, FIFOs, devices, blobs that
+    /// do not hash to their name) into `.errors`.
+    pub(super) fn note_skipped(&self) {
+        for (path, why) in crate::store::untrusted::take_skipped() {
+            self.errors
+                .push(&path.display().to_string(), "skip", libc::EIO, &why);
+        }
+    }
+
     pub fn statfs(&self) -> libc::statvfs {
         let mut dir = self.store.statfs_path();
         while !dir.exists() {
@@ -113,4 +123,16 @@ impl Core {
         }
         st
     }
+}
+
+/// `.status`' account of store entries skipped as untrusted input.
+fn untrusted_status() -> serde_json::Value {
+    let (total, recent) = crate::store::untrusted::skipped_summary();
+    json!({
+        "skipped": total,
+        "recent": recent
+            .iter()
+            .map(|(p, why)| json!({"path": p, "reason": why}))
+            .collect::<Vec<_>>(),
+    })
 }

@@ -88,7 +88,7 @@ impl Passthrough {
     }
 }
 
-fn to_attr(core: &Core, a: &Attr) -> FileAttr {
+fn to_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         st_ino: (a.st_ino != 0 && a.st_ino != a.ino).then_some(INodeNo(a.st_ino)),
@@ -101,8 +101,8 @@ fn to_attr(core: &Core, a: &Attr) -> FileAttr {
         kind: file_type(a.kind),
         perm: a.perm,
         nlink: if a.kind == FileKind::Dir { 2 } else { a.nlink },
-        uid: core.opts.uid,
-        gid: core.opts.gid,
+        uid: a.uid,
+        gid: a.gid,
         rdev: 0,
         blksize: a.blksize,
         flags: 0,
@@ -199,14 +199,14 @@ impl Filesystem for AgentFs {
             Err(e) => return reply.error(e),
         };
         match self.core.lookup(parent.0, name) {
-            Ok(a) => reply.entry_with_ttls(&a.ttl, &a.ttl, &to_attr(&self.core, &a), Generation(0)),
+            Ok(a) => reply.entry_with_ttls(&a.ttl, &a.ttl, &to_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.core.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&a.ttl, &to_attr(&self.core, &a)),
+            Ok(a) => reply.attr(&a.ttl, &to_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -242,7 +242,7 @@ impl Filesystem for AgentFs {
                 mtime: time_of(mtime),
             },
         ) {
-            Ok(a) => reply.attr(&a.ttl, &to_attr(&self.core, &a)),
+            Ok(a) => reply.attr(&a.ttl, &to_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -327,7 +327,7 @@ impl Filesystem for AgentFs {
             Err(e) => return reply.error(e),
         };
         match self.core.symlink(parent.0, name, target) {
-            Ok(a) => reply.entry_with_ttls(&a.ttl, &a.ttl, &to_attr(&self.core, &a), Generation(0)),
+            Ok(a) => reply.entry_with_ttls(&a.ttl, &a.ttl, &to_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -557,7 +557,7 @@ impl Filesystem for AgentFs {
                 next,
                 &e.name,
                 &attr.ttl,
-                &to_attr(&self.core, &attr),
+                &to_attr(&attr),
                 Generation(0),
             );
             if !full {
@@ -715,7 +715,7 @@ impl Filesystem for AgentFs {
         match self.core.create(parent.0, name, mode) {
             Ok((a, fh, m)) => reply.created(
                 &a.ttl,
-                &to_attr(&self.core, &a),
+                &to_attr(&a),
                 Generation(0),
                 FileHandle(fh),
                 fopen(m),

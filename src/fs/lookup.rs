@@ -376,7 +376,10 @@ impl Core {
                     .unwrap_or(self.started_wall);
                 (self.gc_report().into(), t)
             }
-            Node::Errors => (self.errors.render().into(), self.errors.changed()),
+            Node::Errors => {
+                self.note_skipped();
+                (self.errors.render().into(), self.errors.changed())
+            }
             _ => {
                 let mut last = self.status_rendering.lock();
                 let data = match &*last {

@@ -103,6 +103,9 @@ pub struct Attr {
     pub ttl: Duration,
     /// The I/O size tools should use (`st_blksize`): `cp` reads and writes in pieces of it.
     pub blksize: u32,
+    /// The owner shown (the store's, or `--uid/--gid`).
+    pub uid: u32,
+    pub gid: u32,
     /// The inode number `stat` shows, when it is not `ino` (a record's versions: see
     /// versions.rs); 0 otherwise.
     pub st_ino: u64,
@@ -123,6 +126,8 @@ pub struct MountOptions {
     pub blob_ttl: Duration,
     /// Whether extended attributes are offered (`--no-xattr` turns them off).
     pub xattrs: bool,
+    /// `--uid`/`--gid` were given: files show them instead of the store's owner.
+    pub owner_given: bool,
 }
 
 impl Default for MountOptions {
@@ -136,6 +141,7 @@ impl Default for MountOptions {
             ttl: Duration::from_secs(1),
             blob_ttl: Duration::from_secs(3600),
             xattrs: true,
+            owner_given: false,
         }
     }
 }
@@ -312,6 +318,8 @@ pub struct Core {
     pub attachment_data_path: Mutex<String>,
     /// The last rendering of `.status` and when it was made (see `control_bytes`).
     status_rendering: Mutex<Option<(Instant, Arc<[u8]>)>>,
+    /// The store's own modes and owner, as last read (see `shown_access`).
+    access: Mutex<Option<(Instant, Option<crate::backend::Access>)>>,
 
     started: Instant,
     started_wall: SystemTime,
@@ -373,6 +381,7 @@ impl Core {
             last_size: Mutex::new(HashMap::new()),
             attachment_data_path: Mutex::new("page cache (keep_cache)".into()),
             status_rendering: Mutex::new(None),
+            access: Mutex::new(None),
 
             started: Instant::now(),
             started_wall: SystemTime::now(),
@@ -420,6 +429,7 @@ impl Core {
         if kind == FileKind::File {
             self.last_size.lock().insert(ino, size);
         }
+        let (mask, uid, gid) = self.shown_access();
         Attr {
             ino,
             kind,
@@ -428,10 +438,38 @@ impl Core {
             mtime,
             ctime,
             nlink: 1,
-            perm,
+            // A symlink's mode means nothing on Linux (always 0777).
+            perm: if kind == FileKind::Symlink {
+                perm
+            } else {
+                perm & mask
+            },
             ttl,
             blksize: 4096,
             st_ino: 0,
+            uid,
+            gid,
+        }
+    }
+
+    /// The mask every mode is shown under and the owner files show: the store's own (a
+    /// private store stays private under `--allow-other`), re-read at most once a second.
+    pub(super) fn shown_access(&self) -> (u16, u32, u32) {
+        let a = {
+            let mut cur = self.access.lock();
+            match &*cur {
+                Some((at, a)) if at.elapsed() < Duration::from_secs(1) => *a,
+                _ => {
+                    let a = self.store.access();
+                    *cur = Some((Instant::now(), a));
+                    a
+                }
+            }
+        };
+        let mask = a.map_or(0o7777, |a| a.mask | 0o7000);
+        match a {
+            Some(a) if !self.opts.owner_given => (mask, a.uid, a.gid),
+            _ => (mask, self.opts.uid, self.opts.gid),
         }
     }
 

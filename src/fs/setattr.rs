@@ -36,8 +36,9 @@ impl Core {
             None => return Err(FsError::new(libc::ENOENT)),
         };
         if let (Node::Scratch(..), Some(file)) = (&node, &scratch) {
+            let (_, shown_uid, shown_gid) = self.shown_access();
             let changes_owner =
-                uid.is_some_and(|u| u != self.opts.uid) || gid.is_some_and(|g| g != self.opts.gid);
+                uid.is_some_and(|u| u != shown_uid) || gid.is_some_and(|g| g != shown_gid);
             if changes_owner {
                 return Err(FsError::refuse(
                     libc::EPERM,
@@ -69,8 +70,7 @@ impl Core {
             return Ok(self.scratch_attr(ino, &s));
         }
         let cur = self.attr_of(ino, &node, fh)?;
-        let changes_owner =
-            uid.is_some_and(|u| u != self.opts.uid) || gid.is_some_and(|g| g != self.opts.gid);
+        let changes_owner = uid.is_some_and(|u| u != cur.uid) || gid.is_some_and(|g| g != cur.gid);
         // An attachment being written becomes immutable bytes shown 0444 once stored: the
         // mode a copy sets on it meanwhile (cp -p, rsync, a restore) is accepted, not kept.
         let changes_mode = mode.is_some_and(|m| (m & 0o7777) as u16 != cur.perm)

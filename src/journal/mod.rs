@@ -17,9 +17,9 @@
 //!   bounded per record and in total (the oldest go first).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 
 use crate::backend::{Backend, Kind, RecordView};
 use crate::error::{Result, StoreError};
+use crate::store::untrusted;
 
 #[derive(Clone, Debug)]
 pub struct JournalOptions {
@@ -118,13 +119,9 @@ fn sha(bytes: &[u8]) -> String {
 /// not fsynced: the journal may lose its newest state in a crash, the store never).
 fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(format!("create {}", tmp.display())))?;
+    let _ = fs::remove_file(&tmp);
+    let mut f = untrusted::create_new(&tmp, false, 0o600)
+        .map_err(|e| untrusted::store_error(&tmp, "create", e))?;
     f.write_all(bytes)
         .map_err(io(format!("write {}", tmp.display())))?;
     drop(f);
@@ -167,12 +164,15 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     move |e| StoreError::io(what, e)
 }
 
+/// Creates a directory of the journal's (0700), refusing a symlink on the way: the state
+/// directory sits in a store others can write.
 fn mkdir(p: &Path) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(p)
-        .map_err(io(format!("create {}", p.display())))
+    untrusted::create_dir_all_mode(p, 0o700).map_err(|e| untrusted::store_error(p, "create", e))
+}
+
+/// Lists a journal directory (none through a symlink); empty when it cannot be read.
+fn list(dir: &Path) -> impl Iterator<Item = fs::DirEntry> {
+    untrusted::read_dir(dir).into_iter().flatten().flatten()
 }
 
 impl Journal {
@@ -182,16 +182,16 @@ impl Journal {
         mkdir(&dir)?;
         mkdir(&dir.join("history"))?;
         // Temp files of a process that crashed while replacing one of ours.
-        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+        for e in list(&dir) {
             if e.file_name().to_string_lossy().contains(".tmp-") {
-                let _ = fs::remove_file(e.path());
+                let _ = fs::remove_file(dir.join(e.file_name()));
             }
         }
         let feed_path = dir.join("changes.jsonl");
         // A line cut short by a crash is dropped: the feed ends at its last whole line.
         let mut lines = Vec::new();
-        if let Ok(f) = File::open(&feed_path) {
-            let mut r = BufReader::new(f);
+        if let Ok(f) = untrusted::open_read(&feed_path) {
+            let mut r = BufReader::new(f.take(untrusted::MAX_STORE_FILE_BYTES));
             let mut buf = Vec::new();
             loop {
                 buf.clear();
@@ -213,12 +213,8 @@ impl Journal {
             }
             n
         };
-        let feed = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&feed_path)
-            .map_err(io(format!("open {}", feed_path.display())))?;
+        let feed = untrusted::open_write(&feed_path, true, 0o600)
+            .map_err(|e| untrusted::store_error(&feed_path, "open", e))?;
         let len = feed
             .metadata()
             .map_err(io(format!("stat {}", feed_path.display())))?
@@ -232,10 +228,8 @@ impl Journal {
             }
             replace(&feed_path, &out)?;
         }
-        let feed = OpenOptions::new()
-            .append(true)
-            .open(&feed_path)
-            .map_err(io(format!("open {}", feed_path.display())))?;
+        let feed = untrusted::open_write(&feed_path, true, 0o600)
+            .map_err(|e| untrusted::store_error(&feed_path, "open", e))?;
         let seq = lines.last().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
         let j = Journal {
             dir,
@@ -261,16 +255,14 @@ impl Journal {
     fn load_history(&self) -> Result<()> {
         let mut inner = self.inner.lock();
         let root = self.dir.join("history");
-        for c in fs::read_dir(&root).into_iter().flatten().flatten() {
+        for c in list(&root) {
             let Some(kind) = kind_of(&c.file_name().to_string_lossy()) else {
                 continue;
             };
-            for r in fs::read_dir(c.path()).into_iter().flatten().flatten() {
+            for r in list(&root.join(c.file_name())) {
                 let id = r.file_name().to_string_lossy().into_owned();
-                let mut vs: Vec<String> = fs::read_dir(r.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
+                let mut vs: Vec<String> = list(&root.join(c.file_name()).join(&id))
+                    .filter(|v| v.file_type().is_ok_and(|t| t.is_file()))
                     .map(|v| v.file_name().to_string_lossy().into_owned())
                     .filter(|v| !v.starts_with('.'))
                     .collect();
@@ -297,9 +289,10 @@ impl Journal {
     /// The times snapshot: every record's hash and times, and the feed seq it is current to.
     fn load_times(&self) -> Result<Option<(u64, Prior)>> {
         let p = self.dir.join("times.jsonl");
-        let Ok(f) = File::open(&p) else {
+        let Ok(f) = untrusted::open_read(&p) else {
             return Ok(None);
         };
+        let f = f.take(untrusted::MAX_STORE_FILE_BYTES);
         let mut seq = 0;
         let mut map = HashMap::new();
         for line in BufReader::new(f).lines() {
@@ -510,7 +503,10 @@ impl Journal {
         self.save_times()?;
         let p = self.feed_path();
         let mut inner = self.inner.lock();
-        let data = fs::read(&p).map_err(io(format!("read {}", p.display())))?;
+        let data = untrusted::read_bounded(&p, untrusted::MAX_STORE_FILE_BYTES)
+            .map_err(|e| untrusted::store_error(&p, "read", e))?
+            .map(|(d, _)| d)
+            .unwrap_or_default();
         let starts: Vec<usize> = std::iter::once(0)
             .chain(memchr::memchr_iter(b'\n', &data).map(|i| i + 1))
             .filter(|&i| i < data.len())
@@ -518,10 +514,8 @@ impl Journal {
         let drop_n = starts.len().saturating_sub(self.opts.changes_max);
         let from = starts.get(drop_n).copied().unwrap_or(data.len());
         replace(&p, &data[from..])?;
-        inner.feed = OpenOptions::new()
-            .append(true)
-            .open(&p)
-            .map_err(io(format!("open {}", p.display())))?;
+        inner.feed = untrusted::open_write(&p, true, 0o600)
+            .map_err(|e| untrusted::store_error(&p, "open", e))?;
         inner.feed_lines = starts.len() - drop_n;
         tracing::info!(dropped = drop_n, "change feed rotated");
         Ok(())
@@ -709,7 +703,10 @@ impl Journal {
         let dir = self.dir.join("history").join(kind.dir_name()).join(id);
         let r = mkdir(&dir).and_then(|()| {
             let tmp = dir.join(format!(".{name}.tmp"));
-            fs::write(&tmp, bytes).map_err(io(format!("write {}", tmp.display())))?;
+            let _ = fs::remove_file(&tmp);
+            untrusted::create_new(&tmp, false, 0o600)
+                .and_then(|mut f| f.write_all(bytes))
+                .map_err(|e| untrusted::store_error(&tmp, "write", e))?;
             fs::rename(&tmp, dir.join(&name)).map_err(io(format!("rename {}", tmp.display())))
         });
         if let Err(e) = r {
@@ -819,7 +816,7 @@ impl Journal {
     /// Bytes of the feed from `offset`.
     pub fn read_changes(&self, offset: u64, size: usize) -> Result<Vec<u8>> {
         let inner = self.inner.lock();
-        let f = File::open(self.feed_path()).map_err(io("open the change feed"))?;
+        let f = untrusted::open_read(&self.feed_path()).map_err(io("open the change feed"))?;
         drop(inner);
         let mut buf = vec![0u8; size];
         let mut got = 0;

@@ -4,7 +4,7 @@
 //! fsync, a last check that the target is still the version the change was computed from,
 //! rename over the target, fsync of the directory. Nothing is ever written in place.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, MutexGuard};
 
 use super::fingerprint::{self, Fingerprint};
+use super::untrusted;
 use crate::error::{Result, StoreError};
 
 /// Marker in every temp file name of ours: `.<name>.agentmount-tmp.<pid>.<nanos>.<n>`.
@@ -58,9 +59,12 @@ pub fn pid_alive(pid: i32) -> bool {
 /// Removes temp files of ours in `dir` whose writing process is gone. Returns what it removed.
 pub fn remove_stray_temps(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let entries = match fs::read_dir(dir) {
+    let entries = match untrusted::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) if untrusted::refusal(&e, dir).is_some() => {
+            return Err(fingerprint::open_error(dir, e));
+        }
         Err(e) => return Err(StoreError::io(format!("read dir {}", dir.display()), e)),
     };
     for entry in entries.flatten() {
@@ -68,7 +72,7 @@ pub fn remove_stray_temps(dir: &Path) -> Result<Vec<PathBuf>> {
         if let Some(pid) = temp_owner_pid(&name)
             && !pid_alive(pid)
         {
-            let path = entry.path();
+            let path = dir.join(&name);
             match fs::remove_file(&path) {
                 Ok(()) => removed.push(path),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -80,13 +84,14 @@ pub fn remove_stray_temps(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    let f = File::open(dir).map_err(|e| StoreError::io(format!("open {}", dir.display()), e))?;
+    let f = untrusted::open_dir(dir).map_err(|e| fingerprint::open_error(dir, e))?;
     f.sync_all()
         .map_err(|e| StoreError::io(format!("fsync {}", dir.display()), e))
 }
 
+/// Creates a store directory and its parents, refusing a symlink on the way.
 pub fn ensure_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("create {}", dir.display()), e))
+    untrusted::create_dir_all(dir).map_err(|e| untrusted::store_error(dir, "create", e))
 }
 
 /// What `replace_file` found when it came to rename.
@@ -110,20 +115,32 @@ pub fn replace_file(
 
 /// `replace_file`, the content written by `write` straight into the temp file (a large
 /// file is never held whole in memory).
+///
+/// The directory is opened once with no symlink on its path (the store is untrusted) and
+/// the temp file is made, renamed and fsynced relative to that descriptor, so a directory
+/// swapped for a symlink meanwhile cannot send the write elsewhere. The new file keeps the
+/// target's mode and owner: a store the platform writes as its own user stays its own when
+/// a root daemon writes it.
 pub fn replace_file_with(
     target: &Path,
     write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
     expected: Option<Fingerprint>,
 ) -> Result<Replaced> {
-    let dir = target.parent().unwrap_or(Path::new("."));
-    ensure_dir(dir)?;
-    let tmp = temp_path_for(target);
+    let dir_path = target.parent().unwrap_or(Path::new("."));
+    ensure_dir(dir_path)?;
+    let dir = untrusted::open_dir(dir_path).map_err(|e| fingerprint::open_error(dir_path, e))?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp_name = temp_name(&name);
+    let tmp = dir_path.join(&tmp_name);
     let result = (|| {
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
+        let f = untrusted::create_in(&dir, &tmp_name, 0o666)
             .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+        if let Some(fp) = expected {
+            keep_mode_and_owner(&f, fp, &tmp);
+        }
         let mut w = io::BufWriter::with_capacity(256 << 10, f);
         write(&mut w)
             .and_then(|()| w.flush())
@@ -138,7 +155,7 @@ pub fn replace_file_with(
         if fingerprint::stat(target)? != expected {
             return Ok(Replaced::Raced);
         }
-        fs::rename(&tmp, target).map_err(|e| {
+        untrusted::rename_in(&dir, &tmp_name, &name).map_err(|e| {
             StoreError::io(
                 format!("rename {} -> {}", tmp.display(), target.display()),
                 e,
@@ -149,13 +166,36 @@ pub fn replace_file_with(
         let fp = f
             .metadata()
             .map_err(|e| StoreError::io(format!("fstat {}", target.display()), e))?;
-        fsync_dir(dir)?;
+        dir.sync_all()
+            .map_err(|e| StoreError::io(format!("fsync {}", dir_path.display()), e))?;
         Ok(Replaced::Done(Fingerprint::of(&fp)))
     })();
     if !matches!(result, Ok(Replaced::Done(_))) {
-        let _ = fs::remove_file(&tmp);
+        let _ = untrusted::unlink_in(&dir, &tmp_name);
     }
     result
+}
+
+/// Gives a replacement file the mode and owner of the file it replaces (best effort: an
+/// unprivileged daemon cannot give a file away, and then keeps its own).
+fn keep_mode_and_owner(f: &File, old: Fingerprint, path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(now) = f.metadata() else { return };
+    if (now.uid(), now.gid()) != (old.uid, old.gid) {
+        // SAFETY: fchown on a descriptor we own.
+        let r = unsafe { libc::fchown(f.as_raw_fd(), old.uid, old.gid) };
+        if r != 0 {
+            tracing::debug!(path = %path.display(), error = %io::Error::last_os_error(), "cannot keep the replaced file's owner");
+        }
+    }
+    let perm = old.mode & 0o7777;
+    if now.mode() & 0o7777 != perm {
+        // SAFETY: fchmod on a descriptor we own.
+        let r = unsafe { libc::fchmod(f.as_raw_fd(), perm) };
+        if r != 0 {
+            tracing::debug!(path = %path.display(), error = %io::Error::last_os_error(), "cannot keep the replaced file's mode");
+        }
+    }
 }
 
 /// The writer lock: flock(2) on `.agentmount.lock`, shared with other processes, plus an
@@ -194,12 +234,8 @@ impl WriterLock {
         if let Some(dir) = self.path.parent() {
             ensure_dir(dir)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.path)
-            .map_err(|e| StoreError::io(format!("open lock {}", self.path.display()), e))?;
+        let file = untrusted::open_write(&self.path, false, 0o666)
+            .map_err(|e| untrusted::store_error(&self.path, "open lock", e))?;
         let mut pause = Duration::from_micros(100);
         loop {
             // SAFETY: flock on a descriptor we own; no memory is involved.

@@ -1,7 +1,7 @@
 //! Content-addressed attachments: `sha256/<hex[0..2]>/<hex>` holds the bytes and
 //! `<hex>.json` lash's AttachmentMeta sidecar. Labels (file names) come from the sidecars.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -16,6 +16,7 @@ use super::atomic;
 use super::blob_index::{BlobIndex, Listing};
 use super::fingerprint::{self, Fingerprint};
 use super::hash::Sha256;
+use super::untrusted;
 use crate::error::{Result, StoreError};
 
 pub fn is_hex64(s: &str) -> bool {
@@ -253,12 +254,8 @@ impl Ingest {
     pub fn create(attachments_dir: &Path) -> Result<Ingest> {
         atomic::ensure_dir(attachments_dir)?;
         let tmp = attachments_dir.join(atomic::temp_name("ingest"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+        let file = untrusted::create_new(&tmp, true, 0o666)
+            .map_err(|e| untrusted::store_error(&tmp, "create", e))?;
         Ok(Ingest {
             tee: None,
             file,

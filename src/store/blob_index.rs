@@ -25,7 +25,8 @@ use parking_lot::Mutex;
 
 use super::attachments::{is_hex64, to_hex, valid_label};
 use super::fingerprint::{self, Fingerprint};
-use crate::error::{Result, StoreError};
+use super::untrusted;
+use crate::error::Result;
 
 /// An attachment's id: the SHA-256 of its bytes.
 pub type BlobId = [u8; 32];
@@ -489,7 +490,19 @@ impl BlobIndex {
             return Ok(true);
         }
         let dir = self.shard_dir(b);
-        match (fingerprint::stat(&dir.join(hex))?, pos) {
+        // Only a regular file is a blob: anything else planted there is skipped.
+        let now = fingerprint::stat(&dir.join(hex))?;
+        let now = match now {
+            Some(fp) if !fp.is_regular() => {
+                let p = dir.join(hex);
+                if let Ok(m) = fs::symlink_metadata(&p) {
+                    untrusted::skipped(&p, &not_here(&p, &m.file_type()));
+                }
+                None
+            }
+            n => n,
+        };
+        match (now, pos) {
             (Some(fp), Ok(i)) => {
                 let l = Arc::make_mut(listing);
                 let e = &mut Arc::make_mut(&mut l.shards[b as usize])[i];
@@ -541,10 +554,19 @@ fn degrade(st: &mut State, why: String) {
 
 fn shard_names(cas: &Path) -> Result<BTreeSet<u8>> {
     let mut out = BTreeSet::new();
-    match fs::read_dir(cas) {
+    match untrusted::read_dir(cas) {
         Ok(rd) => {
             for e in rd.flatten() {
                 let n = e.file_name();
+                // A shard that is a symlink (or anything but a directory) is skipped.
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => {}
+                    Ok(t) => {
+                        untrusted::skipped(&cas.join(&n), &not_here(&cas.join(&n), &t));
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
                 if let Some(b) = n
                     .to_str()
                     .filter(|n| {
@@ -560,18 +582,26 @@ fn shard_names(cas: &Path) -> Result<BTreeSet<u8>> {
             Ok(out)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(out),
-        Err(e) => Err(StoreError::io(format!("read dir {}", cas.display()), e)),
+        Err(e) => Err(untrusted::store_error(cas, "read dir", e)),
     }
+}
+
+fn not_here(path: &Path, t: &fs::FileType) -> String {
+    format!(
+        "{} is {}: skipped, never followed or opened (the store is untrusted input)",
+        path.display(),
+        untrusted::describe(t)
+    )
 }
 
 /// Every blob in one shard directory (names whose first byte is not the shard's are not
 /// reachable by the layout and are left out), sorted by id.
 fn scan_shard(dir: &Path, b: u8, media: &mut HashMap<Box<str>, Arc<str>>) -> Result<Vec<Blob>> {
     let mut out = Vec::new();
-    let rd = match fs::read_dir(dir) {
+    let rd = match untrusted::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(StoreError::io(format!("read dir {}", dir.display()), e)),
+        Err(e) => return Err(untrusted::store_error(dir, "read dir", e)),
     };
     for e in rd.flatten() {
         let name = e.file_name();
@@ -579,6 +609,13 @@ fn scan_shard(dir: &Path, b: u8, media: &mut HashMap<Box<str>, Arc<str>>) -> Res
             continue;
         };
         let Ok(meta) = e.metadata() else { continue };
+        if !meta.is_file() {
+            untrusted::skipped(
+                &dir.join(&name),
+                &not_here(&dir.join(&name), &meta.file_type()),
+            );
+            continue;
+        }
         let fp = Fingerprint::of(&meta);
         let sidecar = read_sidecar(&dir.join(format!("{}.json", to_hex(&id))), media);
         out.push(Blob {

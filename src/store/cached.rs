@@ -91,6 +91,19 @@ impl<T: Default> CachedFile<T> {
                 }
                 None => return Err(StoreError::Again(msg)),
             },
+            // A symlink, FIFO or device where the file should be (the store is untrusted):
+            // never read; reported like a file that does not parse.
+            Err(StoreError::Untrusted(why)) => {
+                self.stats.parse_errors.fetch_add(1, Ordering::Relaxed);
+                let loaded = Arc::new(Loaded {
+                    fp: previous.as_ref().and_then(|p| p.fp),
+                    value: previous.map(|p| p.value.clone()).unwrap_or_default(),
+                    error: Some(why),
+                    bad_fp: now,
+                });
+                *self.state.write() = Some(loaded.clone());
+                return Ok(loaded);
+            }
             r => r?,
         };
         let loaded = match read {

@@ -3,13 +3,20 @@
 //! Why all five: (mtime, len) alone misses two same-length writes within one coarse clock
 //! tick; an atomic rename always changes the inode, and an in-place write changes ctime.
 
-use std::fs::{File, Metadata};
-use std::io::{self, Read};
+use std::fs::Metadata;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::untrusted;
 use crate::error::{Result, StoreError};
+
+/// The error for a store file that cannot be opened or read (see
+/// [`untrusted::store_error`]).
+pub fn open_error(path: &Path, e: io::Error) -> StoreError {
+    untrusted::store_error(path, "read", e)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fingerprint {
@@ -18,6 +25,10 @@ pub struct Fingerprint {
     pub size: u64,
     pub mtime_ns: i128,
     pub ctime_ns: i128,
+    /// Type and permission bits (`st_mode`), and the owner: what the mount mirrors.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl Fingerprint {
@@ -28,7 +39,15 @@ impl Fingerprint {
             size: meta.size(),
             mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
             ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
         }
+    }
+
+    /// A regular file (not a symlink, FIFO, socket or device planted in the store).
+    pub fn is_regular(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFREG
     }
 
     pub fn mtime(&self) -> SystemTime {
@@ -48,9 +67,9 @@ pub fn ns_to_time(ns: i128) -> SystemTime {
     }
 }
 
-/// Stats a path: `Ok(None)` when it does not exist.
+/// Stats a path without following a symlink there: `Ok(None)` when it does not exist.
 pub fn stat(path: &Path) -> Result<Option<Fingerprint>> {
-    match std::fs::metadata(path) {
+    match std::fs::symlink_metadata(path) {
         Ok(m) => Ok(Some(Fingerprint::of(&m))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::io(format!("stat {}", path.display()), e)),
@@ -62,19 +81,26 @@ pub fn stat(path: &Path) -> Result<Option<Fingerprint>> {
 /// The fingerprint comes from fstat of the open descriptor after the read, compared with
 /// the one before: if an in-place writer changed the file meanwhile, read again, so a
 /// fingerprint is never paired with bytes it does not describe.
+///
+/// The store is untrusted: a symlink, FIFO, socket or device there, or a file over
+/// [`untrusted::MAX_STORE_FILE_BYTES`], is refused with [`StoreError::Untrusted`].
 pub fn read_with_fingerprint(path: &Path) -> Result<Option<(Vec<u8>, Fingerprint)>> {
+    read_with_fingerprint_max(path, untrusted::MAX_STORE_FILE_BYTES)
+}
+
+/// `read_with_fingerprint`, reading at most `max` bytes.
+pub fn read_with_fingerprint_max(path: &Path, max: u64) -> Result<Option<(Vec<u8>, Fingerprint)>> {
     for _ in 0..16 {
-        let mut file = match File::open(path) {
+        let file = match untrusted::open_read(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io(format!("open {}", path.display()), e)),
+            Err(e) => return Err(open_error(path, e)),
         };
         let before = file
             .metadata()
             .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?;
-        let mut buf = Vec::with_capacity(before.len() as usize);
-        file.read_to_end(&mut buf)
-            .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
+        let buf = untrusted::read_file_bounded(&file, before.len(), max, path)
+            .map_err(|e| open_error(path, e))?;
         let after = file
             .metadata()
             .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?;

@@ -12,6 +12,7 @@ pub mod gc;
 pub mod hash;
 pub mod incremental;
 pub mod manifest;
+pub mod untrusted;
 pub mod validate;
 
 use std::collections::{HashMap, HashSet};
@@ -65,6 +66,25 @@ impl Layout {
 
     pub fn conversation_path(&self, id: &str) -> PathBuf {
         self.conversations.join(format!("conversation-{id}.json"))
+    }
+
+    /// The layout with the user's paths resolved once (symlinks in the store's root path
+    /// are the user's choice); every entry below them is then checked as untrusted.
+    pub fn resolved(self) -> Layout {
+        let root = untrusted::trusted_path(&self.root);
+        let under = |p: &Path| match p.strip_prefix(&self.root) {
+            Ok(rel) => root.join(rel),
+            Err(_) => untrusted::trusted_path(p),
+        };
+        Layout {
+            sessions: under(&self.sessions),
+            goals: under(&self.goals),
+            conversations: under(&self.conversations),
+            attachments: under(&self.attachments),
+            manifest: under(&self.manifest),
+            lock: under(&self.lock),
+            root,
+        }
     }
 
     /// The directories that hold store files (for temp clean-up and watching).
@@ -170,6 +190,9 @@ pub struct Store {
     sidecar_undo: Mutex<HashMap<String, (Vec<u8>, SystemTime)>>,
     /// Where the last ingest's time went (`.status`).
     pub last_ingest: Mutex<Option<attachments::IngestPhases>>,
+    /// Blobs whose bytes were checked against their name, with the fingerprint checked
+    /// (bytes are hashed before they are first served: the store is untrusted).
+    verified: Mutex<HashMap<String, Fingerprint>>,
 }
 
 impl Store {
@@ -190,6 +213,7 @@ impl Store {
             last_gc: Mutex::new(None),
             sidecar_undo: Mutex::new(HashMap::new()),
             last_ingest: Mutex::new(None),
+            verified: Mutex::new(HashMap::new()),
             layout,
             options,
         };
@@ -205,11 +229,21 @@ impl Store {
     pub fn remove_stray_temps(&self) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         let mut dirs = self.layout.dirs();
-        if let Ok(rd) = fs::read_dir(self.attachments.cas_dir()) {
-            dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        let cas = self.attachments.cas_dir();
+        if let Ok(rd) = untrusted::read_dir(&cas) {
+            dirs.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| cas.join(e.file_name())),
+            );
         }
         for d in dirs {
-            removed.extend(atomic::remove_stray_temps(&d)?);
+            match atomic::remove_stray_temps(&d) {
+                Ok(r) => removed.extend(r),
+                // A directory planted as a symlink is skipped (and reported), not cleaned.
+                Err(StoreError::Untrusted(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(removed)
     }
@@ -298,7 +332,8 @@ impl Store {
             });
         }
         let mut ids = Vec::new();
-        match fs::read_dir(&self.layout.conversations) {
+        let dir = &self.layout.conversations;
+        match untrusted::read_dir(dir) {
             Ok(rd) => {
                 for e in rd.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
@@ -308,17 +343,25 @@ impl Store {
                         && collection::safe_record_id(id)
                         && !name.contains(atomic::TEMP_MARKER)
                     {
-                        ids.push(id.to_string());
+                        // A symlink, FIFO or device planted as a conversation is skipped
+                        // (and reported), never opened.
+                        match e.file_type() {
+                            Ok(t) if t.is_file() => ids.push(id.to_string()),
+                            Ok(t) => untrusted::skipped(
+                                &dir.join(&name),
+                                &format!(
+                                    "{} is {}, not a regular file: not followed or opened (the store is untrusted input)",
+                                    dir.join(&name).display(),
+                                    untrusted::describe(&t)
+                                ),
+                            ),
+                            Err(_) => {}
+                        }
                     }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(StoreError::io(
-                    format!("read dir {}", self.layout.conversations.display()),
-                    e,
-                ));
-            }
+            Err(e) => return Err(untrusted::store_error(dir, "read dir", e)),
         }
         ids.sort();
         {
@@ -531,7 +574,7 @@ impl Store {
     /// new bytes are stored like any ingest, without a label; any other bytes: EPERM.
     pub fn finish_put(&self, mut ingest: Ingest, expect: &str) -> Result<()> {
         self.writable()?;
-        if fingerprint::stat(&self.attachments.blob_path(expect))?.is_some() {
+        if fingerprint::stat(&self.attachments.blob_path(expect))?.is_some_and(|f| f.is_regular()) {
             let hex = ingest.digest()?;
             if hex != expect {
                 return Err(wrong_address(expect, &hex));
@@ -549,8 +592,8 @@ impl Store {
     pub fn put_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
         self.writable()?;
         let path = self.attachments.sidecar_path(hex);
-        let cur =
-            fs::read(&path).map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
+        let (cur, _) = fingerprint::read_with_fingerprint(&path)?
+            .ok_or_else(|| StoreError::NotFound(format!("no sidecar for attachment {hex}")))?;
         let Some(label) = attachments::sidecar_restore(hex, &cur, bytes)? else {
             return Ok(());
         };
@@ -614,11 +657,16 @@ impl Store {
             .unwrap_or(&self.layout.attachments)
             .to_path_buf();
         atomic::ensure_dir(&shard)?;
-        if fingerprint::stat(&dest)?.is_none() {
+        // Identical bytes already there are kept (dedupe); anything else at that name (a
+        // symlink or special file planted in the store) is replaced by the real bytes.
+        if !fingerprint::stat(&dest)?.is_some_and(|f| f.is_regular()) {
             fs::rename(&tmp, &dest).map_err(|e| {
                 StoreError::io(format!("rename {} -> {}", tmp.display(), dest.display()), e)
             })?;
             atomic::fsync_dir(&shard)?;
+        }
+        if let Some(fp) = fingerprint::stat(&dest)? {
+            self.verified.lock().insert(hex.clone(), fp);
         }
         ingest.phases.rename_ms = ms(t);
         let t = std::time::Instant::now();
@@ -673,7 +721,10 @@ impl Store {
         f: impl FnOnce(Option<&Value>) -> Option<serde_json::Map<String, Value>>,
     ) -> Result<()> {
         let path = self.attachments.sidecar_path(hex);
-        let before = fs::read(&path).ok();
+        let before = fingerprint::read_with_fingerprint(&path)
+            .ok()
+            .flatten()
+            .map(|(b, _)| b);
         let cur = attachments::read_sidecar_value(&path);
         let Some(new) = f(cur.as_ref().map(|(v, _)| v)) else {
             return Ok(());
@@ -694,10 +745,8 @@ impl Store {
                     Some((old, mtime)) if old == bytes => {
                         // The label came back: the sidecar is the one it was, time included.
                         let t = std::fs::FileTimes::new().set_modified(mtime);
-                        if let Err(e) = fs::File::options()
-                            .write(true)
-                            .open(&path)
-                            .and_then(|f| f.set_times(t))
+                        if let Err(e) =
+                            untrusted::open_write(&path, false, 0o644).and_then(|f| f.set_times(t))
                         {
                             tracing::warn!(path = %path.display(), error = %e, "cannot restore the sidecar's mtime");
                         }
@@ -758,11 +807,15 @@ impl Store {
     /// the label they carry from every other blob.
     pub fn import_sidecar(&self, hex: &str, bytes: &[u8]) -> Result<()> {
         self.writable()?;
-        if fingerprint::stat(&self.attachments.blob_path(hex))?.is_none() {
+        if !fingerprint::stat(&self.attachments.blob_path(hex))?.is_some_and(|f| f.is_regular()) {
             return Err(StoreError::NotFound(format!("no attachment {hex}")));
         }
         let path = self.attachments.sidecar_path(hex);
-        if fs::read(&path).ok().as_deref() == Some(bytes) {
+        if fingerprint::read_with_fingerprint(&path)
+            .ok()
+            .flatten()
+            .is_some_and(|(b, _)| b == bytes)
+        {
             return Ok(());
         }
         let label = crate::store::blob_index::sidecar_fields(bytes).and_then(|(l, _)| l);
@@ -787,6 +840,35 @@ impl Store {
             )));
         }
         Ok(())
+    }
+
+    /// Opens blob `hex`'s bytes to serve them: a regular file (never a symlink or special
+    /// file), whose bytes hash to its name the first time they are served (and again
+    /// whenever its file changes).
+    pub fn open_blob(&self, hex: &str) -> Result<fs::File> {
+        let path = self.attachments.blob_path(hex);
+        let f =
+            untrusted::open_read(&path).map_err(|e| untrusted::store_error(&path, "open", e))?;
+        let fp = Fingerprint::of(
+            &f.metadata()
+                .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?,
+        );
+        if self.verified.lock().get(hex) == Some(&fp) {
+            return Ok(f);
+        }
+        let (got, _) = hash::hash_reader(&f)
+            .and_then(|h| io::Seek::seek(&mut &f, io::SeekFrom::Start(0)).map(|_| h))
+            .map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
+        if got != hex {
+            let why = format!(
+                "{} does not hash to its name (its bytes hash to {got}): not served",
+                path.display()
+            );
+            untrusted::skipped(&path, &why);
+            return Err(StoreError::Untrusted(why));
+        }
+        self.verified.lock().insert(hex.to_string(), fp);
+        Ok(f)
     }
 
     pub fn last_gc(&self) -> Option<gc::GcReport> {

@@ -150,7 +150,7 @@ impl Blobs {
         if !self.lru.lock().unverified.contains(hex) {
             return true;
         }
-        let ok = File::open(path)
+        let ok = crate::store::untrusted::open_read(path)
             .and_then(crate::store::hash::hash_reader)
             .is_ok_and(|(got, _)| got == hex);
         let mut l = self.lru.lock();
@@ -828,14 +828,15 @@ impl AttachmentStore for Postgres {
         let path = self.blobs.dir.join(hex);
         if path.exists()
             && self.blobs.check(hex, &path)
-            && let Ok(f) = File::open(&path)
+            && let Ok(f) = crate::store::untrusted::open_read(&path)
         {
             self.blobs.hits.fetch_add(1, Ordering::Relaxed);
             self.blobs.touch(hex);
             return Ok(f);
         }
         let path = self.fetch(hex)?;
-        File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))
+        crate::store::untrusted::open_read(&path)
+            .map_err(|e| crate::store::untrusted::store_error(&path, "open", e))
     }
 
     fn sidecar_bytes(&self, hex: &str) -> Result<(Vec<u8>, SystemTime)> {

@@ -201,11 +201,37 @@ pub(crate) fn sql_error(what: &str, e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// The database and the files SQLite keeps beside it (`-wal`, `-shm`, `-journal`) must be
+/// regular files: SQLite would open a symlink or FIFO planted there and, as the daemon's
+/// user, write WAL frames wherever it points.
+fn check_files(path: &Path) -> Result<()> {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let p = PathBuf::from(format!("{}{suffix}", path.display()));
+        if let Some(m) = crate::store::untrusted::lstat(&p)
+            .map_err(|e| StoreError::io(format!("stat {}", p.display()), e))?
+            && !m.file_type().is_file()
+        {
+            let why = format!(
+                "{} is {}, not a regular file: the database is not opened (the store is untrusted input)",
+                p.display(),
+                crate::store::untrusted::describe(&m.file_type())
+            );
+            crate::store::untrusted::skipped(&p, &why);
+            return Err(StoreError::Untrusted(why));
+        }
+    }
+    Ok(())
+}
+
 fn mtime_of(path: &Path) -> SystemTime {
     let wal = PathBuf::from(format!("{}-wal", path.display()));
     [path, wal.as_path()]
         .iter()
-        .filter_map(|p| p.metadata().ok().and_then(|m| m.modified().ok()))
+        .filter_map(|p| {
+            std::fs::symlink_metadata(p)
+                .ok()
+                .and_then(|m| m.modified().ok())
+        })
         .max()
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
@@ -215,11 +241,12 @@ impl Sqlite {
     /// (the mount never runs migrations) or the encryption key is malformed.
     pub fn open(path: &Path, options: Options) -> Result<Sqlite> {
         let crypt = Crypt::from_env()?;
+        check_files(path)?;
         let flags = if options.read_only {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        };
+        } | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(path, flags)
             .map_err(|e| sql_error(&format!("open {}", path.display()), e))?;
         conn.busy_timeout(options.lock_timeout)
@@ -460,7 +487,9 @@ impl Sqlite {
         let check = || -> std::result::Result<String, rusqlite::Error> {
             let c = Connection::open_with_flags(
                 &self.path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | OpenFlags::SQLITE_OPEN_NOFOLLOW,
             )?;
             c.busy_timeout(self.options.lock_timeout)?;
             c.query_row("PRAGMA quick_check", [], |r| r.get(0))
@@ -793,6 +822,11 @@ impl Backend for Sqlite {
 
     fn root_time(&self) -> SystemTime {
         mtime_of(&self.path)
+    }
+
+    fn access(&self) -> Option<crate::backend::Access> {
+        let m = std::fs::symlink_metadata(&self.path).ok()?;
+        crate::backend::Access::of(&[m])
     }
 
     fn state_dir(&self) -> PathBuf {

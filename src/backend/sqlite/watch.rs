@@ -67,7 +67,7 @@ impl Shm {
     /// journal database) there is nothing to wait for.
     fn write_locked(&mut self) -> bool {
         if self.file.is_none() {
-            self.file = File::open(&self.path).ok();
+            self.file = crate::store::untrusted::open_read(&self.path).ok();
         }
         let Some(f) = &self.file else {
             return false;

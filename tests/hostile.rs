@@ -1,0 +1,333 @@
+//! A hostile store: whoever can write the store must not make the daemon (often root) read
+//! or write anything outside it, wedge it, or show a private store to other users.
+//! Everything here runs on a real mount, the daemon as root, the store planted by hand.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const USER: &str = "agentmount-hostile";
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ensure_user() {
+    let exists = Command::new("id")
+        .arg(USER)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !exists {
+        let o = Command::new("useradd")
+            .args(["--system", "--no-create-home", USER])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success() || String::from_utf8_lossy(&o.stderr).contains("exists"),
+            "useradd: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+fn as_user(script: &str) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", USER, "--", "bash", "-c", script])
+        .current_dir("/")
+        .output()
+        .unwrap()
+}
+
+fn uid_of(user: &str) -> u32 {
+    let o = Command::new("id").args(["-u", user]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+/// A temp dir others may traverse, holding a fixture store and a root-only secret.
+fn setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = d.path().join("store");
+    copy_dir(Path::new(FIXTURE), &store);
+    let secret = d.path().join("secret.json");
+    std::fs::write(&secret, br#"{"secret": "root only"}"#).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (d, store, secret)
+}
+
+fn errors(m: &Mount) -> String {
+    std::fs::read_to_string(m.p(".errors")).unwrap()
+}
+
+#[test]
+fn symlinks_fifos_and_devices_planted_as_records_are_skipped_not_followed() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    ensure_user();
+    let (_d, store, secret) = setup();
+    let sm = store.join("sm");
+    std::os::unix::fs::symlink(&secret, sm.join("conversation-leak.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", sm.join("conversation-zero.json")).unwrap();
+    sh_ok("mkfifo conversation-fifo.json", &sm);
+
+    // The FIFO never blocks the mount, the watcher or a listing.
+    let t0 = Instant::now();
+    let m = Mount::new(&store, &["--allow-other"]);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let names = sh_ok("ls conversations", m.path());
+    assert_eq!(
+        names.trim(),
+        "login-flake.json",
+        "only the real conversation"
+    );
+    assert!(std::fs::read(m.p("conversations/leak.json")).is_err());
+    let o = as_user(&format!("cat {}", m.p("conversations/leak.json").display()));
+    assert!(!o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("root only"));
+
+    let errs = errors(&m);
+    for name in ["conversation-leak.json", "conversation-zero.json"] {
+        assert!(
+            errs.lines()
+                .any(|l| l.contains(name) && l.contains("symbolic link") && l.contains("\"skip\"")),
+            "{name} reported in .errors: {errs}"
+        );
+    }
+    assert!(errs.contains("is a FIFO"), "{errs}");
+    let status = json(&m.p(".status"));
+    assert!(status["untrusted_entries"]["skipped"].as_u64().unwrap() >= 3);
+
+    // A write to a planted name never writes through it.
+    assert!(write_close(&m.p("conversations/leak.json"), br#"{"total_rounds": 1}"#).is_err());
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        br#"{"secret": "root only"}"#
+    );
+    assert!(
+        std::fs::symlink_metadata(sm.join("conversation-leak.json"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+#[test]
+fn a_store_file_or_directory_swapped_for_a_symlink_is_never_read_or_written_through() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (d, store, _secret) = setup();
+    // sessions.json -> another store's sessions; sm/ -> a directory outside the store.
+    let other = d.path().join("other-sessions.json");
+    std::fs::rename(store.join("session-manager/sessions.json"), &other).unwrap();
+    std::os::unix::fs::symlink(&other, store.join("session-manager/sessions.json")).unwrap();
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::rename(store.join("sm"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, store.join("sm")).unwrap();
+    let before_other = std::fs::read(&other).unwrap();
+    let before_elsewhere = tree(&elsewhere);
+
+    let m = Mount::new(&store, &[]);
+    assert_eq!(sh_ok("ls sessions | wc -l", m.path()).trim(), "0");
+    assert_eq!(sh_ok("ls goals | wc -l", m.path()).trim(), "0");
+    let e = write_close(
+        &m.p("goals/g-0000beef.json"),
+        br#"{"description": "x", "status": "pending"}"#,
+    );
+    assert_eq!(e, Err(libc::EIO), "{}", errors(&m));
+    let e = write_close(
+        &m.p(&format!("sessions/{S_FUTURE}.json")),
+        br#"{"tmux_name": "x", "cwd": "/", "task": "t", "state": "active", "created_at": "2026-01-01T00:00:00Z"}"#,
+    );
+    assert_eq!(e, Err(libc::EIO), "{}", errors(&m));
+    assert!(errors(&m).contains("symbolic link"));
+    drop(m);
+    assert_eq!(std::fs::read(&other).unwrap(), before_other);
+    assert_eq!(tree(&elsewhere), before_elsewhere);
+}
+
+#[test]
+fn blobs_are_served_only_as_regular_files_whose_bytes_hash_to_their_name() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (_d, store, secret) = setup();
+    let shard = |hex: &str| store.join("attachments/sha256").join(&hex[..2]).join(hex);
+    // The pixel's bytes become a symlink to the secret (its sidecar and label stay); the
+    // notes' bytes are tampered with in place.
+    std::fs::remove_file(shard(PIXEL)).unwrap();
+    std::os::unix::fs::symlink(&secret, shard(PIXEL)).unwrap();
+    std::fs::write(shard(NOTES), b"tampered").unwrap();
+
+    let m = Mount::new(&store, &["--allow-other"]);
+    let ls = sh_ok("ls attachments", m.path());
+    assert!(!ls.contains(PIXEL), "a symlinked blob is not listed: {ls}");
+    assert!(!ls.contains("pixel.png"), "nor its label: {ls}");
+    assert!(std::fs::read(m.p("attachments/pixel.png")).is_err());
+    let e = std::fs::read(m.p("attachments/notes.txt")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    let errs = errors(&m);
+    assert!(errs.contains("does not hash to its name"), "{errs}");
+    assert!(
+        errs.contains(PIXEL) && errs.contains("symbolic link"),
+        "{errs}"
+    );
+
+    // Writing the real bytes back heals it: the put by address replaces the planted entry.
+    let pixel =
+        std::fs::read(Path::new(FIXTURE).join("attachments/sha256/b1").join(PIXEL)).unwrap();
+    write_close(&m.p(&format!("attachments/{PIXEL}")), &pixel).unwrap();
+    assert_eq!(
+        std::fs::read(m.p(&format!("attachments/{PIXEL}"))).unwrap(),
+        pixel
+    );
+    assert!(std::fs::symlink_metadata(shard(PIXEL)).unwrap().is_file());
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        br#"{"secret": "root only"}"#
+    );
+}
+
+#[test]
+fn the_daemons_own_files_are_never_reached_through_symlinks() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (d, store, secret) = setup();
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"root's file\n").unwrap();
+
+    // The log: the mount refuses, naming it, and never appends to what it points at.
+    std::os::unix::fs::symlink(&victim, store.join("agentmount.log")).unwrap();
+    let mp = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args(["mount", "--store"])
+        .arg(&store)
+        .arg(mp.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("agentmount.log") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"root's file\n");
+    std::fs::remove_file(store.join("agentmount.log")).unwrap();
+
+    // The state directory and the writer lock.
+    let elsewhere = d.path().join("journal-elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, store.join(".agentmount")).unwrap();
+    let created = d.path().join("created-by-root");
+    std::os::unix::fs::symlink(&created, store.join(".agentmount.lock")).unwrap();
+    let m = Mount::new(&store, &[]);
+    let status = json(&m.p(".status"));
+    let journal = status["journal"].as_str().unwrap_or_default().to_string();
+    assert!(journal.contains("symbolic link"), "{status}");
+    let e = write_close(
+        &m.p("goals/g-0000beef.json"),
+        br#"{"description": "x", "status": "pending"}"#,
+    );
+    assert_eq!(e, Err(libc::EIO));
+    assert!(errors(&m).contains(".agentmount.lock"));
+    drop(m);
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    assert!(!created.exists());
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        br#"{"secret": "root only"}"#
+    );
+}
+
+#[test]
+fn a_private_store_stays_private_under_allow_other() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    ensure_user();
+    let (_d, store, _secret) = setup();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let m = Mount::new(&store, &["--allow-other"]);
+    let rec = m.p(&format!("sessions/{S_ACTIVE}.json"));
+    assert_eq!(std::fs::metadata(&rec).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(m.p("sessions")).unwrap().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(std::fs::metadata(m.path()).unwrap().mode() & 0o777, 0o700);
+    for path in [rec.clone(), m.p(".changes"), m.p(".status")] {
+        let o = as_user(&format!("cat {}", path.display()));
+        assert!(
+            !o.status.success(),
+            "{} readable by another user",
+            path.display()
+        );
+    }
+    let o = as_user(&format!("ls {}", m.p("sessions").display()));
+    assert!(!o.status.success());
+    // The owner can still chmod to what is shown (cp -p, sed -i do).
+    sh_ok(&format!("chmod 0600 {}", rec.display()), m.path());
+    drop(m);
+
+    // A readable store with a private sessions file: no record shows more than 0600.
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        store.join("session-manager/sessions.json"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let m = Mount::new(&store, &["--allow-other"]);
+    let rec = m.p(&format!("sessions/{S_ACTIVE}.json"));
+    assert_eq!(std::fs::metadata(&rec).unwrap().mode() & 0o777, 0o600);
+    let o = as_user(&format!("cat {}", rec.display()));
+    assert!(!o.status.success(), "a 0600 sessions.json is private");
+}
+
+#[test]
+fn a_root_daemon_keeps_the_platforms_owner_and_mode_on_files_it_replaces() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    ensure_user();
+    let (_d, store, _secret) = setup();
+    sh_ok(
+        &format!("chown -R {USER} . && chmod 0640 sm/goals.json"),
+        &store,
+    );
+    let uid = uid_of(USER);
+    let m = Mount::new(&store, &[]);
+    // Files show the store's owner, not the daemon's.
+    assert_eq!(
+        std::fs::metadata(m.p("goals/g-1a2b3c4d.json"))
+            .unwrap()
+            .uid(),
+        uid
+    );
+    sh_ok(
+        "sed -i 's/\"inProgress\"/\"blocked\"/' goals/g-1a2b3c4d.json",
+        m.path(),
+    );
+    drop(m);
+    let md = std::fs::metadata(store.join("sm/goals.json")).unwrap();
+    assert_eq!(md.uid(), uid, "still the platform's file");
+    assert_eq!(md.mode() & 0o777, 0o640);
+    assert!(
+        std::fs::read_to_string(store.join("sm/goals.json"))
+            .unwrap()
+            .contains("blocked")
+    );
+}
