@@ -331,3 +331,36 @@ fn a_root_daemon_keeps_the_platforms_owner_and_mode_on_files_it_replaces() {
             .contains("blocked")
     );
 }
+
+#[test]
+fn fsck_reports_every_planted_entry() {
+    let (d, store, secret) = setup();
+    let sm = store.join("sm");
+    std::os::unix::fs::symlink(&secret, sm.join("conversation-leak.json")).unwrap();
+    sh_ok("mkfifo conversation-fifo.json", &sm);
+    std::os::unix::fs::symlink(&secret, store.join("agentmount.log")).unwrap();
+    std::os::unix::fs::symlink(d.path(), store.join(".agentmount")).unwrap();
+    let blob = store.join("attachments/sha256/b1").join(PIXEL);
+    std::fs::remove_file(&blob).unwrap();
+    std::os::unix::fs::symlink(&secret, &blob).unwrap();
+    let o = Command::new(BIN)
+        .args(["fsck", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for planted in [
+        "conversation-leak.json: is a symbolic link",
+        "conversation-fifo.json: is a FIFO",
+        "agentmount.log: is a symbolic link",
+        ".agentmount: is a symbolic link",
+        &format!("{PIXEL}: is a symbolic link"),
+    ] {
+        assert!(out.contains(planted), "fsck names {planted}: {out}");
+    }
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        br#"{"secret": "root only"}"#
+    );
+}

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::Path;
 
 use super::attachments::is_hex64;
-use super::{Kind, Store, atomic};
+use super::{Kind, Store, atomic, untrusted};
 
 #[derive(Debug, Default)]
 pub struct FsckReport {
@@ -22,12 +22,87 @@ impl FsckReport {
 }
 
 fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
-    super::hash::hash_reader(fs::File::open(path)?)
+    super::hash::hash_reader(untrusted::open_read(path)?)
+}
+
+/// A problem line for an entry that is not what the store may hold there, if it is not.
+fn wrong_entry(path: &Path, want_dir: bool) -> Option<String> {
+    let m = fs::symlink_metadata(path).ok()?;
+    let ok = if want_dir { m.is_dir() } else { m.is_file() };
+    (!ok).then(|| {
+        format!(
+            "{}: is {}{}, not {}: never followed or opened (remove it)",
+            path.display(),
+            untrusted::describe(&m.file_type()),
+            untrusted::owner_note(&m),
+            if want_dir {
+                "a directory"
+            } else {
+                "a regular file"
+            }
+        )
+    })
 }
 
 impl Store {
+    /// Entries where the store holds its files that are symlinks, FIFOs, sockets or devices
+    /// (planted by whoever can write the store): each one a problem line.
+    fn untrusted_entries(&self) -> Vec<String> {
+        let l = &self.layout;
+        let mut out = Vec::new();
+        // Every directory on the way from the root to a store file.
+        let mut dirs = std::collections::BTreeSet::new();
+        for d in l.dirs() {
+            let mut cur = d.as_path();
+            while cur.starts_with(&l.root) && cur != l.root {
+                dirs.insert(cur.to_path_buf());
+                match cur.parent() {
+                    Some(p) => cur = p,
+                    None => break,
+                }
+            }
+        }
+        out.extend(dirs.iter().filter_map(|d| wrong_entry(d, true)));
+        for f in [&l.sessions, &l.goals, &l.manifest, &l.lock] {
+            out.extend(wrong_entry(f, false));
+        }
+        out.extend(wrong_entry(&l.root.join("agentmount.log"), false));
+        let state = l.root.join(".agentmount");
+        out.extend(wrong_entry(&state, true));
+        // Our state directory, a level or four deep (history/<collection>/<id>/<version>).
+        fn walk(dir: &Path, depth: u32, out: &mut Vec<String>) {
+            for e in untrusted::read_dir(dir).into_iter().flatten().flatten() {
+                let p = dir.join(e.file_name());
+                match e.file_type() {
+                    Ok(t) if t.is_dir() && depth > 0 => walk(&p, depth - 1, out),
+                    Ok(t) if t.is_file() || t.is_dir() => {}
+                    Ok(_) => out.extend(wrong_entry(&p, false)),
+                    Err(_) => {}
+                }
+            }
+        }
+        walk(&state, 4, &mut out);
+        for e in untrusted::read_dir(&l.conversations)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("conversation-") && name.ends_with(".json") {
+                out.extend(wrong_entry(&l.conversations.join(&name), false));
+            }
+        }
+        let cas = self.attachments.cas_dir();
+        out.extend(wrong_entry(&cas, true));
+        for e in untrusted::read_dir(&cas).into_iter().flatten().flatten() {
+            out.extend(wrong_entry(&cas.join(e.file_name()), true));
+        }
+        out
+    }
+
     pub fn fsck(&self) -> FsckReport {
         let mut r = FsckReport::default();
+        r.problems.extend(self.untrusted_entries());
         if !self.options.read_only {
             match self.remove_stray_temps() {
                 Ok(removed) => r.repaired.extend(
@@ -66,19 +141,29 @@ impl Store {
             }
         };
         let cas = self.attachments.cas_dir();
-        let shards = fs::read_dir(&cas).into_iter().flatten().flatten();
+        let shards = untrusted::read_dir(&cas).into_iter().flatten().flatten();
         for shard in shards {
             let sname = shard.file_name().to_string_lossy().into_owned();
-            let Ok(entries) = fs::read_dir(shard.path()) else {
+            let shard_path = cas.join(shard.file_name());
+            if !shard.file_type().is_ok_and(|t| t.is_dir()) {
+                continue; // reported above
+            }
+            let Ok(entries) = untrusted::read_dir(&shard_path) else {
                 r.problems.push(format!(
                     "{}: not a readable directory",
-                    shard.path().display()
+                    shard_path.display()
                 ));
                 continue;
             };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let path = e.path();
+                let path = shard_path.join(&name);
+                if (is_hex64(&name) || name.strip_suffix(".json").is_some_and(is_hex64))
+                    && let Some(p) = wrong_entry(&path, false)
+                {
+                    r.problems.push(p);
+                    continue;
+                }
                 if name.contains(atomic::TEMP_MARKER) {
                     if atomic::temp_owner_pid(&name).is_some_and(atomic::pid_alive) {
                         continue;
@@ -92,9 +177,13 @@ impl Store {
                         continue;
                     }
                     r.checked_files += 1;
-                    let sidecar = match fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
-                        serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
-                    }) {
+                    let sidecar = match super::fingerprint::read_with_fingerprint(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| {
+                            let (b, _) = b.ok_or("gone")?;
+                            serde_json::from_slice::<serde_json::Value>(&b)
+                                .map_err(|e| e.to_string())
+                        }) {
                         Ok(v) => v,
                         Err(err) => {
                             r.problems
@@ -103,7 +192,8 @@ impl Store {
                         }
                     };
                     let blob = self.attachments.blob_path(hex);
-                    match fs::metadata(&blob) {
+                    match fs::symlink_metadata(&blob) {
+                        Ok(m) if !m.is_file() => {} // reported as a planted entry
                         Ok(m) => {
                             if let Some(n) =
                                 sidecar.get("byte_len").and_then(serde_json::Value::as_u64)
