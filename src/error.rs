@@ -64,6 +64,37 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How long a reason `.errors` and the log keep: a refused record's reason can quote the
+/// value it refused (serde's "invalid type: string \"…\""), and five refused 15 MB goals
+/// once filled a disk with their reasons.
+pub const REASON_MAX: usize = 4096;
+
+/// `s` cut to at most `max` bytes (on a char boundary), saying how much was cut.
+pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let keep = s.floor_char_boundary(max);
+    std::borrow::Cow::Owned(format!(
+        "{}… [cut {} bytes]",
+        &s[..keep],
+        thousands(s.len() - keep)
+    ))
+}
+
+/// `n` with commas between groups of three digits: 15,728,512.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The symbolic name of an errno, as `.errors` shows it.
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {
@@ -88,5 +119,24 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::ENODATA => "ENODATA",
         libc::ERANGE => "ERANGE",
         _ => "EOTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_reasons_pass_long_ones_are_cut_on_a_char_boundary_saying_how_much() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = format!("a{}", "é".repeat(10_000)); // 20,001 bytes
+        let cut = bounded(&long, 4096);
+        assert!(cut.len() < 4096 + 40, "{}", cut.len());
+        // 4096 falls inside an "é" (odd offsets start one): 4095 bytes kept.
+        assert!(cut.ends_with("… [cut 15,906 bytes]"), "{}", &cut[4000..]);
+        assert_eq!(thousands(15_728_512), "15,728,512");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(0), "0");
     }
 }

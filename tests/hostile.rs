@@ -1,0 +1,59 @@
+//! A hostile store and careless hands (issue 30), on real mounts of a directory store:
+//! bounded `.errors` lines, labels that cannot forge lines or shadow names, names that are
+//! not UTF-8, a label restored from a backup in the feed, and `unmount` that tells a user
+//! why not and returns only once the daemon is gone.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn errors(m: &Mount) -> Vec<Value> {
+    std::fs::read_to_string(m.p(".errors"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn status(m: &Mount) -> Value {
+    json(&m.p(".status"))
+}
+
+#[test]
+fn a_refused_ten_megabyte_goal_leaves_a_short_errors_line_saying_what_was_cut() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let huge = "x".repeat(10 << 20);
+    let body = serde_json::to_vec(&json!({"description": "d", "status": huge})).unwrap();
+    for n in 0..3 {
+        assert_eq!(
+            write_close(&m.p(&format!("goals/g-big{n}.json")), &body),
+            Err(libc::EINVAL)
+        );
+    }
+    let text = std::fs::read_to_string(m.p(".errors")).unwrap();
+    assert_eq!(text.lines().count(), 3, "one line a refusal");
+    for line in text.lines() {
+        assert!(line.len() < 5 * 1024, "a line of {} bytes", line.len());
+        let v: Value = serde_json::from_str(line).unwrap();
+        let reason = v["reason"].as_str().unwrap();
+        assert!(reason.contains("\"status\""), "{reason}");
+        assert!(
+            reason.ends_with(" bytes]") && reason.contains("… [cut 10,"),
+            "says how much was cut: {}",
+            &reason[reason.len() - 60..]
+        );
+    }
+    // The log's line is cut the same way (the log is the store's agentmount.log).
+    let log = std::fs::metadata(st.path().join("agentmount.log"))
+        .unwrap()
+        .len();
+    assert!(log < 64 * 1024, "the log grew by {log} bytes");
+    // `.status` counts refusals made, not lines kept: 120 refusals, 100 lines kept.
+    for n in 0..117 {
+        let _ = write_close(&m.p(&format!("goals/g-bad{n}.json")), b"{");
+    }
+    assert_eq!(errors(&m).len(), 100);
+    assert_eq!(status(&m)["counts"]["refusals"], 120);
+}
