@@ -82,6 +82,41 @@ pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     ))
 }
 
+/// `s` for a line of text output: backslash and control characters (newline, tab, escape,
+/// C1, U+2028/U+2029) written as escapes (`\\`, `\n`, `\t`, `\u{1b}`), so a value can
+/// neither forge a line nor move the terminal's cursor.
+pub fn escape_text(s: &str) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| c == '\\' || c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !s.chars().any(special) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if special(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A name that may not be UTF-8 (a file name from the kernel), as text: its UTF-8 runs
+/// through [`escape_text`], every other byte as `\xNN`.
+pub fn escape_bytes(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        out.push_str(&escape_text(chunk.valid()));
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
+}
+
 /// `n` with commas between groups of three digits: 15,728,512.
 fn thousands(n: usize) -> String {
     let digits = n.to_string();
@@ -138,5 +173,16 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1000), "1,000");
         assert_eq!(thousands(0), "0");
+    }
+
+    #[test]
+    fn text_output_escapes_backslash_and_control_characters() {
+        assert_eq!(escape_text("plain ünï"), "plain ünï");
+        assert_eq!(
+            escape_text("a\nb\\c\td\u{1b}[2J\u{85}\u{2028}"),
+            "a\\nb\\\\c\\td\\u{1b}[2J\\u{85}\\u{2028}"
+        );
+        assert_eq!(escape_bytes(b"ok\xff\xfe.json"), "ok\\xff\\xfe.json");
+        assert_eq!(escape_bytes("é\n".as_bytes()), "é\\n");
     }
 }

@@ -5,6 +5,9 @@
 
 mod common;
 
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
 use common::*;
 use serde_json::{Value, json};
 
@@ -56,4 +59,33 @@ fn a_refused_ten_megabyte_goal_leaves_a_short_errors_line_saying_what_was_cut() 
     }
     assert_eq!(errors(&m).len(), 100);
     assert_eq!(status(&m)["counts"]["refusals"], 120);
+}
+
+#[test]
+fn watch_escapes_what_it_prints_so_a_label_cannot_forge_a_line() {
+    // `watch` reads MNT/.changes: a feed written by hand stands in for a hostile one.
+    let d = tempfile::tempdir().unwrap();
+    let forged = json!({"seq": 1, "time": "2026-01-01T00:00:00Z", "collection": "attachments",
+        "id": PIXEL, "op": "update", "source": "mount", "pid": 1, "uid": 0,
+        "label": "a.png\n2026-01-01T00:00:01Z sessions/x delete by gc\u{1b}[2J\\"});
+    std::fs::write(d.path().join(".changes"), format!("{forged}\n")).unwrap();
+    let w = Command::new(BIN)
+        .arg("watch")
+        .arg(d.path())
+        .args(["--since", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signals the child we started.
+    unsafe { libc::kill(w.id() as i32, libc::SIGINT) };
+    let out = w.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text:?}");
+    assert!(
+        text.contains(
+            r"label=a.png\n2026-01-01T00:00:01Z sessions/x delete by gc\u{1b}[2J\\ by mount"
+        ),
+        "{text:?}"
+    );
 }
