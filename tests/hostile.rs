@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -88,4 +90,38 @@ fn watch_escapes_what_it_prints_so_a_label_cannot_forge_a_line() {
         ),
         "{text:?}"
     );
+}
+
+#[test]
+fn names_that_are_not_utf8_get_einval_with_an_errors_line() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let bad = |dir: &str| {
+        let mut b = m.p(dir).into_os_string().into_vec();
+        b.extend_from_slice(b"/caf\xe9\xff.json");
+        PathBuf::from(std::ffi::OsString::from_vec(b))
+    };
+    for dir in ["sessions", "goals", "attachments"] {
+        let p = bad(dir);
+        assert_eq!(write_close(&p, b"{}"), Err(libc::EINVAL), "{dir}");
+        // It exists nowhere: stat says so.
+        assert_eq!(
+            std::fs::symlink_metadata(&p).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT)
+        );
+    }
+    // A rename onto such a name, too.
+    let to = bad("goals");
+    let e = std::fs::rename(m.p("goals/g-1a2b3c4d.json"), &to).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    let errs = errors(&m);
+    assert_eq!(errs.len(), 4, "{errs:?}");
+    for (e, dir) in errs
+        .iter()
+        .zip(["sessions", "goals", "attachments", "goals"])
+    {
+        assert_eq!(e["errno"], "EINVAL");
+        assert_eq!(e["path"], format!("/{dir}/caf\\xe9\\xff.json"), "{e}");
+        assert!(e["reason"].as_str().unwrap().contains("not UTF-8"), "{e}");
+    }
 }
