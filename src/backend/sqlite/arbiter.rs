@@ -116,10 +116,16 @@ pub fn check_id(kind: Kind, id: &str) -> Result<()> {
         return Ok(());
     }
     Err(StoreError::Invalid(match kind {
-        Kind::Sessions | Kind::Agents => format!(
-            "{id:?} is not a valid {} id: a lowercase hyphenated UUID",
-            kind.singular()
-        ),
+        Kind::Sessions | Kind::Agents => match crate::store::validate::canonical_uuid(id) {
+            Some(c) => format!(
+                "{id:?} is not how a {} id is written: name it {c:?} (a lowercase hyphenated UUID)",
+                kind.singular()
+            ),
+            None => format!(
+                "{id:?} is not a valid {} id: a lowercase hyphenated UUID",
+                kind.singular()
+            ),
+        },
         Kind::Delegations => {
             format!("{id:?} is not a valid delegation id: a positive integer")
         }
