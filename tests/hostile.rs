@@ -125,3 +125,61 @@ fn names_that_are_not_utf8_get_einval_with_an_errors_line() {
         assert!(e["reason"].as_str().unwrap().contains("not UTF-8"), "{e}");
     }
 }
+
+#[test]
+fn labels_that_forge_lines_look_alike_or_shadow_names_are_refused() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let upper = PIXEL.to_ascii_uppercase();
+    let nfd = "cafe\u{301}.txt";
+    let bad: Vec<(&str, String)> = vec![
+        ("a newline", "two\nlines.txt".into()),
+        ("a tab", "tab\there.txt".into()),
+        ("an escape", "\u{1b}[2J.txt".into()),
+        ("U+FFFD", "caf\u{FFFD}.txt".into()),
+        ("a control file's name", ".gc".into()),
+        ("a control file's name", ".status".into()),
+        ("an address in uppercase", upper.clone()),
+        ("a sidecar's name in uppercase", format!("{upper}.json")),
+        ("not NFC", nfd.into()),
+    ];
+    let mut expected = 0;
+    for (what, name) in &bad {
+        let p = m.p(&format!("attachments/{name}"));
+        assert_eq!(
+            write_close(&p, b"bytes"),
+            Err(libc::EINVAL),
+            "write: {what}"
+        );
+        let e = std::os::unix::fs::symlink(PIXEL, &p).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "ln -s: {what}");
+        let e = std::fs::rename(m.p("attachments/notes.txt"), &p).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "mv: {what}");
+        expected += 3;
+    }
+    let errs = errors(&m);
+    assert_eq!(errs.len(), expected, "{errs:?}");
+    assert!(errs.iter().all(|e| e["errno"] == "EINVAL"));
+    let reasons: Vec<&str> = errs.iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert!(
+        reasons[0].contains("control character (U+000A)"),
+        "{}",
+        reasons[0]
+    );
+    let nfc = reasons.last().unwrap();
+    assert!(nfc.contains("NFC") && nfc.contains("café.txt"), "{nfc}");
+    // A sidecar written back with such a label: EINVAL too, nothing changes.
+    let sidecar = m.p(&format!("attachments/{PIXEL}.json"));
+    let mut v = json(&sidecar);
+    v["label"] = json!("evil\nline");
+    assert_eq!(
+        write_close(&sidecar, &serde_json::to_vec_pretty(&v).unwrap()),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(json(&sidecar)["label"], "pixel.png");
+    // What is still fine: composed text, hidden names (rsync's temp files), other dots.
+    for ok in ["café.txt", ".rsync-temp.AbCdEf", "v1.2.tar"] {
+        write_close(&m.p(&format!("attachments/{ok}")), ok.as_bytes()).unwrap();
+        assert!(m.p(&format!("attachments/{ok}")).symlink_metadata().is_ok());
+    }
+}
