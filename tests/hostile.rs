@@ -25,6 +25,14 @@ fn status(m: &Mount) -> Value {
     json(&m.p(".status"))
 }
 
+fn changes(m: &Mount) -> Vec<Value> {
+    std::fs::read_to_string(m.p(".changes"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn a_refused_ten_megabyte_goal_leaves_a_short_errors_line_saying_what_was_cut() {
     let st = fixture_copy();
@@ -61,6 +69,30 @@ fn a_refused_ten_megabyte_goal_leaves_a_short_errors_line_saying_what_was_cut() 
     }
     assert_eq!(errors(&m).len(), 100);
     assert_eq!(status(&m)["counts"]["refusals"], 120);
+}
+
+#[test]
+fn a_label_restored_by_writing_its_sidecar_back_is_in_the_feed() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let sidecar = m.p(&format!("attachments/{PIXEL}.json"));
+    let mut v = json(&sidecar);
+    assert_eq!(v["label"], "pixel.png");
+    v["label"] = json!("restored.png");
+    write_close(&sidecar, &serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    assert!(m.p("attachments/restored.png").symlink_metadata().is_ok());
+    let feed = changes(&m);
+    let line = feed
+        .iter()
+        .find(|c| c["collection"] == "attachments" && c["id"] == PIXEL)
+        .unwrap_or_else(|| panic!("no line for the relabel: {feed:?}"));
+    assert_eq!(line["op"], "update");
+    assert_eq!(line["label"], "restored.png");
+    assert_eq!(line["source"], "mount");
+    // Writing back the same bytes again changes nothing and adds no line.
+    let n = feed.len();
+    write_close(&sidecar, &std::fs::read(&sidecar).unwrap()).unwrap();
+    assert_eq!(changes(&m).len(), n);
 }
 
 #[test]
