@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::os::unix::ffi::OsStringExt;
-use std::path::PathBuf;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -213,5 +213,88 @@ fn labels_that_forge_lines_look_alike_or_shadow_names_are_refused() {
     for ok in ["café.txt", ".rsync-temp.AbCdEf", "v1.2.tar"] {
         write_close(&m.p(&format!("attachments/{ok}")), ok.as_bytes()).unwrap();
         assert!(m.p(&format!("attachments/{ok}")).symlink_metadata().is_ok());
+    }
+}
+
+/// A user made for the test, removed (with its home) when dropped.
+struct TempUser(String);
+
+impl TempUser {
+    fn new() -> TempUser {
+        let name = format!("amt{}", std::process::id());
+        let o = Command::new("useradd")
+            .args(["-M", "-s", "/bin/sh", &name])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        TempUser(name)
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn a_user_unmounting_roots_mount_is_told_only_root_can() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let user = TempUser::new();
+    let o = Command::new("runuser")
+        .args(["-u", &user.0, "--", BIN, "unmount"])
+        .arg(m.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is mounted by root; only root can unmount it") && !err.contains("mtab"),
+        "{err}"
+    );
+    assert!(agentmount::mount::is_mountpoint(m.path()), "still mounted");
+}
+
+/// Processes whose command line names `dir`.
+fn processes_naming(dir: &Path) -> Vec<String> {
+    let want = dir.as_os_str().as_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| c.split(|&b| b == 0).any(|a| a == want))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .collect()
+}
+
+#[test]
+fn unmount_returns_once_the_daemon_is_gone() {
+    let st = fixture_copy();
+    for _ in 0..3 {
+        let m = Mount::new(st.path(), &[]);
+        // Work for the daemon to finish at exit: records to save times of.
+        write_close(
+            &m.p("goals/g-0000beef.json"),
+            br#"{"description": "d", "status": "pending"}"#,
+        )
+        .unwrap();
+        assert_eq!(processes_naming(m.path()).len(), 1, "the daemon runs");
+        let o = Command::new(BIN)
+            .arg("unmount")
+            .arg(m.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let left = processes_naming(m.path());
+        assert!(
+            left.is_empty(),
+            "daemon still there after unmount: {left:?}"
+        );
     }
 }
