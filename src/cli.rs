@@ -86,8 +86,11 @@ As a mount(8) helper (ln -s $(command -v agentmount) /sbin/mount.agentmount):
 What each refusal returns (the reason goes to MOUNTPOINT/.errors and the log; a write is
 checked at close, so a shell's `>` may not show the error: read .errors):
   EINVAL  invalid JSON, wrong type for a known field, unknown enum value, an id that
-          disagrees with the file name, an invalid file name, an unknown key (arbiter's
-          database), a goal `done` with unverified sessions, a bad .gc command
+          disagrees with the file name, an invalid file name, a name that is not UTF-8,
+          a session UUID not written lowercase with hyphens, a label with a control
+          character, U+FFFD, a control file's name, an uppercase address or not in NFC,
+          an unknown key or a delegation id above 2^53 (arbiter's database), a goal
+          `done` with unverified sessions, a bad .gc command
   EFBIG   a record over --max-record-bytes (16 MiB)
   EROFS   any change on a read-only mount
   EPERM   writes to attachment bytes or sidecars that change them, mkdir, rmdir, hard
@@ -152,7 +155,7 @@ pub enum Command {
         /// Where to mount
         mountpoint: PathBuf,
     },
-    /// Unmount a mounted store
+    /// Unmount a mounted store; returns once its daemon has exited (at most 10 s)
     #[command(
         after_help = "Examples:\n  agentmount unmount ~/agents\n  agentmount unmount --force /mnt/agents   # the daemon was killed and the mount hangs"
     )]

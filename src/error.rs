@@ -69,6 +69,72 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How long a reason `.errors` and the log keep: a refused record's reason can quote the
+/// value it refused (serde's "invalid type: string \"…\""), and five refused 15 MB goals
+/// once filled a disk with their reasons.
+pub const REASON_MAX: usize = 4096;
+
+/// `s` cut to at most `max` bytes (on a char boundary), saying how much was cut.
+pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let keep = s.floor_char_boundary(max);
+    std::borrow::Cow::Owned(format!(
+        "{}… [cut {} bytes]",
+        &s[..keep],
+        thousands(s.len() - keep)
+    ))
+}
+
+/// `s` for a line of text output: backslash and control characters (newline, tab, escape,
+/// C1, U+2028/U+2029) written as escapes (`\\`, `\n`, `\t`, `\u{1b}`), so a value can
+/// neither forge a line nor move the terminal's cursor.
+pub fn escape_text(s: &str) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| c == '\\' || c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !s.chars().any(special) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if special(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A name that may not be UTF-8 (a file name from the kernel), as text: its UTF-8 runs
+/// through [`escape_text`], every other byte as `\xNN`.
+pub fn escape_bytes(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        out.push_str(&escape_text(chunk.valid()));
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
+}
+
+/// `n` with commas between groups of three digits: 15,728,512.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The symbolic name of an errno, as `.errors` shows it.
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {
@@ -93,5 +159,35 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::ENODATA => "ENODATA",
         libc::ERANGE => "ERANGE",
         _ => "EOTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_reasons_pass_long_ones_are_cut_on_a_char_boundary_saying_how_much() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = format!("a{}", "é".repeat(10_000)); // 20,001 bytes
+        let cut = bounded(&long, 4096);
+        assert!(cut.len() < 4096 + 40, "{}", cut.len());
+        // 4096 falls inside an "é" (odd offsets start one): 4095 bytes kept.
+        assert!(cut.ends_with("… [cut 15,906 bytes]"), "{}", &cut[4000..]);
+        assert_eq!(thousands(15_728_512), "15,728,512");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(0), "0");
+    }
+
+    #[test]
+    fn text_output_escapes_backslash_and_control_characters() {
+        assert_eq!(escape_text("plain ünï"), "plain ünï");
+        assert_eq!(
+            escape_text("a\nb\\c\td\u{1b}[2J\u{85}\u{2028}"),
+            "a\\nb\\\\c\\td\\u{1b}[2J\\u{85}\\u{2028}"
+        );
+        assert_eq!(escape_bytes(b"ok\xff\xfe.json"), "ok\\xff\\xfe.json");
+        assert_eq!(escape_bytes("é\n".as_bytes()), "é\\n");
     }
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::error::escape_text;
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -42,15 +44,17 @@ impl Filter {
     }
 }
 
-/// One change as a line: time, collection/id, op (-> to), who.
+/// One change as a line: time, collection/id, op (-> to), who. Every value is escaped
+/// (backslash, newline and other control characters): a label or id another program chose
+/// can neither forge a line nor drive the terminal.
 pub fn describe(v: &Value) -> String {
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    let s = |k: &str| escape_text(v[k].as_str().unwrap_or("")).into_owned();
     let mut out = format!("{} {}/{} {}", s("time"), s("collection"), s("id"), s("op"));
     if let Some(to) = v["to"].as_str() {
-        out.push_str(&format!(" -> {to}"));
+        out.push_str(&format!(" -> {}", escape_text(to)));
     }
     if let Some(l) = v.get("label").filter(|l| !l.is_null()) {
-        out.push_str(&format!(" label={}", l.as_str().unwrap_or("")));
+        out.push_str(&format!(" label={}", escape_text(l.as_str().unwrap_or(""))));
     }
     out.push_str(&format!(" by {}", s("source")));
     if let (Some(pid), Some(uid)) = (v["pid"].as_u64(), v["uid"].as_u64()) {
@@ -146,4 +150,27 @@ pub fn run(mountpoint: &Path, filter: Filter) -> ExitCode {
         std::thread::sleep(Duration::from_millis(10));
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_or_id_with_a_newline_cannot_forge_a_line() {
+        let v = serde_json::json!({
+            "seq": 7, "time": "2026-01-01T00:00:00Z", "collection": "attachments",
+            "id": "ab\\cd", "op": "update", "source": "mount", "pid": 1, "uid": 0,
+            "label": "x.png\n2026-01-01T00:00:01Z sessions/evil delete by gc\u{1b}[2J",
+        });
+        let line = describe(&v);
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.contains("ab\\\\cd"), "{line}");
+        assert!(
+            line.contains(
+                "label=x.png\\n2026-01-01T00:00:01Z sessions/evil delete by gc\\u{1b}[2J by mount"
+            ),
+            "{line}"
+        );
+    }
 }

@@ -180,11 +180,14 @@ fn main() -> ExitCode {
                 },
                 Err(e) => return fail(&e),
             };
+            // Lines name store files and ids another program chose: escaped, so none can
+            // forge a line of the report.
+            use agentmount::error::escape_text;
             for line in &r.repaired {
-                println!("repaired: {line}");
+                println!("repaired: {}", escape_text(line));
             }
             for line in &r.problems {
-                println!("problem: {line}");
+                println!("problem: {}", escape_text(line));
             }
             println!(
                 "fsck: {} files checked, {} problems, {} repaired",

@@ -195,19 +195,90 @@ fn preflight(args: &MountArgs) -> Result<(), String> {
 /// The mountinfo line of a mountpoint, found without touching the mount itself (a stat of
 /// a mount whose daemon died would hang): only the parent directory is resolved.
 fn mountinfo_line(p: &Path) -> Option<String> {
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir().ok()?.join(p)
-    };
-    let name = abs.file_name()?.to_owned();
-    let parent = abs.parent()?.canonicalize().ok()?;
-    let want = parent.join(name).to_string_lossy().replace(' ', "\\040");
+    let want = mount_path(p, None)?.to_string_lossy().replace(' ', "\\040");
     let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     mi.lines()
         .find(|l| l.split(' ').nth(4) == Some(want.as_str()))
         .map(str::to_string)
 }
+
+/// `p` as mountinfo names a mountpoint: absolute (relative to `cwd`, else ours), its parent
+/// resolved, the last component as it is (resolving it would touch the mount).
+fn mount_path(p: &Path, cwd: Option<&Path>) -> Option<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        match cwd {
+            Some(c) => c.join(p),
+            None => std::env::current_dir().ok()?.join(p),
+        }
+    };
+    let name = abs.file_name()?.to_owned();
+    let parent = abs.parent()?.canonicalize().ok()?;
+    Some(parent.join(name))
+}
+
+/// Who owns a FUSE mount (the `user_id=` the kernel keeps in its options).
+fn mount_owner(line: &str) -> Option<u32> {
+    line.split(" - ")
+        .nth(1)?
+        .split(' ')
+        .nth(2)?
+        .split(',')
+        .find_map(|o| o.strip_prefix("user_id=")?.parse().ok())
+}
+
+/// The agentmount daemons serving `mountpoint`, found in /proc by their command line
+/// (`agentmount mount … MNT`, or `mount.agentmount SRC MNT …` from mount(8)), a relative
+/// MNT taken from the process's working directory. The daemon is the process `mount`
+/// forked, with the same command line.
+fn daemon_pids(mountpoint: &Path) -> Vec<u32> {
+    let Some(want) = mount_path(mountpoint, None) else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let prog = args
+                .first()
+                .and_then(|a| a.rsplit(|&b| b == b'/').next())
+                .unwrap_or_default();
+            let mounting = (prog == b"agentmount" && args.get(1) == Some(&&b"mount"[..]))
+                || prog.starts_with(b"mount.agentmount");
+            if !mounting {
+                return false;
+            }
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+            args.iter().skip(1).any(|a| {
+                use std::os::unix::ffi::OsStrExt;
+                let p = Path::new(std::ffi::OsStr::from_bytes(a));
+                !a.is_empty() && mount_path(p, cwd.as_deref()).as_deref() == Some(want.as_path())
+            })
+        })
+        .collect()
+}
+
+/// Whether process `pid` is gone (or a zombie: it has exited, its parent not yet told).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => true,
+    }
+}
+
+/// How long `unmount` waits for the daemon to exit after the kernel let the mount go.
+const DAEMON_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn is_mountpoint(p: &Path) -> bool {
     mountinfo_line(p).is_some()
@@ -544,6 +615,26 @@ pub fn unmount_cli(mountpoint: &Path, force: bool) -> ExitCode {
         eprintln!("agentmount: {} is not mounted", mountpoint.display());
         return ExitCode::from(1);
     }
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    if me != 0
+        && let Some(owner) = mountinfo_line(mountpoint).as_deref().and_then(mount_owner)
+        && owner != me
+    {
+        // fusermount3 would say "entry for … not found in /etc/mtab".
+        let who = if owner == 0 {
+            "root; only root can unmount it".to_string()
+        } else {
+            format!("uid {owner}; only that user or root can unmount it")
+        };
+        eprintln!(
+            "agentmount: cannot unmount {}: it is mounted by {who}",
+            mountpoint.display()
+        );
+        return ExitCode::from(1);
+    }
+    // Found before the mount goes: the daemon's command line names it.
+    let daemons = daemon_pids(mountpoint);
     if force {
         // A daemon that was killed can leave the mount hanging: abort its connection first.
         if let Err(e) = abort_connection(mountpoint) {
@@ -571,14 +662,30 @@ pub fn unmount_cli(mountpoint: &Path, force: bool) -> ExitCode {
     };
     match r {
         Ok(()) => {
-            // The daemon notices and exits; wait briefly so a remount right after works.
-            for _ in 0..100 {
-                if !is_mountpoint(mountpoint) {
-                    break;
+            // The daemon notices and exits (saving record times, closing the store): wait
+            // for it, so that the store is free and a remount works when this returns.
+            let t0 = std::time::Instant::now();
+            let mut left = daemons;
+            while t0.elapsed() < DAEMON_EXIT_WAIT {
+                left.retain(|&p| !exited(p));
+                if left.is_empty() && !is_mountpoint(mountpoint) {
+                    return ExitCode::SUCCESS;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            ExitCode::SUCCESS
+            if left.is_empty() {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!(
+                "agentmount: unmounted {}, but its daemon (pid {}) has not exited after {} s: the store may still be in use",
+                mountpoint.display(),
+                left.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                DAEMON_EXIT_WAIT.as_secs()
+            );
+            ExitCode::from(1)
         }
         Err(e) => {
             let hint = if force {

@@ -1002,3 +1002,56 @@ fn records_arbiter_could_not_load_are_refused_with_einval_and_the_database_is_un
         "the reason names the bad value:\n{errors}"
     );
 }
+
+/// A delegation id so large that arbiter could never insert a delegation link again
+/// (AUTOINCREMENT: SQLite keeps the largest id ever inserted, and past i64's maximum it
+/// answers SQLITE_FULL) is refused, naming the bound (2^53); up to the bound is accepted,
+/// and arbiter's own insert still works afterwards.
+#[test]
+fn delegation_ids_above_two_to_the_53_are_refused_and_arbiter_can_still_insert() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("arbiter.db");
+    let a = Arbiter::open(&db, None);
+    let seeded = seed(&a);
+    let m = Mount::new(&db, &[]);
+    let first = &seeded.delegations[0];
+    let body = |id: i64| {
+        let mut v = val(first);
+        v["id"] = json!(id);
+        pretty(&v)
+    };
+    let before = dump(&db);
+    let bound: i64 = 1 << 53;
+    for id in [i64::MAX, bound + 1] {
+        assert_eq!(
+            write_close(&m.p(&format!("delegations/{id}.json")), &body(id)),
+            Err(libc::EINVAL),
+            "{id}"
+        );
+        let e = std::fs::rename(
+            m.p(&format!("delegations/{}.json", first.id)),
+            m.p(&format!("delegations/{id}.json")),
+        )
+        .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "mv to {id}");
+    }
+    assert_eq!(dump(&db), before, "nothing reached the database");
+    let errors = std::fs::read_to_string(m.p(".errors")).unwrap();
+    assert_eq!(errors.lines().count(), 4, "{errors}");
+    assert!(
+        errors
+            .lines()
+            .all(|l| l.contains("9007199254740992 (2^53)")),
+        "each reason names the bound: {errors}"
+    );
+    // The bound itself is accepted; arbiter's next link is numbered after it.
+    write_close(&m.p(&format!("delegations/{bound}.json")), &body(bound)).unwrap();
+    assert!(a.delegation(bound).is_some());
+    let mut next = first.clone();
+    next.id = 0;
+    let id = a
+        .run(a.st.insert_delegation(&next))
+        .expect("arbiter can still insert a delegation link");
+    assert_eq!(id, bound + 1);
+    assert!(a.delegation(id).is_some());
+}

@@ -695,6 +695,54 @@ fn bad_input_gets_its_errno_and_changes_nothing<B: Backend>() {
     assert_eq!(b.dump(), before, "{}: the store did not change", B::NAME);
 }
 
+/// A session named by another spelling of a UUID (uppercase, braced, urn, undashed) would be
+/// a second record beside the lowercase one: every backend refuses it (EINVAL), naming the
+/// one spelling, and the store does not change.
+fn non_canonical_session_names_are_refused<B: Backend>() {
+    let b = B::create();
+    let m = Mount::new(&b.store(), &[]);
+    let id = b.existing_ids()[0].clone();
+    let before = b.dump();
+    let upper = id.to_ascii_uppercase();
+    for name in [
+        upper.clone(),
+        format!("{{{id}}}"),
+        format!("urn:uuid:{id}"),
+        id.replace('-', ""),
+    ] {
+        assert_eq!(
+            write_close(
+                &m.p(&format!("sessions/{name}.json")),
+                &B::record(&id, "twin")
+            ),
+            Err(libc::EINVAL),
+            "{}: {name}",
+            B::NAME
+        );
+        let e = std::fs::rename(
+            m.p(&format!("sessions/{id}.json")),
+            m.p(&format!("sessions/{name}.json")),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EINVAL),
+            "{}: mv to {name}",
+            B::NAME
+        );
+    }
+    assert_eq!(b.dump(), before, "{}: the store did not change", B::NAME);
+    let errors = std::fs::read_to_string(m.p(".errors")).unwrap();
+    assert_eq!(errors.lines().count(), 8, "{}: {errors}", B::NAME);
+    assert!(
+        errors
+            .lines()
+            .all(|l| l.contains(&format!("name it \\\"{id}\\\""))),
+        "{}: each reason names the canonical form: {errors}",
+        B::NAME
+    );
+}
+
 /// Another writer holds the store's lock past the lock timeout: a write through the mount
 /// fails with EAGAIN and changes nothing; once the lock is free, writes go through.
 fn a_store_locked_past_the_timeout_gets_eagain<B: Backend>() {
@@ -854,6 +902,10 @@ macro_rules! conformance {
             #[test]
             fn a_damaged_store_serves_the_last_good_view_and_is_never_overwritten() {
                 super::a_damaged_store_serves_the_last_good_view_and_is_never_overwritten::<$ty>()
+            }
+            #[test]
+            fn non_canonical_session_names_are_refused() {
+                super::non_canonical_session_names_are_refused::<$ty>()
             }
             #[test]
             fn writes_renames_and_removals_reach_the_store() {

@@ -55,7 +55,7 @@ impl Core {
         counts.insert("scratch_files".into(), json!(self.scratch.lock().len()));
         counts.insert("open_handles".into(), json!(self.handles.lock().len()));
         counts.insert("inodes".into(), json!(self.inodes.len()));
-        counts.insert("refusals".into(), json!(self.errors.count()));
+        counts.insert("refusals".into(), json!(self.errors.total()));
         let mut v = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),

@@ -5,13 +5,16 @@ use std::collections::VecDeque;
 use parking_lot::Mutex;
 use serde_json::json;
 
-use crate::error::errno_name;
+use crate::error::{REASON_MAX, bounded, errno_name};
 
 pub const KEEP: usize = 100;
 
 pub struct ErrorLog {
     lines: Mutex<VecDeque<String>>,
     changed: Mutex<std::time::SystemTime>,
+    /// Every refusal recorded since the mount started (`.status` `counts.refusals`), not
+    /// only the ones still kept.
+    total: std::sync::atomic::AtomicU64,
 }
 
 impl Default for ErrorLog {
@@ -19,12 +22,17 @@ impl Default for ErrorLog {
         ErrorLog {
             lines: Mutex::default(),
             changed: Mutex::new(std::time::SystemTime::now()),
+            total: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
 
 impl ErrorLog {
     pub fn push(&self, path: &str, op: &str, errno: i32, reason: &str) {
+        let reason = &*bounded(reason, REASON_MAX);
+        let path = &*bounded(path, REASON_MAX);
+        self.total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(path, op, errno = errno_name(errno), reason, "refused");
         let line = json!({
             "time": chrono::Utc::now().to_rfc3339(),
@@ -57,7 +65,8 @@ impl ErrorLog {
         out
     }
 
-    pub fn count(&self) -> usize {
-        self.lines.lock().len()
+    /// How many refusals were recorded since the mount started.
+    pub fn total(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -125,6 +125,11 @@ fn name_str(name: &OsStr) -> Result<&str, Errno> {
     name.to_str().ok_or(Errno::EINVAL)
 }
 
+/// Why a name that is not UTF-8 cannot be made here (every name in the tree is text: ids,
+/// labels, JSON keys).
+const NOT_UTF8: &str =
+    "the name is not UTF-8 (shown with \\xNN for its other bytes): names here are text";
+
 fn fopen(m: OpenMode) -> FopenFlags {
     let mut f = FopenFlags::empty();
     if m.direct_io {
@@ -194,9 +199,9 @@ impl Filesystem for AgentFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        // No such name exists; making one is refused (with a reason) where it is made.
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::ENOENT);
         };
         match self.core.lookup(parent.0, name) {
             Ok(a) => reply.entry_with_ttls(&a.ttl, &a.ttl, &to_attr(&a), Generation(0)),
@@ -293,9 +298,8 @@ impl Filesystem for AgentFs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         crate::journal::set_caller(req.pid(), req.uid());
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some(name) = self.utf8_name(parent, name, "unlink") else {
+            return reply.error(Errno::EINVAL);
         };
         match self.core.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
@@ -322,9 +326,8 @@ impl Filesystem for AgentFs {
         reply: ReplyEntry,
     ) {
         crate::journal::set_caller(req.pid(), req.uid());
-        let name = match name_str(link_name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some(name) = self.utf8_name(parent, link_name, "symlink") else {
+            return reply.error(Errno::EINVAL);
         };
         match self.core.symlink(parent.0, name, target) {
             Ok(a) => reply.entry_with_ttls(&a.ttl, &a.ttl, &to_attr(&a), Generation(0)),
@@ -343,9 +346,11 @@ impl Filesystem for AgentFs {
         reply: ReplyEmpty,
     ) {
         crate::journal::set_caller(req.pid(), req.uid());
-        let (name, newname) = match (name_str(name), name_str(newname)) {
-            (Ok(a), Ok(b)) => (a, b),
-            _ => return reply.error(Errno::EINVAL),
+        let (Some(name), Some(newname)) = (
+            self.utf8_name(parent, name, "rename"),
+            self.utf8_name(newparent, newname, "rename"),
+        ) else {
+            return reply.error(Errno::EINVAL);
         };
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
@@ -708,9 +713,8 @@ impl Filesystem for AgentFs {
         reply: ReplyCreate,
     ) {
         crate::journal::set_caller(req.pid(), req.uid());
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some(name) = self.utf8_name(parent, name, "create") else {
+            return reply.error(Errno::EINVAL);
         };
         match self.core.create(parent.0, name, mode) {
             Ok((a, fh, m)) => reply.created(
@@ -726,8 +730,30 @@ impl Filesystem for AgentFs {
 }
 
 impl AgentFs {
+    /// `name` as text, or None after recording in `.errors` why a name that is not UTF-8
+    /// cannot be made (shown escaped).
+    fn utf8_name<'a>(&self, parent: INodeNo, name: &'a OsStr, op: &str) -> Option<&'a str> {
+        if let Ok(n) = name_str(name) {
+            return Some(n);
+        }
+        self.core.report(
+            &self.shown_path(parent, name),
+            op,
+            &FsError::refuse(libc::EINVAL, NOT_UTF8),
+        );
+        None
+    }
+
+    /// The path of `name` in `parent` for `.errors`: bytes that are not UTF-8 and control
+    /// characters escaped.
+    fn shown_path(&self, parent: INodeNo, name: &OsStr) -> String {
+        use std::os::unix::ffi::OsStrExt;
+        self.core
+            .path_of(parent.0, &crate::error::escape_bytes(name.as_bytes()))
+    }
+
     fn refuse(&self, parent: INodeNo, name: &OsStr, op: &str, reason: &str) {
-        let path = self.core.path_of(parent.0, &name.to_string_lossy());
+        let path = self.shown_path(parent, name);
         self.core
             .report(&path, op, &FsError::refuse(libc::EPERM, reason));
     }

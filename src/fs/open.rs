@@ -355,6 +355,10 @@ impl Core {
                     ),
                 ));
             }
+            if expect.is_none() {
+                // The name becomes the bytes' label at close.
+                attachments::check_new_label(name)?;
+            }
             let ingest = self.attach()?.begin_ingest()?;
             let node = Node::Ingest(name.to_string());
             let ino = self.inodes.ino(&node);

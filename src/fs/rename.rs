@@ -104,6 +104,7 @@ impl Core {
         if !attachments::valid_label(name) {
             return refuse(format!("{name:?} cannot be an attachment label"));
         }
+        attachments::check_new_label(name)?;
         if self.attach()?.listing()?.get(&id).is_none() {
             return Err(FsError::refuse(
                 libc::ENOENT,
@@ -292,6 +293,7 @@ impl Core {
                     format!("{newname:?} names attachment bytes or metadata"),
                 ));
             }
+            attachments::check_new_label(newname)?;
             match &node {
                 Node::Label(old) => {
                     let hex = String::from_utf8_lossy(&self.readlink(self.inodes.ino(&node))?)

@@ -211,9 +211,25 @@ impl Core {
                 }
             }
             Handle::SidecarPut { hex, data } => {
-                let r = self.attach()?.put_sidecar(hex, data).map_err(FsError::from);
-                if let Err(e) = &r {
-                    self.report(&format!("/attachments/{hex}.json"), op, e);
+                let attach = self.attach()?;
+                let label_of = || {
+                    let listing = attach.listing().ok()?;
+                    let sidecar = listing.get_hex(hex)?.sidecar.as_ref()?;
+                    Some(sidecar.label.as_deref().map(str::to_string))
+                };
+                let before = label_of();
+                let r = attach.put_sidecar(hex, data).map_err(FsError::from);
+                match &r {
+                    Err(e) => self.report(&format!("/attachments/{hex}.json"), op, e),
+                    // A label given (or taken) by writing the sidecar back is a change like
+                    // one given by a write or a symlink.
+                    Ok(()) => {
+                        if let (Some(before), Some(after)) = (before, label_of())
+                            && after != before
+                        {
+                            self.attachment_changed(hex, "update", after.as_deref());
+                        }
+                    }
                 }
                 r
             }

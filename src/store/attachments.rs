@@ -81,12 +81,56 @@ pub fn valid_label(label: &str) -> bool {
 
 /// EINVAL unless `label` can be an attachment label.
 pub fn check_label(label: &str) -> Result<()> {
-    if valid_label(label) {
-        return Ok(());
+    if !valid_label(label) {
+        return Err(StoreError::Invalid(format!(
+            "{label:?} cannot be an attachment label"
+        )));
     }
-    Err(StoreError::Invalid(format!(
-        "{label:?} cannot be an attachment label"
-    )))
+    check_new_label(label)
+}
+
+/// The mount's own files: no label takes their names, even in `attachments/`.
+pub const CONTROL_NAMES: &[&str] = &[".gc", ".status", ".errors", ".changes", ".history"];
+
+/// EINVAL unless `label`, a name [`valid_label`] accepts, may be given to a blob now: no
+/// control characters (a newline would forge lines of every text listing), no U+FFFD (bytes
+/// that were not text), not a control file's name, not a blob's name in uppercase (it reads
+/// as that address, and is one on a case-insensitive copy), and in Unicode NFC (so `é`
+/// typed two ways cannot be two labels that look alike). Labels a store already holds are
+/// shown as they are; this is for labels given.
+pub fn check_new_label(label: &str) -> Result<()> {
+    let refuse = |why: String| Err(StoreError::Invalid(format!("label {label:?} {why}")));
+    if let Some(c) = label
+        .chars()
+        .find(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        return refuse(format!(
+            "contains a control character (U+{:04X}): labels are one line of text",
+            c as u32
+        ));
+    }
+    if label.contains('\u{FFFD}') {
+        return refuse(
+            "contains U+FFFD, the mark of bytes that were not UTF-8: name it in text".into(),
+        );
+    }
+    if CONTROL_NAMES.contains(&label) {
+        return refuse("is the name of one of the mount's control files".into());
+    }
+    let lower = label.to_ascii_lowercase();
+    if is_hex64(&lower) || lower.strip_suffix(".json").is_some_and(is_hex64) {
+        return refuse(
+            "reads as a blob's address (64 hex digits): addresses are lowercase and belong to the store".into(),
+        );
+    }
+    if !unicode_normalization::is_nfc(label) {
+        use unicode_normalization::UnicodeNormalization;
+        let nfc: String = label.nfc().collect();
+        return refuse(format!(
+            "is not in Unicode NFC: write it as {nfc:?} (the same text, composed), so one name has one spelling"
+        ));
+    }
+    Ok(())
 }
 
 /// A sidecar's full JSON and the fingerprint of the bytes it was parsed from (for a rewrite).
@@ -432,7 +476,7 @@ pub fn sidecar_restore(hex: &str, cur: &[u8], new: &[u8]) -> Result<Option<Optio
         return Err(refuse("what was written is not a JSON object"));
     };
     let label = new.shift_remove("label");
-    old.shift_remove("label");
+    let had = old.shift_remove("label");
     if new != old {
         return Err(refuse(
             "only its label may differ from what the store holds",
@@ -440,7 +484,12 @@ pub fn sidecar_restore(hex: &str, cur: &[u8], new: &[u8]) -> Result<Option<Optio
     }
     match label {
         None => Ok(Some(None)),
-        Some(Value::String(l)) if valid_label(&l) => Ok(Some(Some(l))),
+        Some(Value::String(l)) if valid_label(&l) => {
+            if had.as_ref().and_then(Value::as_str) != Some(l.as_str()) {
+                check_new_label(&l)?;
+            }
+            Ok(Some(Some(l)))
+        }
         Some(other) => Err(refuse(&format!("{other} cannot be a label"))),
     }
 }
@@ -550,4 +599,34 @@ pub fn detect_media(head: &[u8], label: Option<&str>) -> (Value, Option<(u64, u6
         }
     };
     (json!({"kind": "file", "type": mime}), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_labels_are_one_line_of_composed_text_that_shadows_no_name() {
+        for ok in ["pixel.png", "café.txt", ".rsync.AbCd", "東京.md", "a b"] {
+            assert!(check_label(ok).is_ok(), "{ok}");
+        }
+        let hex = "b1ff9c8ea3a780bad09b346c423d2d0e46815926879b18e841d928376a946640";
+        for bad in [
+            "a\nb".to_string(),
+            "a\u{85}b".into(),
+            "a\u{2028}b".into(),
+            "\u{FFFD}".into(),
+            ".gc".into(),
+            ".history".into(),
+            hex.to_ascii_uppercase(),
+            format!("{}.json", hex.to_ascii_uppercase()),
+            "cafe\u{301}".into(),
+        ] {
+            let e = check_new_label(&bad).unwrap_err();
+            assert_eq!(e.errno(), libc::EINVAL, "{bad:?}");
+        }
+        // Names the store keeps for itself stay what they were (EINVAL from the store,
+        // EPERM at the mount).
+        assert!(check_label(hex).is_err());
+    }
 }

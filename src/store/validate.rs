@@ -21,7 +21,7 @@ pub const GOAL_SESSION_STATES: &[&str] = &["launched", "running", "verified", "f
 /// Whether `id` is a valid record id for the collection (and so a safe file name).
 pub fn valid_id(kind: Kind, id: &str) -> bool {
     match kind {
-        Kind::Sessions => uuid::Uuid::parse_str(id).is_ok() && id.len() == 36,
+        Kind::Sessions => canonical_uuid(id).as_deref() == Some(id),
         Kind::Goals | Kind::Conversations => {
             (1..=128).contains(&id.len())
                 && id
@@ -32,12 +32,26 @@ pub fn valid_id(kind: Kind, id: &str) -> bool {
     }
 }
 
+/// The one spelling of a UUID every backend keys by (lowercase, hyphenated), for any text
+/// that parses as one (uppercase, braced, `urn:uuid:`, undashed); None for other text.
+/// Two spellings of one UUID would otherwise be two records.
+pub fn canonical_uuid(id: &str) -> Option<String> {
+    uuid::Uuid::parse_str(id)
+        .ok()
+        .map(|u| u.hyphenated().to_string())
+}
+
 pub fn check_id(kind: Kind, id: &str) -> Result<()> {
     if valid_id(kind, id) {
         return Ok(());
     }
     Err(StoreError::Invalid(match kind {
-        Kind::Sessions => format!("{id:?} is not a session id: sessions are named by UUID"),
+        Kind::Sessions => match canonical_uuid(id) {
+            Some(c) => format!(
+                "{id:?} is not how a session id is written: name it {c:?} (a lowercase hyphenated UUID)"
+            ),
+            None => format!("{id:?} is not a session id: sessions are named by UUID"),
+        },
         Kind::Agents | Kind::Delegations => {
             format!("a directory store has no {} collection", kind.dir_name())
         }
@@ -413,5 +427,27 @@ impl Validator {
         self.integer(o, "total_rounds", Optional, (0, i64::MAX))?;
         self.integer(o, "token_estimate", Optional, (0, i64::MAX))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_id_has_one_spelling_and_the_refusal_names_it() {
+        let id = "6f1c2a9e-4b7d-4e21-9a55-0c3d8e7f1a22";
+        assert!(check_id(Kind::Sessions, id).is_ok());
+        for other in [
+            id.to_ascii_uppercase(),
+            format!("{{{id}}}"),
+            format!("urn:uuid:{id}"),
+            id.replace('-', ""),
+        ] {
+            let e = check_id(Kind::Sessions, &other).unwrap_err();
+            assert!(e.to_string().contains(&format!("name it {id:?}")), "{e}");
+        }
+        let e = check_id(Kind::Sessions, "not-a-uuid").unwrap_err();
+        assert!(e.to_string().contains("named by UUID"), "{e}");
     }
 }

@@ -116,15 +116,41 @@ pub fn check_id(kind: Kind, id: &str) -> Result<()> {
         return Ok(());
     }
     Err(StoreError::Invalid(match kind {
-        Kind::Sessions | Kind::Agents => format!(
-            "{id:?} is not a valid {} id: a lowercase hyphenated UUID",
-            kind.singular()
-        ),
+        Kind::Sessions | Kind::Agents => match crate::store::validate::canonical_uuid(id) {
+            Some(c) => format!(
+                "{id:?} is not how a {} id is written: name it {c:?} (a lowercase hyphenated UUID)",
+                kind.singular()
+            ),
+            None => format!(
+                "{id:?} is not a valid {} id: a lowercase hyphenated UUID",
+                kind.singular()
+            ),
+        },
         Kind::Delegations => {
             format!("{id:?} is not a valid delegation id: a positive integer")
         }
         _ => format!("an arbiter database has no {} collection", kind.dir_name()),
     }))
+}
+
+/// The largest delegation id a write through the mount may give a row: 2^53 (also the
+/// largest integer every JSON reader keeps exactly). arbiter numbers its delegation links
+/// itself (`AUTOINCREMENT`), and SQLite remembers the largest id ever inserted
+/// (`sqlite_sequence`, even after the row goes): one row at i64's maximum and arbiter could
+/// never insert a delegation link again (SQLITE_FULL).
+pub const DELEGATION_ID_MAX: i64 = 1 << 53;
+
+/// EINVAL unless `id` may be given to a row by a write (a create, an update, a re-key's
+/// target): [`check_id`], and a delegation id at most [`DELEGATION_ID_MAX`].
+pub fn check_new_id(kind: Kind, id: &str) -> Result<()> {
+    check_id(kind, id)?;
+    if kind == Kind::Delegations && id.parse::<i64>().is_ok_and(|n| n > DELEGATION_ID_MAX) {
+        return Err(StoreError::Invalid(format!(
+            "delegation id {id} is above {DELEGATION_ID_MAX} (2^53), the largest a write may \
+             give: arbiter numbers delegation links itself and could not insert one again"
+        )));
+    }
+    Ok(())
 }
 
 /// The key as the record's JSON carries it.
@@ -309,7 +335,7 @@ pub enum Typed {
 }
 
 pub fn parse(kind: Kind, id: &str, bytes: &[u8], max_len: u64) -> Result<Typed> {
-    check_id(kind, id)?;
+    check_new_id(kind, id)?;
     let what = format!("{} {id}", kind.singular());
     if bytes.len() as u64 > max_len {
         return Err(StoreError::TooBig(format!(

@@ -774,7 +774,7 @@ impl Backend for Sqlite {
     }
 
     fn rekey(&self, kind: Kind, from: &str, to: &str) -> Result<RecordView> {
-        arbiter::check_id(kind, to)?;
+        arbiter::check_new_id(kind, to)?;
         if from == to {
             return self
                 .get(kind, from)?
