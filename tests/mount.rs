@@ -525,6 +525,36 @@ fn cp_into_attachments_stores_bytes_by_hash_and_leaves_a_label() {
     );
 }
 
+/// `.gc` takes exactly its documented words: a blank line or a near miss deletes nothing.
+#[test]
+fn gc_refuses_a_blank_line_and_near_misses_and_deletes_nothing() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let blob = st.path().join("attachments/sha256/05").join(NOTES);
+    for cmd in [
+        "echo > .gc",
+        "echo dryrun > .gc",
+        "echo Run > .gc",
+        "echo run now > .gc",
+    ] {
+        let o = sh(cmd, m.path());
+        assert!(!o.status.success(), "`{cmd}` succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("Invalid argument"), "`{cmd}`: {err}");
+        assert!(blob.exists(), "`{cmd}` deleted the orphan");
+        assert!(m.p(&format!("attachments/{NOTES}")).exists());
+    }
+    let errors = std::fs::read_to_string(m.p(".errors")).unwrap();
+    let last = errors.lines().last().unwrap_or_default();
+    for word in ["`run`", "`dry-run`", "`grace=<seconds>`"] {
+        assert!(last.contains(word), "the reason lists {word}: {last}");
+    }
+    // The documented words still work, with or without echo's newline.
+    sh_ok("printf dry-run > .gc && echo dry-run > .gc", m.path());
+    assert_eq!(json(&m.p(".gc"))["dry_run"], true);
+    assert!(blob.exists());
+}
+
 #[test]
 fn gc_control_file_reclaims_the_orphan_and_reports() {
     let st = fixture_copy();
