@@ -457,6 +457,115 @@ fn garbage_in_a_store_file_keeps_the_last_good_view_until_fixed() {
     assert_eq!(json(&goals).as_array().unwrap().len(), 3);
 }
 
+fn sha_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    agentmount::store::attachments::to_hex(&sha2::Sha256::digest(b))
+}
+
+/// What the label `name` names once its ingest is stored (a commit at release comes
+/// after the close returns), and the store's bytes of that blob.
+fn label_bytes(st: &Path, m: &Mount, name: &str) -> (String, Vec<u8>) {
+    let p = m.p(&format!("attachments/{name}"));
+    wait_until(Duration::from_secs(5), || {
+        std::fs::symlink_metadata(&p).is_ok_and(|md| md.file_type().is_symlink())
+    })
+    .unwrap_or_else(|| panic!("{name} never became a label"));
+    let hex = std::fs::read_link(&p)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let bytes = std::fs::read(st.join("attachments/sha256").join(&hex[..2]).join(&hex)).unwrap();
+    (hex, bytes)
+}
+
+/// A shell's `>` opens, dup2s and closes the original before it writes: that first close
+/// (a FLUSH with nothing written) must not store an empty blob under the name.
+#[test]
+fn shell_redirections_into_attachments_store_what_was_written() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    assert_eq!(
+        sh_ok(
+            "echo hello > attachments/new.txt && cat attachments/new.txt",
+            m.path()
+        ),
+        "hello\n"
+    );
+    let (hex, bytes) = label_bytes(st.path(), &m, "new.txt");
+    assert_eq!((hex, bytes), (sha_hex(b"hello\n"), b"hello\n".to_vec()));
+
+    // A descriptor kept open across commands: the builtin echo writes, one close at the end.
+    sh_ok(
+        "exec 3>attachments/x; echo a >&3; echo b >&3; exec 3>&-",
+        m.path(),
+    );
+    assert_eq!(label_bytes(st.path(), &m, "x").1, b"a\nb\n");
+    // A child process writes and exits (its close is a FLUSH with bytes: stored), then the
+    // next one writes on: a new ingest from the stored bytes, and the label moves to it.
+    sh_ok(
+        "exec 3>attachments/y; /bin/echo a >&3; cat attachments/y; /bin/echo b >&3; exec 3>&-",
+        m.path(),
+    );
+    let (hex, bytes) = label_bytes(st.path(), &m, "y");
+    assert_eq!(
+        (hex.as_str(), &bytes[..]),
+        (sha_hex(b"a\nb\n").as_str(), &b"a\nb\n"[..])
+    );
+    assert_eq!(std::fs::read(m.p("attachments/y")).unwrap(), b"a\nb\n");
+    let sidecar = |h: &str| json(&m.p(&format!("attachments/{h}.json")));
+    assert_eq!(sidecar(&hex)["label"], "y");
+    assert_eq!(
+        sidecar(&sha_hex(b"a\n")).get("label"),
+        None,
+        "one blob holds a label"
+    );
+    // python3: the same dance with os.dup/os.close, and a write after an fsync.
+    let py = r#"
+import os, sys
+fd = os.open("attachments/p.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.close(os.dup(fd))
+os.write(fd, b"py")
+os.fsync(fd)
+os.write(fd, b"thon\n")
+os.close(fd)
+print(open("attachments/p.txt").read(), end="")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(py)
+        .current_dir(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "python\n");
+    assert_eq!(label_bytes(st.path(), &m, "p.txt").1, b"python\n");
+
+    // Files left empty are still empty attachments (stored at the release).
+    sh_ok(": > attachments/empty && touch attachments/e", m.path());
+    for name in ["empty", "e"] {
+        let (hex, bytes) = label_bytes(st.path(), &m, name);
+        assert_eq!((hex, bytes.len()), (sha_hex(b""), 0), "{name}");
+    }
+
+    // cp still hears a refused ingest at its close.
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("nope"), b"nope").unwrap();
+    let o = sh(
+        &format!("cp {}/nope attachments/{NOTES}", src.path().display()),
+        m.path(),
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn cp_into_attachments_stores_bytes_by_hash_and_leaves_a_label() {
     let st = fixture_copy();

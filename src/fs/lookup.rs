@@ -397,10 +397,21 @@ impl Core {
         let h = fh
             .and_then(|f| self.handle(f))
             .ok_or_else(|| FsError::new(libc::ENOENT))?;
-        let Handle::Ingest { state } = &*h.lock() else {
+        let Handle::Ingest { state, .. } = &*h.lock() else {
             return Err(FsError::new(libc::ENOENT));
         };
         let st = state.lock();
+        // Written again after it was stored: the new ingest, until it is stored too.
+        if let Some(i) = &st.ingest {
+            return Ok(self.attr(
+                ino,
+                FileKind::File,
+                i.len(),
+                (st.mtime, st.mtime),
+                0o644,
+                Duration::ZERO,
+            ));
+        }
         let hex = st.done.clone().ok_or_else(|| FsError::new(libc::ENOENT))?;
         let (size, mtime, ctime) = self
             .attach()?

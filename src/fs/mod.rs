@@ -184,8 +184,16 @@ enum Handle {
         data: Arc<[u8]>,
         mtime: SystemTime,
     },
+    /// An attachment being written. `wrote`: bytes arrived (or a truncate) through this
+    /// descriptor since it was opened: only then is its close a commit. The shell's `>`
+    /// opens, dup2s and closes the original before anything is written; that close must
+    /// not store an empty blob under the name. A descriptor that wrote nothing commits at
+    /// release (`touch`, `: >` make an empty attachment there), when no other descriptor
+    /// open for writing shares the ingest.
     Ingest {
         state: Arc<Mutex<IngestState>>,
+        for_write: bool,
+        wrote: bool,
     },
     /// A sidecar being written back (accepted at close only with its exact bytes).
     SidecarPut {
@@ -243,7 +251,6 @@ type ScratchFile = Arc<Mutex<Scratch>>;
 
 struct IngestState {
     name: String,
-    ino: u64,
     ingest: Option<Ingest>,
     mtime: SystemTime,
     unlinked: bool,
@@ -254,6 +261,9 @@ struct IngestState {
     /// Bytes were written or the file truncated since open (an open for writing of an
     /// existing blob that did neither changes nothing).
     touched: bool,
+    /// A write after the bytes were stored started a new ingest from them: the blob that
+    /// holds the name now, whose label moves to the new bytes at the next commit.
+    relabel_from: Option<String>,
 }
 
 /// One name in a directory listing, with its attributes when known.

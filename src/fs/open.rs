@@ -153,15 +153,22 @@ impl Core {
                 let hex = to_hex(&id);
                 let st = Arc::new(Mutex::new(IngestState {
                     name: hex.clone(),
-                    ino,
                     ingest: Some(self.attach()?.begin_ingest()?),
                     mtime: SystemTime::now(),
                     unlinked: false,
                     done: None,
                     expect: Some(hex),
                     touched: trunc,
+                    relabel_from: None,
                 }));
-                Ok((self.add_handle(Handle::Ingest { state: st }), direct))
+                Ok((
+                    self.add_handle(Handle::Ingest {
+                        state: st,
+                        for_write: true,
+                        wrote: false,
+                    }),
+                    direct,
+                ))
             }
             Node::Blob(_) | Node::Label(_) => {
                 let id = self
@@ -202,7 +209,14 @@ impl Core {
                 if trunc && let Some(i) = st.lock().ingest.as_mut() {
                     i.truncate(0)?;
                 }
-                Ok((self.add_handle(Handle::Ingest { state: st }), direct))
+                Ok((
+                    self.add_handle(Handle::Ingest {
+                        state: st,
+                        for_write: write,
+                        wrote: false,
+                    }),
+                    direct,
+                ))
             }
             // Read-only opens of .gc see one report; writable ones run collections.
             Node::Gc if !write => {
@@ -360,18 +374,23 @@ impl Core {
             let ino = self.inodes.ino(&node);
             let st = Arc::new(Mutex::new(IngestState {
                 name: name.to_string(),
-                ino,
                 ingest: Some(ingest),
                 mtime: now,
                 unlinked: false,
                 done: None,
                 expect,
                 touched: true,
+                relabel_from: None,
             }));
             self.ingests.lock().insert(name.to_string(), st.clone());
             self.dir_changed(parent);
             let attr = self.attr_of(ino, &node, None)?;
-            Ok((attr, self.add_handle(Handle::Ingest { state: st }), direct))
+            let fh = self.add_handle(Handle::Ingest {
+                state: st,
+                for_write: true,
+                wrote: false,
+            });
+            Ok((attr, fh, direct))
         } else {
             Err(FsError::refuse(
                 libc::EPERM,
@@ -412,7 +431,7 @@ impl Core {
                 buf.truncate(got);
                 Ok(buf)
             }
-            Handle::Ingest { state } => {
+            Handle::Ingest { state, .. } => {
                 let st = state.lock();
                 match (&st.ingest, &st.done) {
                     (Some(i), _) => Ok(i.read_at(offset, size as usize)?),

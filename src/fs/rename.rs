@@ -44,7 +44,8 @@ impl Core {
                 }
             }
             Node::Ingest(n) => {
-                if let Some(st) = self.ingests.lock().remove(n) {
+                let st = self.ingests.lock().remove(n);
+                if let Some(st) = st {
                     st.lock().unlinked = true;
                 }
             }
@@ -300,12 +301,13 @@ impl Core {
                     self.attachment_changed(&hex, "update", Some(newname));
                 }
                 Node::Ingest(old) => {
-                    let mut map = self.ingests.lock();
-                    let st = map.remove(old).ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    // Never the table's lock and an ingest's at once (a commit takes them
+                    // the other way round).
+                    let st = self.ingests.lock().remove(old);
+                    let st = st.ok_or_else(|| FsError::new(libc::ENOENT))?;
                     st.lock().name = newname.to_string();
-                    map.insert(newname.to_string(), st);
+                    self.ingests.lock().insert(newname.to_string(), st);
                     let new_node = Node::Ingest(newname.to_string());
-                    drop(map);
                     self.inodes.rename(&node, &new_node);
                     return Ok(());
                 }

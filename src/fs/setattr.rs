@@ -137,18 +137,29 @@ impl Core {
                     }
                 }
                 Node::Ingest(name) => {
-                    let st = self
-                        .ingests
-                        .lock()
-                        .get(name)
-                        .cloned()
-                        .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    // ftruncate: the descriptor's own ingest (even once stored); truncate(2)
+                    // by name: the file being written under it.
+                    let h = fh.and_then(|f| self.handle(f));
+                    let mut h = h.as_ref().map(|h| h.lock());
+                    let (st, wrote) = match h.as_deref_mut() {
+                        Some(Handle::Ingest { state, wrote, .. }) => (state.clone(), Some(wrote)),
+                        _ => {
+                            let st = self.ingests.lock().get(name).cloned();
+                            (st.ok_or_else(|| FsError::new(libc::ENOENT))?, None)
+                        }
+                    };
                     let mut st = st.lock();
+                    if st.ingest.is_none() && wrote.is_some() {
+                        self.reingest(&mut st)?;
+                    }
                     let i = st.ingest.as_mut().ok_or_else(|| {
                         FsError::refuse(libc::EPERM, "attachment bytes cannot change")
                     })?;
                     i.truncate(n)?;
                     st.touched = true;
+                    if let Some(w) = wrote {
+                        *w = true;
+                    }
                 }
                 Node::Gc => {}
                 Node::Blob(_) | Node::Label(_) | Node::Sidecar(_) => {
