@@ -973,3 +973,209 @@ fn no_xattr_mounts_answer_attribute_calls_not_supported() {
     );
     assert_eq!(json(&m.p(".status"))["xattrs"], false);
 }
+
+/// The daemon serving a mountpoint (its command line names it).
+fn daemon_pid(m: &Mount) -> u32 {
+    let out = Command::new("pgrep")
+        .arg("-f")
+        .arg(m.path())
+        .output()
+        .unwrap();
+    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(
+        pids.len(),
+        1,
+        "one daemon for {}: {pids:?}",
+        m.path().display()
+    );
+    pids[0]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Scratch files keep their bytes on disk in the state dir: `mv X.json X.json.bak` loses
+/// nothing at unmount, and moving it back restores the record, with or without the
+/// journal; a read-only mount shows them and makes none.
+#[test]
+fn scratch_files_are_on_disk_and_survive_a_remount() {
+    use std::os::unix::fs::PermissionsExt;
+    let st = fixture_copy();
+    let goal = "goals/g-1a2b3c4d.json";
+    let before;
+    {
+        let m = Mount::new(st.path(), &[]);
+        before = std::fs::read(m.p(goal)).unwrap();
+        sh_ok(&format!("mv {goal} {goal}.bak"), m.path());
+        assert!(!m.p(goal).exists());
+        assert!(
+            !json(&st.path().join("sm/goals.json"))
+                .to_string()
+                .contains("g-1a2b3c4d")
+        );
+        assert_eq!(std::fs::read(m.p(&format!("{goal}.bak"))).unwrap(), before);
+        // python3 writes a swap file; its mode is the file's own.
+        let py = "import os\nwith open('goals/.g.swp', 'wb') as f:\n    f.write(b'swap' * 1000)\nos.chmod('goals/.g.swp', 0o600)\n";
+        let o = Command::new("python3")
+            .arg("-c")
+            .arg(py)
+            .current_dir(m.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            std::fs::metadata(m.p("goals/.g.swp"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+    let scratch = st.path().join(".agentmount/scratch");
+    let on_disk = scratch.join("goals/g-1a2b3c4d.json.bak");
+    assert_eq!(std::fs::read(&on_disk).unwrap(), before);
+    for d in [&scratch, &scratch.join("goals")] {
+        assert_eq!(
+            std::fs::metadata(d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+    // Read-only: shown, not made.
+    {
+        let m = Mount::new(st.path(), &["--read-only"]);
+        let ls = sh_ok("ls -a goals/", m.path());
+        assert!(
+            ls.contains("g-1a2b3c4d.json.bak") && ls.contains(".g.swp"),
+            "{ls}"
+        );
+        let o = sh("echo x > goals/new.tmp", m.path());
+        assert!(String::from_utf8_lossy(&o.stderr).contains("Read-only file system"));
+    }
+    // Without the journal too.
+    let m = Mount::new(st.path(), &["--no-journal"]);
+    let ls = sh_ok("ls -a goals/", m.path());
+    assert!(
+        ls.contains("g-1a2b3c4d.json.bak") && ls.contains(".g.swp"),
+        "{ls}"
+    );
+    assert!(!ls.contains("g-1a2b3c4d.json\n"), "{ls}");
+    assert_eq!(
+        std::fs::read(m.p("goals/.g.swp")).unwrap(),
+        b"swap".repeat(1000)
+    );
+    sh_ok(&format!("mv {goal}.bak {goal}"), m.path());
+    assert_eq!(std::fs::read(m.p(goal)).unwrap(), before);
+    assert!(
+        json(&st.path().join("sm/goals.json"))
+            .to_string()
+            .contains("g-1a2b3c4d")
+    );
+    assert!(!m.p(&format!("{goal}.bak")).exists());
+    assert!(!on_disk.exists());
+    // A descriptor open on a scratch file keeps its bytes after unlink (nlink 0).
+    let py = "import os\nf = open('goals/.g.swp', 'rb')\nos.unlink('goals/.g.swp')\nassert not os.path.exists('goals/.g.swp')\nassert os.fstat(f.fileno()).st_nlink == 0\nprint(len(f.read()))\n";
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(py)
+        .current_dir(m.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "4000");
+    assert!(!scratch.join("goals/.g.swp").exists());
+}
+
+/// A huge scratch file costs the daemon no memory (its bytes are on disk), and one past
+/// --max-scratch-bytes is EFBIG.
+#[test]
+fn scratch_files_cost_no_memory_and_stop_at_their_limit() {
+    let st = fixture_copy();
+    {
+        let m = Mount::new(st.path(), &["--max-scratch-bytes", "3G"]);
+        let pid = daemon_pid(&m);
+        let rss0 = rss_kib(pid);
+        sh_ok(
+            "truncate -s 2G goals/big.tmp && dd if=/dev/urandom of=goals/big.tmp bs=1M count=16 seek=100 conv=notrunc status=none",
+            m.path(),
+        );
+        assert_eq!(
+            std::fs::metadata(m.p("goals/big.tmp")).unwrap().len(),
+            2 << 30
+        );
+        let rss1 = rss_kib(pid);
+        assert!(
+            rss1 < rss0 + 100 * 1024,
+            "daemon RSS grew from {rss0} kB to {rss1} kB"
+        );
+        sh_ok("rm goals/big.tmp", m.path());
+    }
+    let m = Mount::new(st.path(), &["--max-scratch-bytes", "1M"]);
+    let o = sh("truncate -s 2M goals/t.tmp", m.path());
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("File too large"));
+    let o = sh("head -c 1048577 /dev/zero > goals/w.tmp", m.path());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("File too large"),
+        "{o:?}"
+    );
+    let errors = std::fs::read_to_string(m.p(".errors")).unwrap();
+    assert!(errors.contains("--max-scratch-bytes"), "{errors}");
+    // Up to the limit is fine.
+    sh_ok("head -c 1048576 /dev/zero > goals/w.tmp", m.path());
+    assert_eq!(
+        std::fs::metadata(m.p("goals/w.tmp")).unwrap().len(),
+        1 << 20
+    );
+}
+
+/// The state dir of a directory store lies inside the store, which is untrusted: a
+/// planted symlink, FIFO or hard link among the scratch files is never opened or followed.
+#[test]
+fn planted_links_among_scratch_files_are_never_followed() {
+    use std::os::unix::fs::symlink;
+    let st = fixture_copy();
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    let dir = st.path().join(".agentmount/scratch/goals");
+    std::fs::create_dir_all(&dir).unwrap();
+    symlink(&victim, dir.join("evil.txt")).unwrap();
+    std::fs::hard_link(&victim, dir.join("hard.txt")).unwrap();
+    sh_ok(
+        &format!("mkfifo {}", dir.join("fifo.txt").display()),
+        st.path(),
+    );
+    std::fs::write(dir.join("fine.txt"), b"fine").unwrap();
+    let m = Mount::new(st.path(), &[]);
+    let ls = sh_ok("ls goals/", m.path());
+    assert!(ls.contains("fine.txt"), "{ls}");
+    for n in ["evil.txt", "hard.txt", "fifo.txt"] {
+        assert!(!ls.contains(n), "{n} listed: {ls}");
+    }
+    sh_ok(
+        "echo new > goals/evil.txt && echo new > goals/hard.txt",
+        m.path(),
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    assert_eq!(std::fs::read(m.p("goals/evil.txt")).unwrap(), b"new\n");
+    drop(m);
+    // The scratch directory itself planted as a symlink: not used, the mount still serves.
+    let st = fixture_copy();
+    std::fs::create_dir_all(st.path().join(".agentmount")).unwrap();
+    symlink(outside.path(), st.path().join(".agentmount/scratch")).unwrap();
+    let m = Mount::new(st.path(), &[]);
+    let o = sh("echo x > goals/x.tmp", m.path());
+    assert!(!o.status.success());
+    assert!(std::fs::read(m.p("goals/g-1a2b3c4d.json")).is_ok());
+    assert!(!outside.path().join("goals").exists());
+}

@@ -235,7 +235,7 @@ impl Core {
                     None => None,
                 };
                 match f.or_else(|| self.scratch_file(ino)) {
-                    Some(f) => Ok(self.scratch_attr(ino, &f.lock())),
+                    Some(f) => self.scratch_attr(ino, &f.lock()),
                     None => self
                         .open_handle_attr(ino)
                         .ok_or_else(|| FsError::new(libc::ENOENT)),
@@ -341,7 +341,7 @@ impl Core {
             let h = h.lock();
             match &*h {
                 Handle::Scratch { ino: i, file } if *i == ino => {
-                    return Some(self.scratch_attr(ino, &file.lock()));
+                    return self.scratch_attr(ino, &file.lock()).ok();
                 }
                 Handle::Record { ino: i, data, .. } if *i == ino => {
                     let now = SystemTime::now();

@@ -231,36 +231,34 @@ impl Core {
                         .get(kind, from)?
                         .map(|v| v.bytes.to_vec())
                         .unwrap_or_default();
-                    self.expect_change(kind, from);
-                    let r = self.store.remove(kind, from);
-                    self.changed(kind, from);
-                    r?;
-                    self.drop_scratch_target(&target);
+                    // The bytes are durable in the scratch file before the record goes;
+                    // if it cannot go, the scratch file is taken back.
+                    let file = self.record_to_scratch(kind, newname, &bytes, || {
+                        self.expect_change(kind, from);
+                        let r = self.store.remove(kind, from);
+                        self.changed(kind, from);
+                        r.map_err(FsError::from)
+                    })?;
+                    // The file that had the name on disk was replaced: its descriptors
+                    // keep its bytes.
+                    if let Some(t @ Node::Scratch(..)) = &target
+                        && let Some(tino) = self.inodes.existing(t)
+                    {
+                        self.forget_scratch(tino);
+                    }
                     let ino = self.inodes.ino(&node);
                     // A scratch file from now on: it shows no record version.
                     self.drop_version(ino);
-                    let now = SystemTime::now();
-                    self.scratch.lock().insert(
-                        ino,
-                        Arc::new(Mutex::new(Scratch {
-                            kind,
-                            name: newname.to_string(),
-                            data: bytes,
-                            mode: 0o644,
-                            atime: now,
-                            mtime: now,
-                            ctime: now,
-                            nlink: 1,
-                        })),
-                    );
+                    self.scratch.lock().insert(ino, file);
                     Node::Scratch(kind, newname.to_string())
                 }
                 (Node::Scratch(..), Class::Record(to)) => {
                     let ino = self.inodes.ino(&node);
-                    let data = self
+                    let file = self
                         .scratch_file(ino)
-                        .map(|s| s.lock().data.clone())
                         .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    let data =
+                        self.scratch_bytes(&mut file.lock(), self.store.max_record_bytes())?;
                     self.expect_change(kind, &to);
                     let r = self.store.upsert(kind, &to, &data);
                     self.changed(kind, &to);
@@ -269,12 +267,17 @@ impl Core {
                     Node::Record(kind, to)
                 }
                 (Node::Scratch(..), Class::Scratch) => {
-                    self.drop_scratch_target(&target);
                     let ino = self.inodes.ino(&node);
-                    if let Some(s) = self.scratch_file(ino) {
-                        let mut s = s.lock();
-                        s.name = newname.to_string();
-                        s.ctime = SystemTime::now();
+                    let file = self
+                        .scratch_file(ino)
+                        .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    // One rename on disk replaces the target (its descriptors keep its
+                    // bytes), as here.
+                    self.rename_scratch_file(&mut file.lock(), newname)?;
+                    if let Some(t @ Node::Scratch(..)) = &target
+                        && let Some(tino) = self.inodes.existing(t)
+                    {
+                        self.forget_scratch(tino);
                     }
                     Node::Scratch(kind, newname.to_string())
                 }

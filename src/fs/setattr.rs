@@ -48,25 +48,13 @@ impl Core {
                 return Err(FsError::refuse(libc::EROFS, "the mount is read-only"));
             }
             let mut s = file.lock();
-            let now = SystemTime::now();
-            if let Some(m) = mode {
-                s.mode = (m & 0o7777) as u16;
+            // POSIX: a truncation that changes the size marks mtime and ctime; the file
+            // on disk keeps mode and times, and moves its ctime with them.
+            if let Some(n) = size {
+                self.scratch_set_len(&mut s, n, false)?;
             }
-            // POSIX: a truncation that changes the size marks mtime and ctime.
-            if let Some(n) = size
-                && n as usize != s.data.len()
-            {
-                s.data.resize(n as usize, 0);
-                s.mtime = now;
-            }
-            if let Some(t) = atime {
-                s.atime = t;
-            }
-            if let Some(t) = mtime {
-                s.mtime = t;
-            }
-            s.ctime = now;
-            return Ok(self.scratch_attr(ino, &s));
+            self.scratch_set_meta(&mut s, mode, atime, mtime)?;
+            return self.scratch_attr(ino, &s);
         }
         let cur = self.attr_of(ino, &node, fh)?;
         let changes_owner =

@@ -65,13 +65,7 @@ impl Core {
                 put(buf);
                 *dirty = true;
             }
-            Handle::Scratch { file, .. } => {
-                let mut s = file.lock();
-                put(&mut s.data);
-                let now = SystemTime::now();
-                s.mtime = now;
-                s.ctime = now;
-            }
+            Handle::Scratch { file, .. } => self.scratch_write(&mut file.lock(), offset, data)?,
             Handle::Ingest { state, wrote, .. } => {
                 let mut st = state.lock();
                 if st.ingest.is_none() {
@@ -143,12 +137,10 @@ impl Core {
                             self.last_size.lock().insert(ino, v.bytes.len() as u64);
                         })
                     }
-                    Some(Node::Scratch(..)) => {
-                        if let Some(s) = self.scratch_file(ino) {
-                            s.lock().data = data.clone();
-                        }
-                        Ok(())
-                    }
+                    Some(Node::Scratch(..)) => match self.scratch_file(ino) {
+                        Some(s) => self.scratch_replace(&mut s.lock(), data),
+                        None => Ok(()),
+                    },
                     // The name was unlinked while this descriptor was open: its bytes go
                     // nowhere, as on any POSIX filesystem.
                     _ => Ok(()),
@@ -190,6 +182,11 @@ impl Core {
                     return Ok(());
                 }
                 self.commit_ingest(&state, op)
+            }
+            Handle::Scratch { file, .. } if op == "fsync" => {
+                let file = file.clone();
+                drop(guard);
+                self.scratch_sync(&file.lock())
             }
             Handle::SidecarPut { hex, data } => {
                 let r = self.attach()?.put_sidecar(hex, data).map_err(FsError::from);
