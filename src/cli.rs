@@ -88,7 +88,8 @@ What each refusal returns (the reason goes to MOUNTPOINT/.errors and the log; a 
 checked at close, so a shell's `>` may not show the error: read .errors):
   EINVAL  invalid JSON, wrong type for a known field, unknown enum value, an id that
           disagrees with the file name, an invalid file name, an unknown key (arbiter's
-          database), a goal `done` with unverified sessions, a bad .gc command
+          database), a goal `done` with unverified sessions, a .gc command other than
+          exactly run, dry-run or grace=SECONDS (a blank line too)
   EFBIG   a record over --max-record-bytes (16 MiB); a scratch file over
           --max-scratch-bytes (1 GiB)
   EROFS   any change on a read-only mount
