@@ -80,8 +80,9 @@ As a mount(8) helper (ln -s $(command -v agentmount) /sbin/mount.agentmount):
   mount -t agentmount STORE MOUNTPOINT -o OPTIONS
   fstab: STORE MOUNTPOINT agentmount defaults,allow_other,_netdev,nofail 0 0
   options: ro, allow_other, noxattr, uid=N, gid=N, threads=N, log_level=L,
-           max_record_bytes=N, lock_timeout=SECONDS; defaults, noauto, nofail, _netdev,
-           x-* and the like are accepted; anything else is refused.
+           max_record_bytes=N, max_scratch_bytes=N, lock_timeout=SECONDS; defaults,
+           noauto, nofail, _netdev, x-* and the like are accepted; anything else is
+           refused.
 
 What each refusal returns (the reason goes to MOUNTPOINT/.errors and the log; a write is
 checked at close, so a shell's `>` may not show the error: read .errors):
@@ -90,8 +91,10 @@ checked at close, so a shell's `>` may not show the error: read .errors):
           a session UUID not written lowercase with hyphens, a label with a control
           character, U+FFFD, a control file's name, an uppercase address or not in NFC,
           an unknown key or a delegation id above 2^53 (arbiter's database), a goal
-          `done` with unverified sessions, a bad .gc command
-  EFBIG   a record over --max-record-bytes (16 MiB)
+          `done` with unverified sessions, a .gc command other than exactly run,
+          dry-run or grace=SECONDS (a blank line too)
+  EFBIG   a record over --max-record-bytes (16 MiB); a scratch file over
+          --max-scratch-bytes (1 GiB)
   EROFS   any change on a read-only mount
   EPERM   writes to attachment bytes or sidecars that change them, mkdir, rmdir, hard
           links, device nodes, chmod/chown that would change something
@@ -149,6 +152,11 @@ pub enum Command {
         /// Earlier versions kept in all in .history (the oldest go first)
         #[arg(long, value_name = "N", default_value_t = 10_000)]
         history_total: usize,
+        /// Largest scratch file (a name in a record directory that is not a record: editor
+        /// swap files, sed -i temps, X.json.bak), kept on disk in the state dir; a write or
+        /// truncate past it fails with EFBIG (K, M, G suffixes)
+        #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_bytes)]
+        max_scratch_bytes: u64,
         /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it
         #[arg(long, default_value = "info")]
         log_level: String,
@@ -282,7 +290,8 @@ pub fn helper_args(args: &[String]) -> Result<Vec<String>, String> {
             ("foreground", None) => out.push("--foreground".into()),
             ("noxattr", None) => out.push("--no-xattr".into()),
             (
-                "uid" | "gid" | "threads" | "max_record_bytes" | "lock_timeout" | "log_level",
+                "uid" | "gid" | "threads" | "max_record_bytes" | "max_scratch_bytes"
+                | "lock_timeout" | "log_level",
                 Some(v),
             ) => {
                 out.push(format!("--{}", k.replace('_', "-")));
@@ -299,7 +308,7 @@ pub fn helper_args(args: &[String]) -> Result<Vec<String>, String> {
             (k, _) if k.starts_with("x-") || k.starts_with("comment") => {}
             _ => {
                 return Err(format!(
-                    "unknown mount option {o:?} (known: ro, allow_other, noxattr, uid=N, gid=N, threads=N, log_level=L, max_record_bytes=N, lock_timeout=SECONDS)"
+                    "unknown mount option {o:?} (known: ro, allow_other, noxattr, uid=N, gid=N, threads=N, log_level=L, max_record_bytes=N, max_scratch_bytes=N, lock_timeout=SECONDS)"
                 ));
             }
         }

@@ -26,6 +26,7 @@ pub struct MountArgs {
     pub no_xattr: bool,
     pub threads: usize,
     pub no_journal: bool,
+    pub max_scratch_bytes: u64,
     pub journal: crate::journal::JournalOptions,
     pub log_level: String,
     pub mountpoint: PathBuf,
@@ -45,6 +46,7 @@ pub fn run_cli(cmd: Command) -> ExitCode {
         changes_max,
         history_per_record,
         history_total,
+        max_scratch_bytes,
         log_level,
         mountpoint,
     } = cmd
@@ -61,6 +63,7 @@ pub fn run_cli(cmd: Command) -> ExitCode {
         no_xattr,
         threads,
         no_journal,
+        max_scratch_bytes,
         journal: crate::journal::JournalOptions {
             changes_max,
             history_per_record,
@@ -429,6 +432,7 @@ fn serve(
     let mut opts = MountOptions {
         read_only,
         xattrs: !args.no_xattr,
+        max_scratch_bytes: args.max_scratch_bytes,
         ..Default::default()
     };
     if let Some(u) = args.uid {

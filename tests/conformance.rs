@@ -874,6 +874,61 @@ fn writes_renames_and_removals_reach_the_store<B: Backend>() {
     assert_eq!(per[&ids[0]], "via scratch");
 }
 
+/// No ordinary command loses data: a record moved to a scratch name (`mv X.json X.json.bak`)
+/// keeps its bytes on disk across an unmount and moves back; a shell's `>` into
+/// attachments/ stores what it wrote.
+fn ordinary_commands_lose_nothing_across_a_remount<B: Backend>() {
+    let b = B::create();
+    let ids = b.existing_ids();
+    let path = format!("sessions/{}.json", ids[0]);
+    // A Postgres mount's state dir is per host and mountpoint unless named.
+    let state = tempfile::tempdir().unwrap();
+    let state_arg = state.path().to_str().unwrap();
+    let args: &[&str] = if B::NAME == "postgres" {
+        &["--state-dir", state_arg]
+    } else {
+        &[]
+    };
+    let before;
+    let attachments;
+    {
+        let m = Mount::new(&b.store(), args);
+        before = read(&m, &ids[0]).unwrap();
+        sh_ok(&format!("mv {path} {path}.bak"), m.path());
+        assert_eq!(b.stored_marker(&ids[0]), None, "the record went");
+        assert_eq!(std::fs::read(m.p(&format!("{path}.bak"))).unwrap(), before);
+        attachments = m.p("attachments").is_dir();
+        if attachments {
+            assert_eq!(
+                sh_ok(
+                    "echo hello > attachments/new.txt && cat attachments/new.txt",
+                    m.path()
+                ),
+                "hello\n"
+            );
+            sh_ok(
+                "exec 3>attachments/x; /bin/echo a >&3; echo b >&3; exec 3>&-",
+                m.path(),
+            );
+        }
+    }
+    let mut args = args.to_vec();
+    args.push("--no-journal");
+    let m = Mount::new(&b.store(), &args);
+    let ls = sh_ok("ls sessions/", m.path());
+    assert!(ls.contains(&format!("{}.json.bak", ids[0])), "{ls}");
+    sh_ok(&format!("mv {path}.bak {path}"), m.path());
+    assert_eq!(b.stored_marker(&ids[0]), Some(B::marker_in(&before)));
+    assert!(!m.p(&format!("{path}.bak")).exists());
+    if attachments {
+        assert_eq!(
+            std::fs::read(m.p("attachments/new.txt")).unwrap(),
+            b"hello\n"
+        );
+        assert_eq!(std::fs::read(m.p("attachments/x")).unwrap(), b"a\nb\n");
+    }
+}
+
 /// Instantiates every case for every backend: `cargo test --test conformance sqlite`.
 macro_rules! conformance {
     ($($backend:ident => $ty:ty),* $(,)?) => {$(
@@ -910,6 +965,10 @@ macro_rules! conformance {
             #[test]
             fn writes_renames_and_removals_reach_the_store() {
                 super::writes_renames_and_removals_reach_the_store::<$ty>()
+            }
+            #[test]
+            fn ordinary_commands_lose_nothing_across_a_remount() {
+                super::ordinary_commands_lose_nothing_across_a_remount::<$ty>()
             }
         }
     )*};

@@ -457,6 +457,115 @@ fn garbage_in_a_store_file_keeps_the_last_good_view_until_fixed() {
     assert_eq!(json(&goals).as_array().unwrap().len(), 3);
 }
 
+fn sha_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    agentmount::store::attachments::to_hex(&sha2::Sha256::digest(b))
+}
+
+/// What the label `name` names once its ingest is stored (a commit at release comes
+/// after the close returns), and the store's bytes of that blob.
+fn label_bytes(st: &Path, m: &Mount, name: &str) -> (String, Vec<u8>) {
+    let p = m.p(&format!("attachments/{name}"));
+    wait_until(Duration::from_secs(5), || {
+        std::fs::symlink_metadata(&p).is_ok_and(|md| md.file_type().is_symlink())
+    })
+    .unwrap_or_else(|| panic!("{name} never became a label"));
+    let hex = std::fs::read_link(&p)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let bytes = std::fs::read(st.join("attachments/sha256").join(&hex[..2]).join(&hex)).unwrap();
+    (hex, bytes)
+}
+
+/// A shell's `>` opens, dup2s and closes the original before it writes: that first close
+/// (a FLUSH with nothing written) must not store an empty blob under the name.
+#[test]
+fn shell_redirections_into_attachments_store_what_was_written() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    assert_eq!(
+        sh_ok(
+            "echo hello > attachments/new.txt && cat attachments/new.txt",
+            m.path()
+        ),
+        "hello\n"
+    );
+    let (hex, bytes) = label_bytes(st.path(), &m, "new.txt");
+    assert_eq!((hex, bytes), (sha_hex(b"hello\n"), b"hello\n".to_vec()));
+
+    // A descriptor kept open across commands: the builtin echo writes, one close at the end.
+    sh_ok(
+        "exec 3>attachments/x; echo a >&3; echo b >&3; exec 3>&-",
+        m.path(),
+    );
+    assert_eq!(label_bytes(st.path(), &m, "x").1, b"a\nb\n");
+    // A child process writes and exits (its close is a FLUSH with bytes: stored), then the
+    // next one writes on: a new ingest from the stored bytes, and the label moves to it.
+    sh_ok(
+        "exec 3>attachments/y; /bin/echo a >&3; cat attachments/y; /bin/echo b >&3; exec 3>&-",
+        m.path(),
+    );
+    let (hex, bytes) = label_bytes(st.path(), &m, "y");
+    assert_eq!(
+        (hex.as_str(), &bytes[..]),
+        (sha_hex(b"a\nb\n").as_str(), &b"a\nb\n"[..])
+    );
+    assert_eq!(std::fs::read(m.p("attachments/y")).unwrap(), b"a\nb\n");
+    let sidecar = |h: &str| json(&m.p(&format!("attachments/{h}.json")));
+    assert_eq!(sidecar(&hex)["label"], "y");
+    assert_eq!(
+        sidecar(&sha_hex(b"a\n")).get("label"),
+        None,
+        "one blob holds a label"
+    );
+    // python3: the same dance with os.dup/os.close, and a write after an fsync.
+    let py = r#"
+import os, sys
+fd = os.open("attachments/p.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.close(os.dup(fd))
+os.write(fd, b"py")
+os.fsync(fd)
+os.write(fd, b"thon\n")
+os.close(fd)
+print(open("attachments/p.txt").read(), end="")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(py)
+        .current_dir(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "python\n");
+    assert_eq!(label_bytes(st.path(), &m, "p.txt").1, b"python\n");
+
+    // Files left empty are still empty attachments (stored at the release).
+    sh_ok(": > attachments/empty && touch attachments/e", m.path());
+    for name in ["empty", "e"] {
+        let (hex, bytes) = label_bytes(st.path(), &m, name);
+        assert_eq!((hex, bytes.len()), (sha_hex(b""), 0), "{name}");
+    }
+
+    // cp still hears a refused ingest at its close.
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("nope"), b"nope").unwrap();
+    let o = sh(
+        &format!("cp {}/nope attachments/{NOTES}", src.path().display()),
+        m.path(),
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn cp_into_attachments_stores_bytes_by_hash_and_leaves_a_label() {
     let st = fixture_copy();
@@ -523,6 +632,36 @@ fn cp_into_attachments_stores_bytes_by_hash_and_leaves_a_label() {
             .len(),
         data.len()
     );
+}
+
+/// `.gc` takes exactly its documented words: a blank line or a near miss deletes nothing.
+#[test]
+fn gc_refuses_a_blank_line_and_near_misses_and_deletes_nothing() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    let blob = st.path().join("attachments/sha256/05").join(NOTES);
+    for cmd in [
+        "echo > .gc",
+        "echo dryrun > .gc",
+        "echo Run > .gc",
+        "echo run now > .gc",
+    ] {
+        let o = sh(cmd, m.path());
+        assert!(!o.status.success(), "`{cmd}` succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("Invalid argument"), "`{cmd}`: {err}");
+        assert!(blob.exists(), "`{cmd}` deleted the orphan");
+        assert!(m.p(&format!("attachments/{NOTES}")).exists());
+    }
+    let errors = std::fs::read_to_string(m.p(".errors")).unwrap();
+    let last = errors.lines().last().unwrap_or_default();
+    for word in ["`run`", "`dry-run`", "`grace=<seconds>`"] {
+        assert!(last.contains(word), "the reason lists {word}: {last}");
+    }
+    // The documented words still work, with or without echo's newline.
+    sh_ok("printf dry-run > .gc && echo dry-run > .gc", m.path());
+    assert_eq!(json(&m.p(".gc"))["dry_run"], true);
+    assert!(blob.exists());
 }
 
 #[test]
@@ -833,4 +972,210 @@ fn no_xattr_mounts_answer_attribute_calls_not_supported() {
         69
     );
     assert_eq!(json(&m.p(".status"))["xattrs"], false);
+}
+
+/// The daemon serving a mountpoint (its command line names it).
+fn daemon_pid(m: &Mount) -> u32 {
+    let out = Command::new("pgrep")
+        .arg("-f")
+        .arg(m.path())
+        .output()
+        .unwrap();
+    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(
+        pids.len(),
+        1,
+        "one daemon for {}: {pids:?}",
+        m.path().display()
+    );
+    pids[0]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Scratch files keep their bytes on disk in the state dir: `mv X.json X.json.bak` loses
+/// nothing at unmount, and moving it back restores the record, with or without the
+/// journal; a read-only mount shows them and makes none.
+#[test]
+fn scratch_files_are_on_disk_and_survive_a_remount() {
+    use std::os::unix::fs::PermissionsExt;
+    let st = fixture_copy();
+    let goal = "goals/g-1a2b3c4d.json";
+    let before;
+    {
+        let m = Mount::new(st.path(), &[]);
+        before = std::fs::read(m.p(goal)).unwrap();
+        sh_ok(&format!("mv {goal} {goal}.bak"), m.path());
+        assert!(!m.p(goal).exists());
+        assert!(
+            !json(&st.path().join("sm/goals.json"))
+                .to_string()
+                .contains("g-1a2b3c4d")
+        );
+        assert_eq!(std::fs::read(m.p(&format!("{goal}.bak"))).unwrap(), before);
+        // python3 writes a swap file; its mode is the file's own.
+        let py = "import os\nwith open('goals/.g.swp', 'wb') as f:\n    f.write(b'swap' * 1000)\nos.chmod('goals/.g.swp', 0o600)\n";
+        let o = Command::new("python3")
+            .arg("-c")
+            .arg(py)
+            .current_dir(m.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            std::fs::metadata(m.p("goals/.g.swp"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+    let scratch = st.path().join(".agentmount/scratch");
+    let on_disk = scratch.join("goals/g-1a2b3c4d.json.bak");
+    assert_eq!(std::fs::read(&on_disk).unwrap(), before);
+    for d in [&scratch, &scratch.join("goals")] {
+        assert_eq!(
+            std::fs::metadata(d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+    // Read-only: shown, not made.
+    {
+        let m = Mount::new(st.path(), &["--read-only"]);
+        let ls = sh_ok("ls -a goals/", m.path());
+        assert!(
+            ls.contains("g-1a2b3c4d.json.bak") && ls.contains(".g.swp"),
+            "{ls}"
+        );
+        let o = sh("echo x > goals/new.tmp", m.path());
+        assert!(String::from_utf8_lossy(&o.stderr).contains("Read-only file system"));
+    }
+    // Without the journal too.
+    let m = Mount::new(st.path(), &["--no-journal"]);
+    let ls = sh_ok("ls -a goals/", m.path());
+    assert!(
+        ls.contains("g-1a2b3c4d.json.bak") && ls.contains(".g.swp"),
+        "{ls}"
+    );
+    assert!(!ls.contains("g-1a2b3c4d.json\n"), "{ls}");
+    assert_eq!(
+        std::fs::read(m.p("goals/.g.swp")).unwrap(),
+        b"swap".repeat(1000)
+    );
+    sh_ok(&format!("mv {goal}.bak {goal}"), m.path());
+    assert_eq!(std::fs::read(m.p(goal)).unwrap(), before);
+    assert!(
+        json(&st.path().join("sm/goals.json"))
+            .to_string()
+            .contains("g-1a2b3c4d")
+    );
+    assert!(!m.p(&format!("{goal}.bak")).exists());
+    assert!(!on_disk.exists());
+    // A descriptor open on a scratch file keeps its bytes after unlink (nlink 0).
+    let py = "import os\nf = open('goals/.g.swp', 'rb')\nos.unlink('goals/.g.swp')\nassert not os.path.exists('goals/.g.swp')\nassert os.fstat(f.fileno()).st_nlink == 0\nprint(len(f.read()))\n";
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(py)
+        .current_dir(m.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "4000");
+    assert!(!scratch.join("goals/.g.swp").exists());
+}
+
+/// A huge scratch file costs the daemon no memory (its bytes are on disk), and one past
+/// --max-scratch-bytes is EFBIG.
+#[test]
+fn scratch_files_cost_no_memory_and_stop_at_their_limit() {
+    let st = fixture_copy();
+    {
+        let m = Mount::new(st.path(), &["--max-scratch-bytes", "3G"]);
+        let pid = daemon_pid(&m);
+        let rss0 = rss_kib(pid);
+        sh_ok(
+            "truncate -s 2G goals/big.tmp && dd if=/dev/urandom of=goals/big.tmp bs=1M count=16 seek=100 conv=notrunc status=none",
+            m.path(),
+        );
+        assert_eq!(
+            std::fs::metadata(m.p("goals/big.tmp")).unwrap().len(),
+            2 << 30
+        );
+        let rss1 = rss_kib(pid);
+        assert!(
+            rss1 < rss0 + 100 * 1024,
+            "daemon RSS grew from {rss0} kB to {rss1} kB"
+        );
+        sh_ok("rm goals/big.tmp", m.path());
+    }
+    let m = Mount::new(st.path(), &["--max-scratch-bytes", "1M"]);
+    let o = sh("truncate -s 2M goals/t.tmp", m.path());
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("File too large"));
+    let o = sh("head -c 1048577 /dev/zero > goals/w.tmp", m.path());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("File too large"),
+        "{o:?}"
+    );
+    let errors = std::fs::read_to_string(m.p(".errors")).unwrap();
+    assert!(errors.contains("--max-scratch-bytes"), "{errors}");
+    // Up to the limit is fine.
+    sh_ok("head -c 1048576 /dev/zero > goals/w.tmp", m.path());
+    assert_eq!(
+        std::fs::metadata(m.p("goals/w.tmp")).unwrap().len(),
+        1 << 20
+    );
+}
+
+/// The state dir of a directory store lies inside the store, which is untrusted: a
+/// planted symlink, FIFO or hard link among the scratch files is never opened or followed.
+#[test]
+fn planted_links_among_scratch_files_are_never_followed() {
+    use std::os::unix::fs::symlink;
+    let st = fixture_copy();
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    let dir = st.path().join(".agentmount/scratch/goals");
+    std::fs::create_dir_all(&dir).unwrap();
+    symlink(&victim, dir.join("evil.txt")).unwrap();
+    std::fs::hard_link(&victim, dir.join("hard.txt")).unwrap();
+    sh_ok(
+        &format!("mkfifo {}", dir.join("fifo.txt").display()),
+        st.path(),
+    );
+    std::fs::write(dir.join("fine.txt"), b"fine").unwrap();
+    let m = Mount::new(st.path(), &[]);
+    let ls = sh_ok("ls goals/", m.path());
+    assert!(ls.contains("fine.txt"), "{ls}");
+    for n in ["evil.txt", "hard.txt", "fifo.txt"] {
+        assert!(!ls.contains(n), "{n} listed: {ls}");
+    }
+    sh_ok(
+        "echo new > goals/evil.txt && echo new > goals/hard.txt",
+        m.path(),
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    assert_eq!(std::fs::read(m.p("goals/evil.txt")).unwrap(), b"new\n");
+    drop(m);
+    // The scratch directory itself planted as a symlink: not used, the mount still serves.
+    let st = fixture_copy();
+    std::fs::create_dir_all(st.path().join(".agentmount")).unwrap();
+    symlink(outside.path(), st.path().join(".agentmount/scratch")).unwrap();
+    let m = Mount::new(st.path(), &[]);
+    let o = sh("echo x > goals/x.tmp", m.path());
+    assert!(!o.status.success());
+    assert!(std::fs::read(m.p("goals/g-1a2b3c4d.json")).is_ok());
+    assert!(!outside.path().join("goals").exists());
 }

@@ -104,9 +104,28 @@ fn an_ordinary_user_mounts_through_fusermount3() {
             .uid(),
         std::fs::metadata(d.path().join("store")).unwrap().uid()
     );
+    // Scratch files (sed -i's temp, a note) are the user's files in the state dir.
+    let s = as_user(
+        "echo kept > mnt/goals/notes.tmp && sed -i 's/by a user/by sed/' mnt/goals/g-00000abc.json && cat mnt/goals/notes.tmp",
+        d.path(),
+    );
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    assert_eq!(String::from_utf8_lossy(&s.stdout), "kept\n");
+    let scratch = d.path().join("store/.agentmount/scratch/goals/notes.tmp");
+    assert_eq!(
+        std::fs::metadata(&scratch).unwrap().uid(),
+        std::fs::metadata(d.path().join("store")).unwrap().uid()
+    );
     let o = as_user("./agentmount unmount mnt", d.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!agentmount::mount::is_mountpoint(&d.path().join("mnt")));
+    // ... and are there again at the next mount.
+    let o = as_user(
+        "./agentmount mount --store store mnt && cat mnt/goals/notes.tmp && ./agentmount unmount mnt",
+        d.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "kept\n");
     drop(guard);
 }
 

@@ -460,9 +460,12 @@ fn hostile_operations_get_their_errno_and_change_nothing() {
         }),
         case("write attachment bytes", EPERM, put(pix, b"x")),
         case("write attachment sidecar", EPERM, put(pix_meta, b"{}")),
-        // DESIGN §7: a write to attachment bytes is a put by address, refused at close
-        // unless the bytes hash to the name.
-        case("truncate attachment bytes", EPERM, move |m: &Path| write_close(&m.join(pix), b"").map_err(std::io::Error::from_raw_os_error)),
+        // DESIGN §7: a write to attachment bytes is a put by address, refused when stored
+        // unless the bytes hash to the name. A close with nothing written stores nothing
+        // (the shell's `>` closes a duplicate before it writes): an O_TRUNC open is refused
+        // at fsync, or at the release (in .errors); an ftruncate at once.
+        case("truncate attachment bytes", EPERM, move |m: &Path| std::fs::OpenOptions::new().write(true).truncate(true).open(m.join(pix))?.sync_all()),
+        case("ftruncate attachment bytes", EPERM, move |m: &Path| std::fs::OpenOptions::new().write(true).open(m.join(pix))?.set_len(0)),
         case("unlink attachment bytes", EPERM, move |m: &Path| std::fs::remove_file(m.join(pix))),
         case("unlink sidecar", EPERM, move |m: &Path| std::fs::remove_file(m.join(pix_meta))),
         case("create a file named like a blob", EPERM, move |m: &Path| write_close(&m.join(format!("attachments/{}", "a".repeat(64))), b"x").map_err(std::io::Error::from_raw_os_error)),

@@ -643,14 +643,25 @@ fn gc_reclaims_the_fixture_orphan_and_keeps_the_referenced_pixel() {
         .unwrap();
     assert_eq!(r.reclaimed_ids, [young]);
     assert!(foreign.exists());
-    assert!(GcOptions::parse_command("bogus").is_err());
-    assert_eq!(
-        GcOptions::parse_command("grace=5 dry-run\n")
-            .unwrap()
-            .grace_secs,
-        5
-    );
-    assert!(GcOptions::parse_command("").is_ok());
+    // Exactly the documented words, each with at most one trailing newline.
+    for bad in [
+        "bogus",
+        "",
+        "\n",
+        "dryrun",
+        "Run",
+        "run\n\n",
+        " run",
+        "grace=",
+        "grace=+5",
+        "grace=5 dry-run\n",
+        "run,dry-run",
+    ] {
+        assert!(GcOptions::parse_command(bad).is_err(), "{bad:?} accepted");
+    }
+    assert!(!GcOptions::parse_command("run\n").unwrap().dry_run);
+    assert!(GcOptions::parse_command("dry-run").unwrap().dry_run);
+    assert_eq!(GcOptions::parse_command("grace=5\n").unwrap().grace_secs, 5);
 }
 
 #[test]

@@ -235,7 +235,7 @@ impl Core {
                     None => None,
                 };
                 match f.or_else(|| self.scratch_file(ino)) {
-                    Some(f) => Ok(self.scratch_attr(ino, &f.lock())),
+                    Some(f) => self.scratch_attr(ino, &f.lock()),
                     None => self
                         .open_handle_attr(ino)
                         .ok_or_else(|| FsError::new(libc::ENOENT)),
@@ -341,7 +341,7 @@ impl Core {
             let h = h.lock();
             match &*h {
                 Handle::Scratch { ino: i, file } if *i == ino => {
-                    return Some(self.scratch_attr(ino, &file.lock()));
+                    return self.scratch_attr(ino, &file.lock()).ok();
                 }
                 Handle::Record { ino: i, data, .. } if *i == ino => {
                     let now = SystemTime::now();
@@ -400,10 +400,21 @@ impl Core {
         let h = fh
             .and_then(|f| self.handle(f))
             .ok_or_else(|| FsError::new(libc::ENOENT))?;
-        let Handle::Ingest { state } = &*h.lock() else {
+        let Handle::Ingest { state, .. } = &*h.lock() else {
             return Err(FsError::new(libc::ENOENT));
         };
         let st = state.lock();
+        // Written again after it was stored: the new ingest, until it is stored too.
+        if let Some(i) = &st.ingest {
+            return Ok(self.attr(
+                ino,
+                FileKind::File,
+                i.len(),
+                (st.mtime, st.mtime),
+                0o644,
+                Duration::ZERO,
+            ));
+        }
         let hex = st.done.clone().ok_or_else(|| FsError::new(libc::ENOENT))?;
         let (size, mtime, ctime) = self
             .attach()?

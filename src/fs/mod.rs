@@ -8,6 +8,7 @@
 //! - `write.rs`: write and the commit at flush/fsync/release
 //! - `setattr.rs`: truncate, chmod/chown/utimes
 //! - `rename.rs`: unlink and rename
+//! - `scratch.rs`: scratch files, on disk in the state dir
 //! - `control.rs`: `.gc`, `.status`, xattrs, statfs
 //! - `invalidate.rs`: kernel cache invalidation, driven by the backend's change events
 //! - `versions.rs`: one inode a record version, so reads can use the page cache
@@ -22,6 +23,7 @@ mod lookup;
 mod open;
 mod readdir;
 mod rename;
+mod scratch;
 mod setattr;
 mod versions;
 mod write;
@@ -128,7 +130,13 @@ pub struct MountOptions {
     pub xattrs: bool,
     /// `--uid`/`--gid` were given: files show them instead of the store's owner.
     pub owner_given: bool,
+    /// The largest scratch file (`--max-scratch-bytes`): a write or truncate past it is
+    /// EFBIG.
+    pub max_scratch_bytes: u64,
 }
+
+/// `--max-scratch-bytes` unless told: 1 GiB.
+pub const DEFAULT_MAX_SCRATCH_BYTES: u64 = 1 << 30;
 
 impl Default for MountOptions {
     fn default() -> Self {
@@ -142,6 +150,7 @@ impl Default for MountOptions {
             blob_ttl: Duration::from_secs(3600),
             xattrs: true,
             owner_given: false,
+            max_scratch_bytes: DEFAULT_MAX_SCRATCH_BYTES,
         }
     }
 }
@@ -190,8 +199,16 @@ enum Handle {
         data: Arc<[u8]>,
         mtime: SystemTime,
     },
+    /// An attachment being written. `wrote`: bytes arrived (or a truncate) through this
+    /// descriptor since it was opened: only then is its close a commit. The shell's `>`
+    /// opens, dup2s and closes the original before anything is written; that close must
+    /// not store an empty blob under the name. A descriptor that wrote nothing commits at
+    /// release (`touch`, `: >` make an empty attachment there), when no other descriptor
+    /// open for writing shares the ingest.
     Ingest {
         state: Arc<Mutex<IngestState>>,
+        for_write: bool,
+        wrote: bool,
     },
     /// A sidecar being written back (accepted at close only with its exact bytes).
     SidecarPut {
@@ -231,17 +248,16 @@ fn label_time(listing: &Listing, id: &BlobId) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-/// A scratch file. Its descriptors share it, so one that stays open after the name is
-/// unlinked or replaced keeps reading and writing the same bytes (nlink 0), as on any
-/// POSIX filesystem.
+/// A scratch file: its bytes, mode and times are a file's in the state dir
+/// (`scratch.rs`). Its descriptors share the one open file, so one that stays open after
+/// the name is unlinked or replaced keeps reading and writing the same bytes (nlink 0),
+/// as on any POSIX filesystem.
 struct Scratch {
     kind: Kind,
+    /// Its name, in the mount and in `<state_dir>/scratch/<collection>/`.
     name: String,
-    data: Vec<u8>,
-    mode: u16,
-    atime: SystemTime,
-    mtime: SystemTime,
-    ctime: SystemTime,
+    /// Opened the first time a descriptor or an attribute needs it; kept while it lives.
+    file: Option<Arc<File>>,
     nlink: u32,
 }
 
@@ -249,7 +265,6 @@ type ScratchFile = Arc<Mutex<Scratch>>;
 
 struct IngestState {
     name: String,
-    ino: u64,
     ingest: Option<Ingest>,
     mtime: SystemTime,
     unlinked: bool,
@@ -260,6 +275,9 @@ struct IngestState {
     /// Bytes were written or the file truncated since open (an open for writing of an
     /// existing blob that did neither changes nothing).
     touched: bool,
+    /// A write after the bytes were stored started a new ingest from them: the blob that
+    /// holds the name now, whose label moves to the new bytes at the next commit.
+    relabel_from: Option<String>,
 }
 
 /// One name in a directory listing, with its attributes when known.
@@ -306,6 +324,8 @@ pub struct Core {
     handles: Mutex<HashMap<u64, Arc<Mutex<Handle>>>>,
     next_fh: AtomicU64,
     scratch: Mutex<HashMap<u64, ScratchFile>>,
+    /// Where scratch files keep their bytes.
+    scratch_dir: scratch::ScratchDir,
     /// When a name in a directory last changed through the mount.
     dir_times: Mutex<HashMap<u64, SystemTime>>,
     /// Record inodes: the version each shows and what the kernel may hold of it (one inode
@@ -362,7 +382,9 @@ impl Core {
         opts: MountOptions,
         journal: Option<Arc<Journal>>,
     ) -> Arc<Core> {
-        Arc::new(Core {
+        let scratch_dir =
+            scratch::ScratchDir::open(&store.state_dir(), store.collections(), opts.read_only);
+        let core = Arc::new(Core {
             store,
             opts,
             journal,
@@ -374,6 +396,7 @@ impl Core {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             scratch: Mutex::new(HashMap::new()),
+            scratch_dir,
             dir_times: Mutex::new(HashMap::new()),
             versions: Mutex::new(versions::Table::default()),
             pending: Mutex::new(HashMap::new()),
@@ -385,7 +408,9 @@ impl Core {
 
             started: Instant::now(),
             started_wall: SystemTime::now(),
-        })
+        });
+        core.load_scratch();
+        core
     }
 
     /// Records a refusal in `.errors` and the log (for errors that carry a reason).
@@ -483,30 +508,6 @@ impl Core {
     /// The scratch file a name in a record directory has now.
     fn scratch_file(&self, ino: u64) -> Option<ScratchFile> {
         self.scratch.lock().get(&ino).cloned()
-    }
-
-    /// Removes a scratch file's name; descriptors still open keep its bytes (nlink 0).
-    fn unlink_scratch(&self, ino: u64) {
-        if let Some(f) = self.scratch.lock().remove(&ino) {
-            let mut f = f.lock();
-            f.nlink = 0;
-            f.ctime = SystemTime::now();
-        }
-    }
-
-    /// Attributes of a scratch file.
-    fn scratch_attr(&self, ino: u64, s: &Scratch) -> Attr {
-        let mut a = self.attr(
-            ino,
-            FileKind::File,
-            s.data.len() as u64,
-            (s.mtime, s.ctime),
-            s.mode,
-            Duration::ZERO,
-        );
-        a.atime = s.atime;
-        a.nlink = s.nlink;
-        a
     }
 
     /// A record's times: its own (when its content last changed) with the journal, else

@@ -136,12 +136,14 @@ impl Core {
                 let file = self
                     .scratch_file(ino)
                     .ok_or_else(|| FsError::new(libc::ENOENT))?;
-                if trunc {
+                {
                     let mut s = file.lock();
-                    s.data.clear();
-                    let now = SystemTime::now();
-                    s.mtime = now;
-                    s.ctime = now;
+                    // The descriptor on disk is opened now, so this one keeps the bytes
+                    // if the name goes.
+                    self.scratch_fd(&mut s)?;
+                    if trunc && !self.opts.read_only {
+                        self.scratch_set_len(&mut s, 0, true)?;
+                    }
                 }
                 Ok((self.add_handle(Handle::Scratch { ino, file }), direct))
             }
@@ -153,15 +155,22 @@ impl Core {
                 let hex = to_hex(&id);
                 let st = Arc::new(Mutex::new(IngestState {
                     name: hex.clone(),
-                    ino,
                     ingest: Some(self.attach()?.begin_ingest()?),
                     mtime: SystemTime::now(),
                     unlinked: false,
                     done: None,
                     expect: Some(hex),
                     touched: trunc,
+                    relabel_from: None,
                 }));
-                Ok((self.add_handle(Handle::Ingest { state: st }), direct))
+                Ok((
+                    self.add_handle(Handle::Ingest {
+                        state: st,
+                        for_write: true,
+                        wrote: false,
+                    }),
+                    direct,
+                ))
             }
             Node::Blob(_) | Node::Label(_) => {
                 let id = self
@@ -202,7 +211,14 @@ impl Core {
                 if trunc && let Some(i) = st.lock().ingest.as_mut() {
                     i.truncate(0)?;
                 }
-                Ok((self.add_handle(Handle::Ingest { state: st }), direct))
+                Ok((
+                    self.add_handle(Handle::Ingest {
+                        state: st,
+                        for_write: write,
+                        wrote: false,
+                    }),
+                    direct,
+                ))
             }
             // Read-only opens of .gc see one report; writable ones run collections.
             Node::Gc if !write => {
@@ -278,17 +294,13 @@ impl Core {
                 Class::Invalid(reason) => Err(FsError::refuse(libc::EINVAL, reason)),
                 Class::Scratch => {
                     let node = Node::Scratch(kind, name.to_string());
+                    // A file of that name made meanwhile is replaced (its descriptors keep
+                    // its bytes).
+                    if let Some(old) = self.inodes.existing(&node) {
+                        self.forget_scratch(old);
+                    }
+                    let file = self.new_scratch(kind, name, mode)?;
                     let ino = self.inodes.ino(&node);
-                    let file = Arc::new(Mutex::new(Scratch {
-                        kind,
-                        name: name.to_string(),
-                        data: Vec::new(),
-                        mode: (mode & 0o7777) as u16,
-                        atime: now,
-                        mtime: now,
-                        ctime: now,
-                        nlink: 1,
-                    }));
                     self.scratch.lock().insert(ino, file.clone());
                     self.dir_changed(parent);
                     let attr = self.attr_of(ino, &node, None)?;
@@ -364,18 +376,23 @@ impl Core {
             let ino = self.inodes.ino(&node);
             let st = Arc::new(Mutex::new(IngestState {
                 name: name.to_string(),
-                ino,
                 ingest: Some(ingest),
                 mtime: now,
                 unlinked: false,
                 done: None,
                 expect,
                 touched: true,
+                relabel_from: None,
             }));
             self.ingests.lock().insert(name.to_string(), st.clone());
             self.dir_changed(parent);
             let attr = self.attr_of(ino, &node, None)?;
-            Ok((attr, self.add_handle(Handle::Ingest { state: st }), direct))
+            let fh = self.add_handle(Handle::Ingest {
+                state: st,
+                for_write: true,
+                wrote: false,
+            });
+            Ok((attr, fh, direct))
         } else {
             Err(FsError::refuse(
                 libc::EPERM,
@@ -400,7 +417,7 @@ impl Core {
                 Some(j) => Ok(j.read_changes(offset, size as usize)?),
                 None => Ok(Vec::new()),
             },
-            Handle::Scratch { file, .. } => Ok(slice(&file.lock().data)),
+            Handle::Scratch { file, .. } => self.scratch_read(&mut file.lock(), offset, size),
             Handle::Blob { file } => {
                 let mut buf = vec![0u8; size as usize];
                 let mut got = 0;
@@ -416,7 +433,7 @@ impl Core {
                 buf.truncate(got);
                 Ok(buf)
             }
-            Handle::Ingest { state } => {
+            Handle::Ingest { state, .. } => {
                 let st = state.lock();
                 match (&st.ingest, &st.done) {
                     (Some(i), _) => Ok(i.read_at(offset, size as usize)?),

@@ -44,7 +44,8 @@ impl Core {
                 }
             }
             Node::Ingest(n) => {
-                if let Some(st) = self.ingests.lock().remove(n) {
+                let st = self.ingests.lock().remove(n);
+                if let Some(st) = st {
                     st.lock().unlinked = true;
                 }
             }
@@ -231,36 +232,34 @@ impl Core {
                         .get(kind, from)?
                         .map(|v| v.bytes.to_vec())
                         .unwrap_or_default();
-                    self.expect_change(kind, from);
-                    let r = self.store.remove(kind, from);
-                    self.changed(kind, from);
-                    r?;
-                    self.drop_scratch_target(&target);
+                    // The bytes are durable in the scratch file before the record goes;
+                    // if it cannot go, the scratch file is taken back.
+                    let file = self.record_to_scratch(kind, newname, &bytes, || {
+                        self.expect_change(kind, from);
+                        let r = self.store.remove(kind, from);
+                        self.changed(kind, from);
+                        r.map_err(FsError::from)
+                    })?;
+                    // The file that had the name on disk was replaced: its descriptors
+                    // keep its bytes.
+                    if let Some(t @ Node::Scratch(..)) = &target
+                        && let Some(tino) = self.inodes.existing(t)
+                    {
+                        self.forget_scratch(tino);
+                    }
                     let ino = self.inodes.ino(&node);
                     // A scratch file from now on: it shows no record version.
                     self.drop_version(ino);
-                    let now = SystemTime::now();
-                    self.scratch.lock().insert(
-                        ino,
-                        Arc::new(Mutex::new(Scratch {
-                            kind,
-                            name: newname.to_string(),
-                            data: bytes,
-                            mode: 0o644,
-                            atime: now,
-                            mtime: now,
-                            ctime: now,
-                            nlink: 1,
-                        })),
-                    );
+                    self.scratch.lock().insert(ino, file);
                     Node::Scratch(kind, newname.to_string())
                 }
                 (Node::Scratch(..), Class::Record(to)) => {
                     let ino = self.inodes.ino(&node);
-                    let data = self
+                    let file = self
                         .scratch_file(ino)
-                        .map(|s| s.lock().data.clone())
                         .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    let data =
+                        self.scratch_bytes(&mut file.lock(), self.store.max_record_bytes())?;
                     self.expect_change(kind, &to);
                     let r = self.store.upsert(kind, &to, &data);
                     self.changed(kind, &to);
@@ -269,12 +268,17 @@ impl Core {
                     Node::Record(kind, to)
                 }
                 (Node::Scratch(..), Class::Scratch) => {
-                    self.drop_scratch_target(&target);
                     let ino = self.inodes.ino(&node);
-                    if let Some(s) = self.scratch_file(ino) {
-                        let mut s = s.lock();
-                        s.name = newname.to_string();
-                        s.ctime = SystemTime::now();
+                    let file = self
+                        .scratch_file(ino)
+                        .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    // One rename on disk replaces the target (its descriptors keep its
+                    // bytes), as here.
+                    self.rename_scratch_file(&mut file.lock(), newname)?;
+                    if let Some(t @ Node::Scratch(..)) = &target
+                        && let Some(tino) = self.inodes.existing(t)
+                    {
+                        self.forget_scratch(tino);
                     }
                     Node::Scratch(kind, newname.to_string())
                 }
@@ -302,12 +306,13 @@ impl Core {
                     self.attachment_changed(&hex, "update", Some(newname));
                 }
                 Node::Ingest(old) => {
-                    let mut map = self.ingests.lock();
-                    let st = map.remove(old).ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    // Never the table's lock and an ingest's at once (a commit takes them
+                    // the other way round).
+                    let st = self.ingests.lock().remove(old);
+                    let st = st.ok_or_else(|| FsError::new(libc::ENOENT))?;
                     st.lock().name = newname.to_string();
-                    map.insert(newname.to_string(), st);
+                    self.ingests.lock().insert(newname.to_string(), st);
                     let new_node = Node::Ingest(newname.to_string());
-                    drop(map);
                     self.inodes.rename(&node, &new_node);
                     return Ok(());
                 }

@@ -49,25 +49,13 @@ impl Core {
                 return Err(FsError::refuse(libc::EROFS, "the mount is read-only"));
             }
             let mut s = file.lock();
-            let now = SystemTime::now();
-            if let Some(m) = mode {
-                s.mode = (m & 0o7777) as u16;
+            // POSIX: a truncation that changes the size marks mtime and ctime; the file
+            // on disk keeps mode and times, and moves its ctime with them.
+            if let Some(n) = size {
+                self.scratch_set_len(&mut s, n, false)?;
             }
-            // POSIX: a truncation that changes the size marks mtime and ctime.
-            if let Some(n) = size
-                && n as usize != s.data.len()
-            {
-                s.data.resize(n as usize, 0);
-                s.mtime = now;
-            }
-            if let Some(t) = atime {
-                s.atime = t;
-            }
-            if let Some(t) = mtime {
-                s.mtime = t;
-            }
-            s.ctime = now;
-            return Ok(self.scratch_attr(ino, &s));
+            self.scratch_set_meta(&mut s, mode, atime, mtime)?;
+            return self.scratch_attr(ino, &s);
         }
         let cur = self.attr_of(ino, &node, fh)?;
         let changes_owner = uid.is_some_and(|u| u != cur.uid) || gid.is_some_and(|g| g != cur.gid);
@@ -137,18 +125,29 @@ impl Core {
                     }
                 }
                 Node::Ingest(name) => {
-                    let st = self
-                        .ingests
-                        .lock()
-                        .get(name)
-                        .cloned()
-                        .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                    // ftruncate: the descriptor's own ingest (even once stored); truncate(2)
+                    // by name: the file being written under it.
+                    let h = fh.and_then(|f| self.handle(f));
+                    let mut h = h.as_ref().map(|h| h.lock());
+                    let (st, wrote) = match h.as_deref_mut() {
+                        Some(Handle::Ingest { state, wrote, .. }) => (state.clone(), Some(wrote)),
+                        _ => {
+                            let st = self.ingests.lock().get(name).cloned();
+                            (st.ok_or_else(|| FsError::new(libc::ENOENT))?, None)
+                        }
+                    };
                     let mut st = st.lock();
+                    if st.ingest.is_none() && wrote.is_some() {
+                        self.reingest(&mut st)?;
+                    }
                     let i = st.ingest.as_mut().ok_or_else(|| {
                         FsError::refuse(libc::EPERM, "attachment bytes cannot change")
                     })?;
                     i.truncate(n)?;
                     st.touched = true;
+                    if let Some(w) = wrote {
+                        *w = true;
+                    }
                 }
                 Node::Gc => {}
                 Node::Blob(_) | Node::Label(_) | Node::Sidecar(_) => {

@@ -65,24 +65,21 @@ impl Core {
                 put(buf);
                 *dirty = true;
             }
-            Handle::Scratch { file, .. } => {
-                let mut s = file.lock();
-                put(&mut s.data);
-                let now = SystemTime::now();
-                s.mtime = now;
-                s.ctime = now;
-            }
-            Handle::Ingest { state } => {
+            Handle::Scratch { file, .. } => self.scratch_write(&mut file.lock(), offset, data)?,
+            Handle::Ingest { state, wrote, .. } => {
                 let mut st = state.lock();
+                if st.ingest.is_none() {
+                    // Stored at an earlier close (a child's, another descriptor's): go on
+                    // from the stored bytes, so the name ends up naming all that was written.
+                    self.reingest(&mut st)?;
+                }
                 let Some(i) = st.ingest.as_mut() else {
-                    return Err(FsError::refuse(
-                        libc::EPERM,
-                        "attachment already stored at its first close; its bytes cannot change",
-                    ));
+                    return Err(FsError::new(libc::EIO));
                 };
                 i.write_at(offset, data)?;
                 st.mtime = SystemTime::now();
                 st.touched = true;
+                *wrote = true;
             }
             Handle::SidecarPut { data: buf, .. } => put(buf),
             Handle::Gc => {
@@ -140,12 +137,10 @@ impl Core {
                             self.last_size.lock().insert(ino, v.bytes.len() as u64);
                         })
                     }
-                    Some(Node::Scratch(..)) => {
-                        if let Some(s) = self.scratch_file(ino) {
-                            s.lock().data = data.clone();
-                        }
-                        Ok(())
-                    }
+                    Some(Node::Scratch(..)) => match self.scratch_file(ino) {
+                        Some(s) => self.scratch_replace(&mut s.lock(), data),
+                        None => Ok(()),
+                    },
                     // The name was unlinked while this descriptor was open: its bytes go
                     // nowhere, as on any POSIX filesystem.
                     _ => Ok(()),
@@ -168,47 +163,30 @@ impl Core {
                     }
                 }
             }
-            Handle::Ingest { state } => {
-                let state = state.clone();
+            Handle::Ingest {
+                state,
+                for_write,
+                wrote,
+            } => {
+                let (state, for_write, wrote) = (state.clone(), *for_write, *wrote);
                 drop(guard);
-                let mut st = state.lock();
-                let Some(ingest) = st.ingest.take() else {
-                    return Ok(());
+                let commit = match op {
+                    // Nothing written through this descriptor: the shell's `open; dup2;
+                    // close` before its write, or a close with nothing to say. The commit
+                    // waits for a close that has bytes, or for the release.
+                    "close" => wrote,
+                    "release" => for_write && !self.other_ingest_writer(fh, &state),
+                    _ => for_write,
                 };
-                if st.unlinked {
+                if !commit {
                     return Ok(());
                 }
-                let name = st.name.clone();
-                self.ingests.lock().remove(&name);
-                if let Some(hex) = st.expect.clone().filter(|_| !st.touched) {
-                    // Opened for writing, neither written nor truncated: nothing changes.
-                    st.done = Some(hex);
-                    return Ok(());
-                }
-                // A put by address (`<hex>` written) changes nothing unless the bytes are
-                // new; any other name becomes a label.
-                let stored = match st.expect.clone() {
-                    Some(hex) => self.attach()?.finish_put(ingest, &hex).map(|()| hex),
-                    None => self.attach()?.finish_ingest(ingest, Some(&name)),
-                };
-                match stored {
-                    Ok(hex) => {
-                        if st.expect.is_none() {
-                            self.attachment_changed(&hex, "create", Some(&name));
-                        }
-                        st.done = Some(hex);
-                        // The name is now a label symlink (or the blob): look it up again.
-                        self.inval.send(Inval::Entry(ATTACH_DIR, name));
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let e = FsError::from(e);
-                        self.report(&format!("/attachments/{name}"), op, &e);
-                        self.inodes.remove(&Node::Ingest(name.clone()));
-                        self.inval.send(Inval::Entry(ATTACH_DIR, name));
-                        Err(e)
-                    }
-                }
+                self.commit_ingest(&state, op)
+            }
+            Handle::Scratch { file, .. } if op == "fsync" => {
+                let file = file.clone();
+                drop(guard);
+                self.scratch_sync(&file.lock())
             }
             Handle::SidecarPut { hex, data } => {
                 let attach = self.attach()?;
@@ -241,44 +219,196 @@ impl Core {
         let Some(h) = self.handles.lock().remove(&fh) else {
             return;
         };
+        let ingest = match &*h.lock() {
+            Handle::Ingest { state, .. } => Some(state.clone()),
+            _ => None,
+        };
+        if let Some(state) = ingest {
+            let last = !self.other_ingest_handle(fh, &state);
+            let mut st = state.lock();
+            if st.unlinked && last {
+                // Its name went while it was open: the bytes go with the last descriptor.
+                st.ingest = None;
+            }
+            if st.ingest.is_none() || st.unlinked {
+                self.forget_ingest(&state, &st.name);
+                if last {
+                    self.inodes.remove(&Node::Ingest(st.name.clone()));
+                }
+            }
+            return;
+        }
         let h = h.lock();
-        match &*h {
-            Handle::Record {
-                ino,
+        if let Handle::Record {
+            ino,
+            for_write,
+            cached,
+            generation,
+            ..
+        } = &*h
+        {
+            self.record_closed(*ino, *for_write, *cached, *generation);
+            // A record created here whose bytes never made it into the store goes away.
+            if let Some(Node::Record(kind, id)) = self.inodes.node(*ino) {
+                let still_open = self.handles.lock().values().any(|o| {
+                    o.try_lock()
+                        .is_some_and(|o| matches!(&*o, Handle::Record { ino: i, .. } if i == ino))
+                });
+                let pending = self.pending.lock().contains_key(&(kind, id.clone()));
+                if pending && !still_open && self.store.get(kind, &id).ok().flatten().is_none() {
+                    self.pending.lock().remove(&(kind, id.clone()));
+                    self.inodes.remove(&Node::Record(kind, id.clone()));
+                    self.inval
+                        .send(Inval::Entry(kind_dir_ino(kind), format!("{id}.json")));
+                }
+            }
+        }
+    }
+
+    /// Stores an ingest's bytes (its commit at close, fsync or release).
+    fn commit_ingest(&self, state: &Arc<Mutex<IngestState>>, op: &str) -> FsResult<()> {
+        let mut st = state.lock();
+        if st.unlinked || st.ingest.is_none() {
+            // Unlinked while open: its bytes go nowhere (they stay readable through its
+            // descriptors until the last is released).
+            return Ok(());
+        }
+        let name = st.name.clone();
+        if let Some(hex) = st.expect.clone().filter(|_| !st.touched) {
+            // Opened for writing, neither written nor truncated: nothing changes.
+            st.ingest = None;
+            self.forget_ingest(state, &name);
+            st.done = Some(hex);
+            return Ok(());
+        }
+        let Some(ingest) = st.ingest.take() else {
+            return Ok(());
+        };
+        self.forget_ingest(state, &name);
+        // A put by address (`<hex>` written) changes nothing unless the bytes are new; any
+        // other name becomes a label.
+        let relabel_from = st.relabel_from.take();
+        let stored = match st.expect.clone() {
+            Some(hex) => self.attach()?.finish_put(ingest, &hex).map(|()| hex),
+            None => {
+                // Written again after it was stored: the label leaves the bytes it named
+                // for the new ones (a label names one blob).
+                if relabel_from.is_some() {
+                    let _ = self.attach()?.unlabel(&name);
+                }
+                let r = self.attach()?.finish_ingest(ingest, Some(&name));
+                if r.is_err()
+                    && let Some(old) = &relabel_from
+                {
+                    let _ = self.attach()?.relabel(old, None, &name);
+                }
+                r
+            }
+        };
+        match stored {
+            Ok(hex) => {
+                if st.expect.is_none() {
+                    self.attachment_changed(&hex, "create", Some(&name));
+                }
+                st.done = Some(hex);
+                // The name is now a label symlink (or the blob): look it up again.
+                self.inval.send(Inval::Entry(ATTACH_DIR, name));
+                Ok(())
+            }
+            Err(e) => {
+                let e = FsError::from(e);
+                self.report(&format!("/attachments/{name}"), op, &e);
+                st.done = None;
+                self.inodes.remove(&Node::Ingest(name.clone()));
+                self.inval.send(Inval::Entry(ATTACH_DIR, name));
+                Err(e)
+            }
+        }
+    }
+
+    /// A write reached an ingest whose bytes were already stored (its first close came
+    /// before the last write: a child process that wrote and exited, then its parent
+    /// writing on): a new ingest starts from the stored bytes, and the next commit stores
+    /// them all under the name.
+    pub(super) fn reingest(&self, st: &mut IngestState) -> FsResult<()> {
+        let Some(hex) = st.done.clone() else {
+            return Err(FsError::refuse(
+                libc::EIO,
+                "this attachment was refused at an earlier close (see .errors); its descriptor takes no more bytes",
+            ));
+        };
+        let attach = self.attach()?;
+        let mut ingest = attach.begin_ingest()?;
+        let blob = attach.open_blob(&hex)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        loop {
+            let n = match blob.read_at(&mut buf, off) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(StoreError::io("read attachment", e).into()),
+            };
+            ingest.write_at(off, &buf[..n])?;
+            off += n as u64;
+        }
+        if st.expect.is_none() {
+            let listing = attach.listing()?;
+            if listing.label(&st.name).is_some_and(|id| to_hex(id) == hex) {
+                st.relabel_from = Some(hex);
+            } else {
+                // The name was removed or given to other bytes meanwhile: as for any file
+                // written after its name went, these bytes go nowhere.
+                st.unlinked = true;
+            }
+        }
+        st.ingest = Some(ingest);
+        st.mtime = SystemTime::now();
+        Ok(())
+    }
+
+    /// Whether a descriptor other than `fh` is open on this ingest.
+    fn other_ingest_handle(&self, fh: u64, state: &Arc<Mutex<IngestState>>) -> bool {
+        self.ingest_handles(fh, state).0
+    }
+
+    /// Whether a descriptor other than `fh`, open for writing, shares this ingest.
+    fn other_ingest_writer(&self, fh: u64, state: &Arc<Mutex<IngestState>>) -> bool {
+        self.ingest_handles(fh, state).1
+    }
+
+    /// (any other descriptor, any other writer) on `state`. Locks each handle in turn, so
+    /// it must be called holding neither a handle's lock nor `state`'s.
+    fn ingest_handles(&self, fh: u64, state: &Arc<Mutex<IngestState>>) -> (bool, bool) {
+        let open: Vec<(u64, Arc<Mutex<Handle>>)> = self
+            .handles
+            .lock()
+            .iter()
+            .filter(|(k, _)| **k != fh)
+            .map(|(k, h)| (*k, h.clone()))
+            .collect();
+        let (mut any, mut writer) = (false, false);
+        for (_, h) in open {
+            if let Handle::Ingest {
+                state: s,
                 for_write,
-                cached,
-                generation,
                 ..
-            } => {
-                self.record_closed(*ino, *for_write, *cached, *generation);
-                // A record created here whose bytes never made it into the store goes away.
-                if let Some(Node::Record(kind, id)) = self.inodes.node(*ino) {
-                    let still_open = self.handles.lock().values().any(|o| {
-                        o.try_lock().is_some_and(
-                            |o| matches!(&*o, Handle::Record { ino: i, .. } if i == ino),
-                        )
-                    });
-                    let pending = self.pending.lock().contains_key(&(kind, id.clone()));
-                    if pending && !still_open && self.store.get(kind, &id).ok().flatten().is_none()
-                    {
-                        self.pending.lock().remove(&(kind, id.clone()));
-                        self.inodes.remove(&Node::Record(kind, id.clone()));
-                        self.inval
-                            .send(Inval::Entry(kind_dir_ino(kind), format!("{id}.json")));
-                    }
-                }
+            } = &*h.lock()
+                && Arc::ptr_eq(s, state)
+            {
+                any = true;
+                writer |= *for_write;
             }
-            Handle::Ingest { state } => {
-                let st = state.lock();
-                if st.ingest.is_none() {
-                    self.inodes.remove(&Node::Ingest(st.name.clone()));
-                } else if st.unlinked {
-                    self.ingests.lock().remove(&st.name);
-                    self.inodes.remove(&Node::Ingest(st.name.clone()));
-                }
-                let _ = st.ino;
-            }
-            _ => {}
+        }
+        (any, writer)
+    }
+
+    /// Takes an ingest's name out of the table of files being written, if it is still
+    /// this ingest's (a new file may have been created under the name since).
+    fn forget_ingest(&self, state: &Arc<Mutex<IngestState>>, name: &str) {
+        let mut map = self.ingests.lock();
+        if map.get(name).is_some_and(|s| Arc::ptr_eq(s, state)) {
+            map.remove(name);
         }
     }
 }

@@ -37,29 +37,32 @@ pub const USAGE: [&str; 3] = [
 ];
 
 impl GcOptions {
-    /// Parses what was written to `.gc`: empty or `run`, `grace=<seconds>`, `dry-run`
-    /// (words may be combined, separated by spaces or commas).
+    /// Parses what was written to `.gc`: exactly one of `run`, `dry-run`, `grace=<seconds>`,
+    /// optionally followed by one newline (as `echo` writes it). Anything else, a blank
+    /// line included, is refused (EINVAL) so that a typo never runs a collection.
     pub fn parse_command(text: &str) -> Result<GcOptions> {
+        let word = text.strip_suffix('\n').unwrap_or(text);
         let mut o = GcOptions::default();
-        for word in text
-            .split(|c: char| c.is_whitespace() || c == ',')
-            .filter(|w| !w.is_empty())
-        {
-            match word {
-                "run" => {}
-                "dry-run" | "dryrun" => o.dry_run = true,
-                w if w.starts_with("grace=") => {
-                    o.grace_secs = w["grace=".len()..].parse().map_err(|_| {
+        match word {
+            "run" => {}
+            "dry-run" => o.dry_run = true,
+            w if w.starts_with("grace=") => {
+                let secs = &w["grace=".len()..];
+                o.grace_secs = secs
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| secs.parse().ok())
+                    .flatten()
+                    .ok_or_else(|| {
                         StoreError::Invalid(format!(
-                            "gc: {w:?}: grace takes a whole number of seconds"
+                            "gc: {w:?}: grace takes a whole number of seconds, as in grace=3600"
                         ))
                     })?;
-                }
-                w => {
-                    return Err(StoreError::Invalid(format!(
-                        "gc: unknown command {w:?}; write `dry-run` (deletes nothing), `run` or `grace=<seconds>` (both delete orphans)"
-                    )));
-                }
+            }
+            w => {
+                return Err(StoreError::Invalid(format!(
+                    "gc: {w:?} is not a command; write exactly one of `dry-run` (deletes nothing), `run` or `grace=<seconds>` (both delete orphans)"
+                )));
             }
         }
         Ok(o)
