@@ -23,7 +23,10 @@ fn module_of(rel: &Path) -> Vec<String> {
         .iter()
         .map(|p| p.to_string_lossy().into_owned())
         .collect();
-    if parts.last().is_some_and(|l| l == "mod" || l == "lib" || l == "main") {
+    if parts
+        .last()
+        .is_some_and(|l| l == "mod" || l == "lib" || l == "main")
+    {
         parts.pop();
     }
     parts
@@ -36,15 +39,18 @@ fn references(text: &str, me: &[String], is_mod_rs: bool) -> Vec<Vec<String>> {
     let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
     let bytes: Vec<char> = text.chars().collect();
     let s: String = bytes.iter().collect();
-    for (prefix, base) in [("crate::", Vec::new()), ("super::", {
-        // `super` of a mod.rs file is its directory's parent; of a plain file, its dir.
-        let mut b = me.to_vec();
-        b.pop();
-        if is_mod_rs {
+    for (prefix, base) in [
+        ("crate::", Vec::new()),
+        ("super::", {
+            // `super` of a mod.rs file is its directory's parent; of a plain file, its dir.
+            let mut b = me.to_vec();
             b.pop();
-        }
-        b
-    })] {
+            if is_mod_rs {
+                b.pop();
+            }
+            b
+        }),
+    ] {
         let mut from = 0;
         while let Some(i) = s[from..].find(prefix) {
             let at = from + i;

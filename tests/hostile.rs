@@ -364,3 +364,23 @@ fn fsck_reports_every_planted_entry() {
         br#"{"secret": "root only"}"#
     );
 }
+
+#[test]
+fn a_store_reached_through_the_users_own_symlink_still_mounts() {
+    let (d, store, _secret) = setup();
+    let link = d.path().join("store-link");
+    std::os::unix::fs::symlink(&store, &link).unwrap();
+    let m = Mount::new(&link, &[]);
+    assert!(m.p(&format!("sessions/{S_ACTIVE}.json")).exists());
+    sh_ok(
+        "sed -i 's/\"inProgress\"/\"blocked\"/' goals/g-1a2b3c4d.json",
+        m.path(),
+    );
+    drop(m);
+    let o = Command::new(BIN)
+        .args(["fsck", "--store"])
+        .arg(&link)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}

@@ -306,7 +306,7 @@ pub fn open(
     let options = args.options(read_only);
     match detect(&layout.root).map_err(|e| e.to_string())? {
         StoreKind::Directory => {
-            let store = crate::store::Store::open(layout.resolved(), options)
+            let store = crate::store::Store::open(layout, options)
                 .map_err(|e| format!("cannot open the store: {e}"))?;
             Ok(std::sync::Arc::new(store))
         }

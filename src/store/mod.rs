@@ -199,6 +199,8 @@ impl Store {
     /// Opens a store. Nothing is created until the first write; stray temp files of ours
     /// whose process is gone are removed (unless read-only).
     pub fn open(layout: Layout, options: Options) -> Result<Store> {
+        // The user's paths, resolved once: everything below them is checked as untrusted.
+        let layout = layout.resolved();
         let stats = Arc::new(CacheStats::default());
         let store = Store {
             sessions: CachedFile::new(layout.sessions.clone(), parse_sessions, stats.clone()),
