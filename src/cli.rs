@@ -391,6 +391,17 @@ impl StoreArgs {
             read_only,
         }
     }
+
+    /// What the backend opens: these flags as a plain config.
+    pub fn config(&self, read_only: bool) -> crate::backend::StoreConfig {
+        crate::backend::StoreConfig {
+            layout: self.layout(),
+            options: self.options(read_only),
+            state_dir: self.state_dir.clone(),
+            cache_dir: self.cache_dir.clone(),
+            cache_size: self.cache_size,
+        }
+    }
 }
 
 /// A byte count with an optional K, M, G or T suffix (powers of 1024).

@@ -73,8 +73,8 @@ pub fn run(from: &Path, to: &Path, quiet: bool) -> Result<(), String> {
             .map_err(|e| format!("cannot create the store {}: {e}", to.display()))?;
     }
     let to_args = args_for(to);
-    let src = backend::open(&from_args, true, Path::new("agentmount-copy-from"))?;
-    let dst = backend::open(&to_args, false, Path::new("agentmount-copy-to"))?;
+    let src = backend::open(&from_args.config(true), Path::new("agentmount-copy-from"))?;
+    let dst = backend::open(&to_args.config(false), Path::new("agentmount-copy-to"))?;
     let mut tally = Tally::default();
     let mut progress = Progress {
         on: !quiet && std::io::stderr().is_terminal(),

@@ -111,8 +111,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
             let s = match agentmount::backend::open(
-                &store,
-                false,
+                &store.config(false),
                 std::path::Path::new("agentmount-gc"),
             ) {
                 Ok(s) => s,

@@ -404,7 +404,10 @@ fn serve(
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(".")),
         StoreKind::Postgres => {
-            let dir = crate::backend::postgres_state_dir(&args.store, &args.mountpoint);
+            let dir = crate::backend::postgres_state_dir(
+                &args.store.config(args.read_only),
+                &args.mountpoint,
+            );
             crate::backend::postgres::private_dir(&dir).map_err(|e| e.to_string())?;
             dir
         }
@@ -422,7 +425,7 @@ fn serve(
             Arc::new(store)
         }
         StoreKind::Sqlite | StoreKind::Postgres => {
-            crate::backend::open(&args.store, args.read_only, &args.mountpoint)?
+            crate::backend::open(&args.store.config(args.read_only), &args.mountpoint)?
         }
     };
     let read_only = args.read_only || store.read_only_reason().is_some();

@@ -295,15 +295,42 @@ pub(crate) fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> 
     Ok(n)
 }
 
-/// Opens the store `args` names, whichever backend it is. `place` tells apart the per-host
+/// What to open and how: built by the CLI from its flags (no backend knows clap), or by
+/// any other caller (`copy`, the tests).
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Where each store file is; `layout.root` is the directory, database file or URL.
+    pub layout: crate::store::Layout,
+    pub options: crate::store::Options,
+    /// A Postgres store: where this host keeps its state (journal, log, cache).
+    pub state_dir: Option<PathBuf>,
+    /// A Postgres store: the local attachment read cache (default `<state_dir>/blobs`).
+    pub cache_dir: Option<PathBuf>,
+    /// A Postgres store: the most bytes the attachment cache keeps.
+    pub cache_size: u64,
+}
+
+impl StoreConfig {
+    /// The store at `root` (a directory, database file or URL) with default options.
+    pub fn at(root: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig {
+            layout: crate::store::Layout::new(root),
+            options: crate::store::Options::default(),
+            state_dir: None,
+            cache_dir: None,
+            cache_size: 4 << 30,
+        }
+    }
+}
+
+/// Opens the store `cfg` names, whichever backend it is. `place` tells apart the per-host
 /// state of two uses of one Postgres store on a host (the mountpoint, or what the CLI does).
 pub fn open(
-    args: &crate::cli::StoreArgs,
-    read_only: bool,
+    cfg: &StoreConfig,
     place: &Path,
 ) -> std::result::Result<std::sync::Arc<dyn Backend>, String> {
-    let layout = args.layout();
-    let options = args.options(read_only);
+    let layout = cfg.layout.clone();
+    let options = cfg.options.clone();
     match detect(&layout.root).map_err(|e| e.to_string())? {
         StoreKind::Directory => {
             let store = crate::store::Store::open(layout, options)
@@ -320,25 +347,22 @@ pub fn open(
         StoreKind::Postgres => {
             let url = layout.root.to_str().unwrap_or_default();
             // Resolved once: files under them are opened with no symlink on the path.
-            let state = crate::store::untrusted::trusted_path(&postgres_state_dir(args, place));
+            let state = crate::store::untrusted::trusted_path(&postgres_state_dir(cfg, place));
             let cache = crate::store::untrusted::trusted_path(
-                &args
-                    .cache_dir
-                    .clone()
-                    .unwrap_or_else(|| state.join("blobs")),
+                &cfg.cache_dir.clone().unwrap_or_else(|| state.join("blobs")),
             );
             Ok(std::sync::Arc::new(
-                postgres::Postgres::open(url, options, state, cache, args.cache_size)
+                postgres::Postgres::open(url, options, state, cache, cfg.cache_size)
                     .map_err(|e| format!("cannot open {}: {e}", postgres::redact(url)))?,
             ))
         }
     }
 }
 
-/// Where agentmount keeps its per-host state of the Postgres store `args` names.
-pub fn postgres_state_dir(args: &crate::cli::StoreArgs, place: &Path) -> PathBuf {
-    let root = args.layout().root;
-    args.state_dir
+/// Where agentmount keeps its per-host state of the Postgres store `cfg` names.
+pub fn postgres_state_dir(cfg: &StoreConfig, place: &Path) -> PathBuf {
+    let root = &cfg.layout.root;
+    cfg.state_dir
         .clone()
         .unwrap_or_else(|| postgres::default_state_dir(root.to_str().unwrap_or_default(), place))
 }
