@@ -1,6 +1,8 @@
-//! Verification of a whole store: every file parses, every blob's hash equals its name and
-//! its sidecar's byte_len its size, no manifest row without bytes, no stray temp files
-//! (those of dead writers are removed and reported as repaired).
+//! Verification of a whole store: every file parses, every record is reachable under one
+//! usable id that its `id` agrees with, every blob's hash equals its name and its sidecar's
+//! byte_len its size, labels are given once, no manifest row without bytes, no stray temp
+//! files. `fsck` changes nothing; `fsck_repair` mends what the mount already shows one way
+//! (see docs/NOTES.md, "fsck reports, `fsck --repair` mends").
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
