@@ -188,13 +188,17 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Verify a store: files parse, blobs hash to their names, no stray temp files
+    /// Verify a store: files parse, ids are usable and given once, blobs hash to their
+    /// names, no stray temp files; --repair mends what it safely can
     #[command(
-        after_help = "Exit status 0 when the store is sound (stray temp files of dead writers are removed\nand reported as repaired), 1 when any problem remains.\n\nExamples:\n  agentmount fsck\n  agentmount fsck --store ~/.trusty-mpm"
+        after_help = "Without --repair fsck changes nothing: every problem is a `problem:` line naming the file\nand what is wrong, and the exit status is 1 when there is any, 0 only when there is none.\nWith --repair (a directory store) it first mends what it can decide, each a `repaired:`\nline: stray temp files of dead writers are removed, keys and ids given twice keep the\nrecord the mount shows, an `id` that disagrees with its key or name is set to it, a label\ntwo sidecars give stays with the one the mount shows, an intent whose bytes never landed\nis forgotten. What it cannot decide (ids the mount cannot show, bytes that do not hash to\ntheir name, files that do not parse) stays a problem. Run it while a mount is live if you\nlike: repairs take the writer lock.\n\nExamples:\n  agentmount fsck\n  agentmount fsck --store ~/.trusty-mpm --repair"
     )]
     Fsck {
         #[command(flatten)]
         store: StoreArgs,
+        /// Mend what can be mended safely (each repair listed); without it nothing changes
+        #[arg(long)]
+        repair: bool,
     },
     /// Copy a whole store into another (records, attachments with their sidecars and
     /// labels), between any two backends; idempotent (what is already there is skipped)

@@ -149,12 +149,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Fsck { store } => {
+        Command::Fsck { store, repair } => {
             init_cli_logging();
             if let Err(e) = open_check(&store) {
                 return e;
             }
-            let r = match agentmount::backend::detect(&store.layout().root) {
+            let kind = agentmount::backend::detect(&store.layout().root);
+            if repair && matches!(kind, Ok(StoreKind::Sqlite | StoreKind::Postgres)) {
+                eprintln!(
+                    "agentmount: fsck --repair mends directory stores; a database's problems are listed and left to whoever owns its rows"
+                );
+            }
+            let r = match kind {
                 Ok(StoreKind::Sqlite) => {
                     match agentmount::backend::sqlite::fsck(
                         &store.layout().root,
@@ -172,11 +178,13 @@ fn main() -> ExitCode {
                         Err(e) => return fail(&e),
                     }
                 }
-                Ok(StoreKind::Directory) => match Store::open(store.layout(), store.options(false))
-                {
-                    Ok(s) => s.fsck(),
-                    Err(e) => return fail(&e),
-                },
+                Ok(StoreKind::Directory) => {
+                    match Store::open_for_fsck(store.layout(), store.options(false), repair) {
+                        Ok(s) if repair => s.fsck_repair(),
+                        Ok(s) => s.fsck(),
+                        Err(e) => return fail(&e),
+                    }
+                }
                 Err(e) => return fail(&e),
             };
             // Lines name store files and ids another program chose: escaped, so none can

@@ -330,11 +330,66 @@ fn log_name(root: &Path, kind: &StoreKind) -> String {
     }
 }
 
-fn init_logging(
-    args: &MountArgs,
-    layout_root: &Path,
-    log_name: &str,
-) -> Result<Option<PathBuf>, String> {
+/// Where the daemon logs, for `.status`: the file, or why there is none.
+enum LogPlace {
+    Stderr,
+    File(PathBuf),
+    /// The store's directory refused the file (a user who may only read the store): the
+    /// log went to the user's state directory instead.
+    Moved {
+        path: PathBuf,
+        why: String,
+    },
+    /// No file could be made anywhere: the daemon runs without a file log.
+    Off(String),
+}
+
+impl LogPlace {
+    fn status(&self) -> serde_json::Value {
+        match self {
+            LogPlace::Stderr => serde_json::json!("stderr (--foreground)"),
+            LogPlace::File(p) => serde_json::json!(p),
+            LogPlace::Moved { path, why } => {
+                serde_json::json!(format!("{} (not beside the store: {why})", path.display()))
+            }
+            LogPlace::Off(why) => serde_json::json!(format!("off: {why}")),
+        }
+    }
+}
+
+/// The log's place when the store's directory refuses it: `$XDG_STATE_HOME/agentmount/`
+/// (else `~/.local/state/agentmount/`), named after the store so two stores' logs differ.
+fn fallback_log_path(store_dir: &Path, log_name: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|h| h.join(".local/state"))
+        })?;
+    let store_dir = std::fs::canonicalize(store_dir).unwrap_or_else(|_| store_dir.to_path_buf());
+    let mut h = crate::store::hash::Sha256::new();
+    h.update(store_dir.join(log_name).as_os_str().as_encoded_bytes());
+    let hex = h.finish_hex();
+    let stem = log_name.strip_suffix(".log").unwrap_or(log_name);
+    Some(
+        base.join("agentmount")
+            .join(format!("{stem}-{}.log", &hex[..16])),
+    )
+}
+
+/// Whether an error says this user may not make the file there (not that the store is
+/// hostile: a planted symlink still refuses the mount).
+fn not_allowed(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EACCES | libc::EPERM | libc::EROFS)
+    )
+}
+
+fn init_logging(args: &MountArgs, layout_root: &Path, log_name: &str) -> Result<LogPlace, String> {
     // fuser tries to unmount again when its session ends; after a normal unmount that
     // fails with EINVAL and fuser warns: its session warnings are left out unless RUST_LOG
     // asks for them (our own unmount failures are logged by us).
@@ -353,7 +408,7 @@ fn init_logging(
             .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .try_init();
-        return Ok(None);
+        return Ok(LogPlace::Stderr);
     }
     let layout_root = crate::store::untrusted::trusted_path(layout_root);
     std::fs::create_dir_all(&layout_root).map_err(|e| {
@@ -365,17 +420,78 @@ fn init_logging(
     // The log sits in a store others may write: never appended through a symlink planted
     // there (root would write wherever it points), never a FIFO or device.
     let path = layout_root.join(log_name);
-    let file = crate::store::untrusted::open_write(&path, true, 0o600).map_err(|e| {
-        let why = crate::store::untrusted::refusal(&e, &path).unwrap_or_else(|| e.to_string());
-        format!("cannot open the log file {}: {why}", path.display())
-    })?;
-    let file = Arc::new(file);
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(move || LogFile(file.clone()))
-        .try_init();
-    Ok(Some(path))
+    let (file, place) = match crate::store::untrusted::open_write(&path, true, 0o600) {
+        Ok(f) => (Some(f), LogPlace::File(path)),
+        Err(e) if crate::store::untrusted::refusal(&e, &path).is_none() && not_allowed(&e) => {
+            // A store this user may read but not write (a --read-only mount of another
+            // user's store): the log goes to the user's own state directory, or nowhere.
+            let why = format!("{}: {e}", path.display());
+            match fallback_log_path(&layout_root, log_name) {
+                Some(p) => {
+                    // The user's own directory, not the store: their symlinks are theirs.
+                    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+                    let opened = p
+                        .parent()
+                        .map_or(Ok(()), |d| {
+                            std::fs::DirBuilder::new()
+                                .recursive(true)
+                                .mode(0o700)
+                                .create(d)
+                        })
+                        .and_then(|()| {
+                            std::fs::OpenOptions::new()
+                                .append(true)
+                                .create(true)
+                                .mode(0o600)
+                                .open(&p)
+                        });
+                    match opened {
+                        Ok(f) => (Some(f), LogPlace::Moved { path: p, why }),
+                        Err(e2) => (
+                            None,
+                            LogPlace::Off(format!(
+                                "{why}; and {}: {e2}; set XDG_STATE_HOME to a directory you may write",
+                                p.display()
+                            )),
+                        ),
+                    }
+                }
+                None => (
+                    None,
+                    LogPlace::Off(format!(
+                        "{why}; no state directory (XDG_STATE_HOME or HOME) to put it in"
+                    )),
+                ),
+            }
+        }
+        Err(e) => {
+            let why = crate::store::untrusted::refusal(&e, &path).unwrap_or_else(|| e.to_string());
+            return Err(format!(
+                "cannot open the log file {}: {why}",
+                path.display()
+            ));
+        }
+    };
+    match file {
+        Some(file) => {
+            let file = Arc::new(file);
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(move || LogFile(file.clone()))
+                .try_init();
+        }
+        None => {
+            // No file: warnings and errors still go somewhere a user may look (the
+            // daemon's stderr is /dev/null once it detaches, so .status says why).
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::io::sink)
+                .try_init();
+        }
+    }
+    Ok(place)
 }
 
 struct LogFile(Arc<File>);
@@ -412,7 +528,7 @@ fn serve(
             dir
         }
     };
-    let log_path = init_logging(args, &log_dir, &log_name(&layout.root, &kind))?;
+    let log_place = init_logging(args, &log_dir, &log_name(&layout.root, &kind))?;
     block_signals();
     limit_malloc_arenas();
     let store: Arc<dyn Backend> = match kind {
@@ -471,6 +587,7 @@ fn serve(
     if let Some(why) = journal_off {
         *core.journal_off.lock() = why;
     }
+    *core.log.lock() = log_place.status();
     let mut mount_options = vec![
         MountOption::FSName(format!("agentmount:{}", store.location())),
         MountOption::Subtype("agentmount".into()),
@@ -543,7 +660,7 @@ fn serve(
             }
         })
         .map_err(|e| e.to_string())?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), store = %store.location(), backend = store.backend_name(), read_only, log = ?log_path, "mounted");
+    tracing::info!(mountpoint = %args.mountpoint.display(), store = %store.location(), backend = store.backend_name(), read_only, log = %log_place.status(), "mounted");
     if let Some(r) = report.and_then(|r| r.borrow_mut().take()) {
         // Closing the pipe (dropping `r`) is what lets the parent return.
         let mut r = r;

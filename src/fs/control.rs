@@ -94,6 +94,7 @@ impl Core {
                     None => json!(self.journal_off.lock().clone()),
                 },
             );
+            o.insert("log".into(), self.log.lock().clone());
         }
         let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
         out.push(b'\n');

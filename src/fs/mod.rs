@@ -316,6 +316,8 @@ pub struct Core {
     pub journal: Option<Arc<Journal>>,
     /// Why there is no journal, when there is none (`.status`).
     pub journal_off: Mutex<String>,
+    /// Where the daemon logs, or why it keeps no log file (`.status` `log`).
+    pub log: Mutex<serde_json::Value>,
     pub opts: MountOptions,
     pub inodes: Inodes,
     pub errors: ErrorLog,
@@ -389,6 +391,7 @@ impl Core {
             opts,
             journal,
             journal_off: Mutex::new(String::new()),
+            log: Mutex::new(serde_json::Value::Null),
             inodes: Inodes::default(),
             errors: ErrorLog::default(),
             inval: Invalidator::default(),

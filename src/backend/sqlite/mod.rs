@@ -909,12 +909,55 @@ pub fn fsck(path: &Path, options: Options) -> Result<crate::store::fsck::FsckRep
     match Sqlite::open(path, options) {
         Ok(s) => {
             let snap = s.current()?;
-            for t in &snap.tables {
+            for (kind, t) in COLLECTIONS.iter().zip(&snap.tables) {
                 r.checked_files += t.rows.len() as u64;
                 r.problems.extend(t.bad());
+                r.problems
+                    .extend(t.rows.keys().filter_map(|k| key_problem(*kind, k)));
             }
         }
         Err(e) => r.problems.push(e.to_string()),
     }
+    // arbiter numbers delegation links from the largest id SQLite remembers, even one
+    // whose row is gone.
+    if let Ok(conn) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        && let Ok(seq) = conn.query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'delegation_links'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        && seq > arbiter::DELEGATION_ID_MAX
+    {
+        r.problems.push(format!(
+            "{}: sqlite_sequence numbers arbiter's next delegation link {} (the largest id ever given is {seq}, above 2^53 = {}){}; fsck cannot lower it without knowing no link was ever given those ids",
+            path.display(),
+            seq.saturating_add(1),
+            arbiter::DELEGATION_ID_MAX,
+            if seq == i64::MAX {
+                ": at i64's maximum arbiter cannot insert a delegation link at all (SQLITE_FULL)"
+            } else {
+                ""
+            }
+        ));
+    }
     Ok(r)
+}
+
+/// Why a row's key breaks the mount or arbiter, if it does: a key the mount cannot name
+/// a file by (the row is hidden), a delegation id above 2^53.
+fn key_problem(kind: Kind, key: &str) -> Option<String> {
+    let (table, _) = arbiter::table(kind)?;
+    if let Err(e) = arbiter::check_id(kind, key) {
+        return Some(format!(
+            "{table} row {}: hidden from the mount ({e}); fsck changes no row: fix its key with sqlite3",
+            crate::error::bounded(&format!("{key:?}"), 200)
+        ));
+    }
+    if arbiter::check_new_id(kind, key).is_err() {
+        return Some(format!(
+            "{table} row {key}: id above 2^53 ({}): JSON readers round it, and arbiter numbers its next link after it (at i64's maximum it cannot insert one: SQLITE_FULL); fsck changes no row: remove or renumber it with sqlite3 (or rm delegations/{key}.json)",
+            arbiter::DELEGATION_ID_MAX
+        ));
+    }
+    None
 }
