@@ -17,7 +17,7 @@ use fuser::{
 
 use parking_lot::Mutex;
 
-use super::{Attr, Core, FileKind, FsError, OpenMode, SetAttr};
+use super::{Attr, Commit, Core, FileKind, FsError, OpenMode, SetAttr};
 
 /// `.status` `data_path.attachments` until the first open of an attachment tries
 /// passthrough (the kernel offers it; whether the daemon may use it is known only then).
@@ -463,7 +463,7 @@ impl Filesystem for AgentFs {
         reply: ReplyEmpty,
     ) {
         crate::journal::set_caller(req.pid(), req.uid());
-        match self.core.flush(fh.0, "close", Some(lock.0)) {
+        match self.core.flush(fh.0, Commit::Close { owner: lock.0 }) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -481,7 +481,7 @@ impl Filesystem for AgentFs {
     ) {
         crate::journal::set_caller(req.pid(), req.uid());
         // A last flush in case the kernel did not send one (its errors cannot reach close).
-        let _ = self.core.flush(fh.0, "release", None);
+        let _ = self.core.flush(fh.0, Commit::Release);
         self.core.release(fh.0);
         self.passthrough.release(fh.0);
         reply.ok();
@@ -496,7 +496,7 @@ impl Filesystem for AgentFs {
         reply: ReplyEmpty,
     ) {
         crate::journal::set_caller(req.pid(), req.uid());
-        match self.core.flush(fh.0, "fsync", None) {
+        match self.core.flush(fh.0, Commit::Fsync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }

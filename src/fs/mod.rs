@@ -42,6 +42,7 @@ use self::errors_log::ErrorLog;
 use self::inodes::{Inodes, Node};
 use self::invalidate::{Inval, Invalidator};
 use self::versions::{DropAttrs, RecordOpen};
+pub use self::write::Commit;
 use crate::backend::{AttachmentStore, Backend, Kind, RecordView};
 use crate::error::StoreError;
 use crate::journal::Journal;
@@ -529,7 +530,30 @@ impl Core {
         }
     }
 
-    /// After a change of ours (or a refused one): what record `id` is now.
+    /// One change of record `id` through the mount, told to the journal: announced before
+    /// it runs (so the watcher's sighting of it is ours), then what it left, taken from the
+    /// change's own result (`after`: the record as stored, `None` when it is gone) with no
+    /// read-back from the store. A failed change reads back what is there.
+    pub(super) fn change_record<T>(
+        &self,
+        kind: Kind,
+        id: &str,
+        change: impl FnOnce() -> crate::error::Result<T>,
+        after: impl FnOnce(&T) -> Option<&RecordView>,
+    ) -> FsResult<T> {
+        self.expect_change(kind, id);
+        let r = change();
+        match (&self.journal, &r) {
+            (Some(j), Ok(v)) => {
+                j.observe(kind, id, after(v), true);
+            }
+            (Some(_), Err(_)) => self.changed(kind, id),
+            (None, _) => {}
+        }
+        r.map_err(FsError::from)
+    }
+
+    /// After a change of ours (or a refused one): what record `id` is now, read back.
     pub(super) fn changed(&self, kind: Kind, id: &str) {
         if let Some(j) = &self.journal {
             match self.store.get(kind, id) {
@@ -569,6 +593,16 @@ impl Core {
         let t = local.map_or(store, |l| l.max(store));
         self.attr(ino, FileKind::Dir, 0, (t, t), 0o755, self.opts.ttl)
     }
+}
+
+/// What an upsert or re-key leaves: the record as stored (for `Core::change_record`).
+fn stored(v: &RecordView) -> Option<&RecordView> {
+    Some(v)
+}
+
+/// What a removal leaves: nothing.
+fn gone<T>(_: &T) -> Option<&RecordView> {
+    None
 }
 
 /// Names are at most 255 bytes, as statfs reports (FUSE itself would pass up to 1024).

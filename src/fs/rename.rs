@@ -23,10 +23,7 @@ impl Core {
             Node::Record(kind, id) => {
                 let had_pending = self.pending.lock().remove(&(*kind, id.clone())).is_some();
                 if self.store.get(*kind, id)?.is_some() {
-                    self.expect_change(*kind, id);
-                    let r = self.store.remove(*kind, id);
-                    self.changed(*kind, id);
-                    r?;
+                    self.change_record(*kind, id, || self.store.remove(*kind, id), gone)?;
                 } else if !had_pending {
                     return Err(FsError::new(libc::ENOENT));
                 }
@@ -235,10 +232,7 @@ impl Core {
                     // The bytes are durable in the scratch file before the record goes;
                     // if it cannot go, the scratch file is taken back.
                     let file = self.record_to_scratch(kind, newname, &bytes, || {
-                        self.expect_change(kind, from);
-                        let r = self.store.remove(kind, from);
-                        self.changed(kind, from);
-                        r.map_err(FsError::from)
+                        self.change_record(kind, from, || self.store.remove(kind, from), gone)
                     })?;
                     // The file that had the name on disk was replaced: its descriptors
                     // keep its bytes.
@@ -260,10 +254,7 @@ impl Core {
                         .ok_or_else(|| FsError::new(libc::ENOENT))?;
                     let data =
                         self.scratch_bytes(&mut file.lock(), self.store.max_record_bytes())?;
-                    self.expect_change(kind, &to);
-                    let r = self.store.upsert(kind, &to, &data);
-                    self.changed(kind, &to);
-                    r?;
+                    self.change_record(kind, &to, || self.store.upsert(kind, &to, &data), stored)?;
                     self.unlink_scratch(ino);
                     Node::Record(kind, to)
                 }

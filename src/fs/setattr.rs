@@ -116,9 +116,12 @@ impl Core {
                         bytes.resize(n as usize, 0);
                         // Readers' pages hold this inode: the kernel tries the new one.
                         self.record_truncate(ino, *kind, id)?;
-                        self.expect_change(*kind, id);
-                        let r = self.store.upsert(*kind, id, &bytes);
-                        self.changed(*kind, id);
+                        let r = self.change_record(
+                            *kind,
+                            id,
+                            || self.store.upsert(*kind, id, &bytes),
+                            stored,
+                        );
                         self.record_closed(ino, true, false, versions::FOREIGN);
                         r?;
                         self.inval.send(Inval::Inode(ino));

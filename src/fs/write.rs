@@ -3,6 +3,28 @@
 
 use super::*;
 
+/// What makes a descriptor's bytes commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// close(2) of one descriptor (FUSE flush), by the process with lock owner `owner`.
+    Close { owner: u64 },
+    /// fsync(2) or fdatasync(2).
+    Fsync,
+    /// The last descriptor went (FUSE release): what no close committed is committed now.
+    Release,
+}
+
+impl Commit {
+    /// The operation's name in `.errors` and the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Commit::Close { .. } => "close",
+            Commit::Fsync => "fsync",
+            Commit::Release => "release",
+        }
+    }
+}
+
 impl Core {
     /// `owner`: the kernel's lock owner of the writing process (its file table), when told.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], owner: Option<u64>) -> FsResult<u32> {
@@ -100,7 +122,7 @@ impl Core {
         Ok(data.len() as u32)
     }
 
-    /// close() and fsync(): a record's bytes are validated and upserted; an attachment's
+    /// close(), fsync() and the last release: a record's bytes are validated and upserted; an attachment's
     /// are stored. The errno of a refusal comes back from the call that caused it.
     ///
     /// A close is a commit only when it comes from the process that wrote (its lock owner,
@@ -108,7 +130,8 @@ impl Core {
     /// fork + exec in another thread closes its close-on-exec copies) must not commit a
     /// buffer the writer is still filling. Its bytes are committed at the writer's close,
     /// or at release.
-    pub fn flush(&self, fh: u64, op: &str, owner: Option<u64>) -> FsResult<()> {
+    pub fn flush(&self, fh: u64, event: Commit) -> FsResult<()> {
+        let op = event.name();
         let Some(h) = self.handle(fh) else {
             return Ok(());
         };
@@ -118,25 +141,24 @@ impl Core {
                 refused: Some(errno),
                 ..
             } => Err(FsError::new(*errno)),
-            Handle::Record { written: false, .. } if op == "close" => Ok(()),
+            Handle::Record { written: false, .. } if matches!(event, Commit::Close { .. }) => {
+                Ok(())
+            }
             Handle::Record {
                 writer: Some(w), ..
-            } if op == "close" && owner.is_some_and(|o| o != *w) => Ok(()),
+            } if matches!(event, Commit::Close { owner } if owner != *w) => Ok(()),
             Handle::Record {
                 ino, data, dirty, ..
             } if *dirty => {
                 let ino = *ino;
                 let path = self.path_of_ino(ino);
                 let r = match self.inodes.node(ino) {
-                    Some(Node::Record(kind, id)) => {
-                        self.expect_change(kind, &id);
-                        let r = self.store.upsert(kind, &id, data);
-                        self.changed(kind, &id);
-                        r.map_err(FsError::from).map(|v| {
+                    Some(Node::Record(kind, id)) => self
+                        .change_record(kind, &id, || self.store.upsert(kind, &id, data), stored)
+                        .map(|v| {
                             self.pending.lock().remove(&(kind, id));
                             self.last_size.lock().insert(ino, v.bytes.len() as u64);
-                        })
-                    }
+                        }),
                     Some(Node::Scratch(..)) => match self.scratch_file(ino) {
                         Some(s) => self.scratch_replace(&mut s.lock(), data),
                         None => Ok(()),
@@ -170,20 +192,20 @@ impl Core {
             } => {
                 let (state, for_write, wrote) = (state.clone(), *for_write, *wrote);
                 drop(guard);
-                let commit = match op {
+                let commit = match event {
                     // Nothing written through this descriptor: the shell's `open; dup2;
                     // close` before its write, or a close with nothing to say. The commit
                     // waits for a close that has bytes, or for the release.
-                    "close" => wrote,
-                    "release" => for_write && !self.other_ingest_writer(fh, &state),
-                    _ => for_write,
+                    Commit::Close { .. } => wrote,
+                    Commit::Release => for_write && !self.other_ingest_writer(fh, &state),
+                    Commit::Fsync => for_write,
                 };
                 if !commit {
                     return Ok(());
                 }
                 self.commit_ingest(&state, op)
             }
-            Handle::Scratch { file, .. } if op == "fsync" => {
+            Handle::Scratch { file, .. } if event == Commit::Fsync => {
                 let file = file.clone();
                 drop(guard);
                 self.scratch_sync(&file.lock())
