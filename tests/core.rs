@@ -234,6 +234,256 @@ fn gc_takes_exactly_its_words(which: Which) {
     assert!(v.exists("attachments/pixel.png"));
 }
 
+// ---- every seam call of every change failing in turn ----
+
+/// A change made through the mount: `setup` (unfailing) prepares it, `run` makes it.
+struct Change {
+    name: &'static str,
+    attachments: bool,
+    setup: fn(&Vfs, &Store),
+    run: fn(&Vfs, &Store) -> FsResult<()>,
+}
+
+fn nothing(_: &Vfs, _: &Store) {}
+
+fn scratch_name(s: &Store) -> String {
+    format!("sessions/.{}.json.swp", s.sessions()[0])
+}
+
+const CHANGES: &[Change] = &[
+    Change {
+        name: "upsert (write over a record)",
+        attachments: false,
+        setup: nothing,
+        run: |v, s| {
+            let a = &s.sessions()[0];
+            v.write_file(&session_path(a), &s.session(a, "changed"))
+        },
+    },
+    Change {
+        name: "upsert (a new record)",
+        attachments: false,
+        setup: nothing,
+        run: |v, s| v.write_file(&session_path(NEW), &s.session(NEW, "new")),
+    },
+    Change {
+        name: "upsert (a scratch file renamed onto a record)",
+        attachments: false,
+        setup: |v, s| {
+            let a = &s.sessions()[0];
+            v.write_file(&scratch_name(s), &s.session(a, "via rename"))
+                .unwrap()
+        },
+        run: |v, s| v.rename(&scratch_name(s), &session_path(&s.sessions()[0])),
+    },
+    Change {
+        name: "remove (unlink)",
+        attachments: false,
+        setup: nothing,
+        run: |v, s| v.unlink(&session_path(&s.sessions()[0])),
+    },
+    Change {
+        name: "remove (a record renamed to a scratch name)",
+        attachments: false,
+        setup: nothing,
+        run: |v, s| {
+            let a = session_path(&s.sessions()[0]);
+            v.rename(&a, &format!("{a}.bak"))
+        },
+    },
+    Change {
+        name: "rekey (rename)",
+        attachments: false,
+        setup: nothing,
+        run: |v, s| v.rename(&session_path(&s.sessions()[0]), &session_path(NEW)),
+    },
+    Change {
+        name: "ingest finish (a new attachment)",
+        attachments: true,
+        setup: nothing,
+        run: |v, _| v.write_file("attachments/new.txt", b"new bytes\n"),
+    },
+    Change {
+        name: "relabel (rename a label)",
+        attachments: true,
+        setup: nothing,
+        run: |v, _| v.rename("attachments/pixel.png", "attachments/dot.png"),
+    },
+    Change {
+        name: "relabel (ln -s <hex> label)",
+        attachments: true,
+        setup: nothing,
+        run: |v, _| v.symlink(PIXEL, "attachments/dot.png"),
+    },
+    Change {
+        name: "unlabel (rm a label)",
+        attachments: true,
+        setup: nothing,
+        run: |v, _| v.unlink("attachments/pixel.png"),
+    },
+    Change {
+        name: "gc (write .gc)",
+        attachments: true,
+        setup: nothing,
+        run: |v, s| {
+            let word: &[u8] = match s.which {
+                Which::Postgres => b"grace=0\n",
+                _ => b"run\n",
+            };
+            v.write_file(".gc", word)
+        },
+    },
+];
+
+/// A store behind a `Failing` wrapper (not failing yet) and a core over it: `spare` if
+/// given (a store a refused change left as it was), else a fresh one.
+fn failing_store(which: Which, spare: Option<Store>) -> (Store, Arc<Failing<dyn Backend>>, Vfs) {
+    let s = spare.unwrap_or_else(|| Store::open(which));
+    let f = Failing::new(s.backend.clone());
+    let v = Vfs::new(f.clone(), true);
+    (s, f, v)
+}
+
+/// Seam calls whose failure is a known bug (each has an ignored test of its own below):
+/// (change, call number, why).
+const KNOWN: &[(&str, usize, &str)] = &[(
+    "relabel (ln -s <hex> label)",
+    4,
+    "symlink_makes_the_label_and_then_fails_when_the_listing_after_it_fails",
+)];
+
+/// What one failing run came to.
+enum Outcome {
+    /// Refused as it must be; the store, when it is as it was and may be used again.
+    Refused(Option<Store>),
+    /// Made whole: the failing call was not needed for it.
+    Made,
+    /// The run made fewer calls than the count.
+    NotReached,
+}
+
+/// Change `c` with seam call `n` failing with `fault`. All is well when it is refused with
+/// the fault's errno and the store is as it was (and, with `retry`, the same change asked
+/// again is made), or when it is made whole because the failing call was not needed (a
+/// read after the commit).
+fn fail_one(
+    which: Which,
+    c: &Change,
+    n: usize,
+    fault: Fault,
+    spare: Option<Store>,
+    retry: bool,
+) -> Result<Outcome, String> {
+    let (s, f, v) = failing_store(which, spare);
+    (c.setup)(&v, &s);
+    let before = s.dump();
+    f.fail_at(n, fault);
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| (c.run)(&v, &s)));
+    let fired = f.fired();
+    f.count();
+    let Some((_, call)) = fired else {
+        return Ok(Outcome::NotReached);
+    };
+    let what = format!(
+        "{which:?}: {}: seam call {n} ({call}) failing with {fault:?}",
+        c.name
+    );
+    let after = s.dump();
+    match r {
+        Err(_) => Err(format!("{what}: panicked")),
+        Ok(Ok(())) if after == before => Err(format!("{what}: succeeded and changed nothing")),
+        Ok(Ok(())) => Ok(Outcome::Made),
+        Ok(Err(e)) => {
+            let mut bad = Vec::new();
+            if e.errno != fault.errno() {
+                bad.push(format!("errno {} instead of {}", e.errno, fault.errno()));
+            }
+            if after != before {
+                bad.push("the store changed".to_string());
+            }
+            if retry && let Err(e) = (c.run)(&v, &s) {
+                bad.push(format!("asked again without a failure: errno {}", e.errno));
+            }
+            if !bad.is_empty() {
+                return Err(format!("{what}: refused, but {}", bad.join("; ")));
+            }
+            drop(v);
+            Ok(Outcome::Refused((!retry).then_some(s)))
+        }
+    }
+}
+
+/// Every change, with each seam call it makes failing in turn (EIO, then EAGAIN): each
+/// refusal leaves the store as it was and gives the error's errno.
+fn seam_failures(which: Which) {
+    let t0 = Instant::now();
+    // A Postgres store costs a database (~0.15 s): one a refusal left unchanged is used
+    // again, so a change is not asked again there after its refusal.
+    let retry = which != Which::Postgres;
+    let (mut runs, mut made, mut bugs) = (0, Vec::new(), Vec::new());
+    let mut spare = None;
+    for c in CHANGES {
+        if c.attachments && !which.has_attachments() {
+            continue;
+        }
+        let (s, f, v) = failing_store(which, None);
+        (c.setup)(&v, &s);
+        f.count();
+        (c.run)(&v, &s).unwrap_or_else(|e| panic!("{which:?}: {}: {e:?}", c.name));
+        let calls = f.calls();
+        for (n, call) in calls.iter().enumerate() {
+            if let Some((.., test)) = KNOWN.iter().find(|k| k.0 == c.name && k.1 == n) {
+                println!("{which:?}: {} #{n} ({call}): known bug, see {test}", c.name);
+                continue;
+            }
+            for fault in Fault::ALL {
+                runs += 1;
+                match fail_one(which, c, n, fault, spare.take(), retry) {
+                    Ok(Outcome::Refused(s)) => spare = s,
+                    Ok(Outcome::Made) if fault == Fault::Io => {
+                        made.push(format!("{} #{n} {call}", c.name))
+                    }
+                    Ok(_) => {}
+                    Err(bug) => bugs.push(bug),
+                }
+            }
+        }
+    }
+    println!(
+        "figures: {which:?} seam failures: {runs} runs in {:?}; made anyway with the call failing: {made:?}",
+        t0.elapsed()
+    );
+    assert!(
+        bugs.is_empty(),
+        "{} problems:\n{}",
+        bugs.len(),
+        bugs.join("\n")
+    );
+}
+
+/// `ln -s <hex> attachments/<label>` makes the label, then reads the listing for the
+/// entry it returns: when that read fails, symlink(2) says EIO although the label was
+/// made (and asked again, EEXIST). DESIGN: a refusal leaves the store as it was.
+fn symlink_makes_the_label_and_then_fails_when_the_listing_after_it_fails(which: Which) {
+    let (s, f, v) = failing_store(which, None);
+    let before = s.dump();
+    f.count();
+    v.symlink(PIXEL, "attachments/dot.png").unwrap();
+    let calls = f.calls();
+    assert_eq!(&calls[3..5], ["relabel", "listing"], "{calls:?}");
+    drop((s, f, v));
+    let (s, f, v) = failing_store(which, None);
+    f.fail_at(4, Fault::Io);
+    let r = v.symlink(PIXEL, "attachments/dot.png");
+    assert_eq!(f.fired().map(|c| c.1), Some("listing"));
+    let changed = s.dump() != before;
+    assert!(
+        r.is_ok() || !changed,
+        "symlink returned errno {} and the label was made",
+        errno(&r)
+    );
+}
+
 /// One case for the backend `which()` of the module it is in, skipped when that backend
 /// cannot be opened here (or has no attachments, for the cases that need them).
 macro_rules! case {
@@ -267,6 +517,14 @@ macro_rules! cases {
             case!(chmod_that_changes_nothing_succeeds_and_one_that_would_is_eperm);
             case!(attachment_ingest_then_label, has_attachments);
             case!(gc_takes_exactly_its_words, has_attachments);
+            case!(seam_failures);
+            #[test]
+            #[ignore = "bug: ln -s into attachments/ makes the label, then fails (EIO) when the listing read after it fails"]
+            fn symlink_makes_the_label_and_then_fails_when_the_listing_after_it_fails() {
+                if let Some(w) = which().filter(|w| w.has_attachments()) {
+                    super::symlink_makes_the_label_and_then_fails_when_the_listing_after_it_fails(w)
+                }
+            }
         }
     )*};
 }

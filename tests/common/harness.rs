@@ -446,7 +446,10 @@ impl Vfs {
         let (p, name) = self.parent(from)?;
         let (np, newname) = self.parent(to)?;
         self.core.lookup(p, name)?;
-        let _ = self.core.lookup(np, newname);
+        match self.core.lookup(np, newname) {
+            Err(e) if e.errno != libc::ENOENT => return Err(e),
+            _ => {}
+        }
         self.caller();
         self.core.rename(p, name, np, newname, false, false)
     }
@@ -460,8 +463,10 @@ impl Vfs {
 
     pub fn symlink(&self, target: &str, path: &str) -> FsResult<()> {
         let (p, name) = self.parent(path)?;
-        if self.core.lookup(p, name).is_ok() {
-            return Err(FsError::new(libc::EEXIST));
+        match self.core.lookup(p, name) {
+            Ok(_) => return Err(FsError::new(libc::EEXIST)),
+            Err(e) if e.errno != libc::ENOENT => return Err(e),
+            Err(_) => {}
         }
         self.caller();
         self.core.symlink(p, name, Path::new(target)).map(|_| ())
