@@ -484,6 +484,34 @@ fn symlink_makes_the_label_and_then_fails_when_the_listing_after_it_fails(which:
     );
 }
 
+/// rename(2) with RENAME_NOREPLACE onto a record that exists (the kernel's negative dentry
+/// was stale: another process made it) must be EEXIST; when the core's own lookup of the
+/// target fails, it takes the target for absent and the rename replaces it.
+fn noreplace_rename_replaces_the_target_when_reading_it_fails(which: Which) {
+    let (s, f, v) = failing_store(which, None);
+    let [a, b, _] = s.sessions();
+    let dir = v.lookup("sessions").unwrap().ino;
+    let (na, nb) = (format!("{a}.json"), format!("{b}.json"));
+    f.count();
+    let r = v.core.rename(dir, &na, dir, &nb, true, false);
+    assert_eq!(errno(&r), libc::EEXIST, "{:?}", f.calls());
+    let before = s.dump();
+    f.fail_at(1, Fault::Io);
+    let r = v.core.rename(dir, &na, dir, &nb, true, false);
+    assert_eq!(
+        f.fired(),
+        Some((1, "get")),
+        "the lookup of the target failed"
+    );
+    let replaced = s.dump() != before;
+    assert!(
+        r.is_err() && !replaced,
+        "rename returned errno {} and the target {} replaced",
+        errno(&r),
+        if replaced { "was" } else { "was not" }
+    );
+}
+
 /// One case for the backend `which()` of the module it is in, skipped when that backend
 /// cannot be opened here (or has no attachments, for the cases that need them).
 macro_rules! case {
@@ -518,6 +546,13 @@ macro_rules! cases {
             case!(attachment_ingest_then_label, has_attachments);
             case!(gc_takes_exactly_its_words, has_attachments);
             case!(seam_failures);
+            #[test]
+            #[ignore = "bug: RENAME_NOREPLACE replaces the target when the core's read of it fails"]
+            fn noreplace_rename_replaces_the_target_when_reading_it_fails() {
+                if let Some(w) = which() {
+                    super::noreplace_rename_replaces_the_target_when_reading_it_fails(w)
+                }
+            }
             #[test]
             #[ignore = "bug: ln -s into attachments/ makes the label, then fails (EIO) when the listing read after it fails"]
             fn symlink_makes_the_label_and_then_fails_when_the_listing_after_it_fails() {
