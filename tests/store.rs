@@ -1,6 +1,8 @@
 //! Store tests: no mount, real files.
 
 mod common;
+#[path = "common/harness.rs"]
+mod harness;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -870,89 +872,200 @@ fn kill_9_at_random_moments_leaves_every_file_old_or_new() {
 
 // ---- a model check: two handles (two writers) against an in-memory reference ----
 
+/// The same model for every backend, through the seam (`&dyn Backend`): two handles on one
+/// store (two writers, each with its caches) upsert, remove and re-key records of three
+/// collections, and a third handle opened afterwards must list exactly what the model says.
 mod model {
     use super::*;
+    use agentmount::backend::Backend;
+    use harness::Which;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     #[derive(Debug, Clone)]
     enum Op {
-        Upsert(usize, Kind, usize, u8),
-        Remove(usize, Kind, usize),
-        Rekey(usize, Kind, usize, usize),
+        /// (handle, collection, record, value)
+        Upsert(usize, usize, usize, u8),
+        Remove(usize, usize, usize),
+        Rekey(usize, usize, usize, usize),
+    }
+
+    fn kinds(which: Which) -> [Kind; 3] {
+        match which {
+            Which::Sqlite => [Kind::Sessions, Kind::Agents, Kind::Delegations],
+            _ => Kind::ALL,
+        }
     }
 
     fn id(kind: Kind, n: usize) -> String {
         match kind {
             Kind::Sessions => format!("00000000-0000-4000-8000-{n:012}"),
+            Kind::Agents => format!("00000000-0000-4000-8000-{:012}", 100 + n),
+            Kind::Delegations => format!("{}", 10 + n),
             Kind::Goals => format!("g-{n:08x}"),
-            _ => format!("conv-{n}"),
+            Kind::Conversations => format!("conv-{n}"),
         }
     }
 
-    fn record(kind: Kind, v: u8) -> Value {
-        match kind {
+    /// The field that holds a record's id (none for a conversation), and its value.
+    fn id_field(which: Which, kind: Kind, id: &str) -> Option<(&'static str, Value)> {
+        match (which, kind) {
+            (_, Kind::Conversations) => None,
+            (Which::Sqlite, Kind::Sessions) => Some(("session_id", json!(id))),
+            (_, Kind::Delegations) => Some(("id", json!(id.parse::<i64>().unwrap()))),
+            _ => Some(("id", json!(id))),
+        }
+    }
+
+    /// The bytes written for record `id` with value `v`.
+    fn record(which: Which, kind: Kind, id: &str, v: u8) -> Value {
+        let mut rec = match kind {
+            Kind::Sessions if which == Which::Sqlite => json!({
+                "agent_id": "1a000000-0000-4000-8000-000000000001",
+                "delegation_chain_snapshot": [], "declared_intent": format!("t{v}"),
+                "authorized_tools": ["read_file"], "time_limit_secs": 3600, "call_budget": 100,
+                "calls_made": v, "rate_limit_per_minute": null,
+                "rate_window_start": "2026-11-20T09:10:00Z", "rate_window_calls": 0,
+                "rate_limit_window_secs": 60, "data_sensitivity_ceiling": "internal",
+                "created_at": "2026-11-20T09:10:00Z", "status": "active"}),
+            Kind::Agents => json!({"owner": format!("o{v}"), "model": "m", "capabilities": [],
+                "trust_level": "basic", "created_at": "2026-11-20T09:00:00Z",
+                "expires_at": null, "active": v.is_multiple_of(2)}),
+            Kind::Delegations => json!({"from_agent": "1a000000-0000-4000-8000-000000000001",
+                "to_agent": "1a000000-0000-4000-8000-000000000002",
+                "scope_narrowing": [format!("s{v}")], "created_at": "2026-11-20T09:05:00Z",
+                "expires_at": null}),
             Kind::Sessions => session(&format!("t{v}")),
             Kind::Goals => json!({"description": format!("d{v}"), "status": "pending"}),
-            _ => json!({"compressed_context": format!("c{v}"), "total_rounds": v}),
+            Kind::Conversations => {
+                json!({"compressed_context": format!("c{v}"), "total_rounds": v})
+            }
+        };
+        // arbiter's records carry their id; the directory store's get it from the name.
+        if which == Which::Sqlite
+            && let Some((f, idv)) = id_field(which, kind, id)
+        {
+            rec[f] = idv;
         }
+        rec
+    }
+
+    /// What the store shows of record `id` written with value `v`: the record, its id in it.
+    fn shown(which: Which, kind: Kind, id: &str, v: u8) -> Value {
+        let rec = record(which, kind, id, v);
+        match id_field(which, kind, id) {
+            Some((f, idv)) => {
+                let mut m = serde_json::Map::new();
+                m.insert(f.into(), idv);
+                m.extend(rec.as_object().unwrap().clone());
+                Value::Object(m)
+            }
+            None => rec,
+        }
+    }
+
+    fn listed(b: &dyn Backend, k: Kind) -> HashMap<String, Value> {
+        b.list(k)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| (r.id, serde_json::from_slice(&r.bytes).unwrap()))
+            .collect()
+    }
+
+    /// Runs `ops` with `handles` on one store (whatever it holds at first), then checks a
+    /// handle opened afterwards (`fresh`) against the model.
+    fn check(
+        which: Which,
+        handles: [Arc<dyn Backend>; 2],
+        fresh: impl Fn() -> Arc<dyn Backend>,
+        ops: Vec<Op>,
+    ) -> Result<(), TestCaseError> {
+        let ks = kinds(which);
+        let mut model: HashMap<(Kind, String), Value> = HashMap::new();
+        for k in ks {
+            for (i, v) in listed(&*handles[0], k) {
+                model.insert((k, i), v);
+            }
+        }
+        for op in ops {
+            match op {
+                Op::Upsert(h, k, i, v) => {
+                    let (k, id) = (ks[k], id(ks[k], i));
+                    let bytes = serde_json::to_vec(&record(which, k, &id, v)).unwrap();
+                    let r = handles[h].upsert(k, &id, &bytes);
+                    prop_assert!(r.is_ok(), "upsert {:?} {}: {:?}", k, id, r.err());
+                    model.insert((k, id.clone()), shown(which, k, &id, v));
+                }
+                Op::Remove(h, k, i) => {
+                    let (k, id) = (ks[k], id(ks[k], i));
+                    let r = handles[h].remove(k, &id);
+                    prop_assert_eq!(r.is_ok(), model.remove(&(k, id)).is_some());
+                }
+                Op::Rekey(h, k, a, b) => {
+                    let (k, a, b) = (ks[k], id(ks[k], a), id(ks[k], b));
+                    let r = handles[h].rekey(k, &a, &b);
+                    match model.remove(&(k, a.clone())) {
+                        Some(mut v) => {
+                            prop_assert!(r.is_ok(), "rekey {:?} {} {}: {:?}", k, a, b, r.err());
+                            if let Some((f, idv)) = id_field(which, k, &b) {
+                                v[f] = idv;
+                            }
+                            model.insert((k, b), v);
+                        }
+                        None => prop_assert!(r.is_err(), "rekey {:?} of absent {}", k, a),
+                    }
+                }
+            }
+        }
+        let fresh = fresh();
+        for k in ks {
+            let want: HashMap<String, Value> = model
+                .iter()
+                .filter(|((mk, _), _)| *mk == k)
+                .map(|((_, i), v)| (i.clone(), v.clone()))
+                .collect();
+            prop_assert_eq!(listed(&*fresh, k), want, "{:?}", k);
+        }
+        Ok(())
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        let kind = prop_oneof![
-            Just(Kind::Sessions),
-            Just(Kind::Goals),
-            Just(Kind::Conversations)
-        ];
         prop_oneof![
-            (0..2usize, kind.clone(), 0..5usize, any::<u8>())
+            (0..2usize, 0..3usize, 0..5usize, any::<u8>())
                 .prop_map(|(h, k, i, v)| Op::Upsert(h, k, i, v)),
-            (0..2usize, kind.clone(), 0..5usize).prop_map(|(h, k, i)| Op::Remove(h, k, i)),
-            (0..2usize, kind, 0..5usize, 0..5usize).prop_map(|(h, k, a, b)| Op::Rekey(h, k, a, b)),
+            (0..2usize, 0..3usize, 0..5usize).prop_map(|(h, k, i)| Op::Remove(h, k, i)),
+            (0..2usize, 0..3usize, 0..5usize, 0..5usize)
+                .prop_map(|(h, k, a, b)| Op::Rekey(h, k, a, b)),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The directory store, from an empty directory (created by the first write).
         #[test]
         fn two_writers_match_the_reference_model(ops in proptest::collection::vec(op(), 1..30)) {
             let d = tempfile::tempdir().unwrap();
-            let handles = [open(d.path()), open(d.path())];
-            let mut model: HashMap<(Kind, String), Value> = HashMap::new();
-            for op in ops {
-                match op {
-                    Op::Upsert(h, k, i, v) => {
-                        let mut rec = record(k, v);
-                        handles[h].upsert(k, &id(k, i), &bytes(&rec)).unwrap();
-                        if k != Kind::Conversations {
-                            let mut m = serde_json::Map::new();
-                            m.insert("id".into(), json!(id(k, i)));
-                            m.extend(rec.as_object().unwrap().clone());
-                            rec = Value::Object(m);
-                        }
-                        model.insert((k, id(k, i)), rec);
-                    }
-                    Op::Remove(h, k, i) => {
-                        let r = handles[h].remove(k, &id(k, i));
-                        prop_assert_eq!(r.is_ok(), model.remove(&(k, id(k, i))).is_some());
-                    }
-                    Op::Rekey(h, k, a, b) => {
-                        let r = handles[h].rekey(k, &id(k, a), &id(k, b));
-                        match model.remove(&(k, id(k, a))) {
-                            Some(mut v) => {
-                                prop_assert!(r.is_ok(), "{:?}", r.err());
-                                if k != Kind::Conversations { v["id"] = json!(id(k, b)); }
-                                model.insert((k, id(k, b)), v);
-                            }
-                            None => prop_assert!(r.is_err()),
-                        }
-                    }
-                }
-            }
-            let fresh = open(d.path());
-            for k in Kind::ALL {
-                let got: HashMap<String, Value> = fresh.list(k).unwrap().records.into_iter().map(|r| (r.id, serde_json::from_slice(&r.bytes).unwrap())).collect();
-                let want: HashMap<String, Value> = model.iter().filter(|((mk, _), _)| *mk == k).map(|((_, i), v)| (i.clone(), v.clone())).collect();
-                prop_assert_eq!(got, want);
+            let h = || -> Arc<dyn Backend> { Arc::new(open(d.path())) };
+            check(Which::Files, [h(), h()], h, ops)?;
+        }
+
+        /// arbiter's database (make_db.py's sample rows to begin with).
+        #[test]
+        fn two_writers_of_a_sqlite_store_match_the_reference_model(ops in proptest::collection::vec(op(), 1..30)) {
+            let s = harness::Store::open(Which::Sqlite);
+            check(Which::Sqlite, [s.backend.clone(), s.reopen()], || s.reopen(), ops)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8))]
+        /// Postgres (a database copied from the sample store), when a server can be started.
+        #[test]
+        fn two_writers_of_a_postgres_store_match_the_reference_model(ops in proptest::collection::vec(op(), 1..30)) {
+            if harness::postgres_available() {
+                let s = harness::Store::open(Which::Postgres);
+                check(Which::Postgres, [s.backend.clone(), s.reopen()], || s.reopen(), ops)?;
             }
         }
     }
