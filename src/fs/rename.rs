@@ -120,7 +120,19 @@ impl Core {
         self.dir_changed(parent);
         let node = Node::Label(name.to_string());
         let ino = self.inodes.ino(&node);
-        self.attr_of(ino, &node, None)
+        // The label exists now: a failure to read it back must not turn the call into a
+        // refusal (a retry would then get EEXIST). Show it as just made.
+        Ok(self.attr_of(ino, &node, None).unwrap_or_else(|_| {
+            let now = SystemTime::now();
+            self.attr(
+                ino,
+                FileKind::Symlink,
+                target.len() as u64,
+                (now, now),
+                0o777,
+                self.opts.ttl,
+            )
+        }))
     }
 
     pub fn rename(
@@ -185,7 +197,13 @@ impl Core {
                 format!("{newname:?} is not a usable file name"),
             ));
         }
-        let target = self.resolve(newparent, newname).ok();
+        // Only "no such name" means there is no target: a failure to read it must not let a
+        // RENAME_NOREPLACE (or any rename) act as if the name were free.
+        let target = match self.resolve(newparent, newname) {
+            Ok(t) => Some(t),
+            Err(e) if e.errno == libc::ENOENT => None,
+            Err(e) => return Err(e),
+        };
         if noreplace && target.is_some() {
             return Err(FsError::new(libc::EEXIST));
         }

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use agentmount::backend::{Backend, Kind};
-use agentmount::fs::{Attr, Core, FsError, FsResult, MountOptions, SetAttr};
+use agentmount::fs::{Attr, Commit, Core, FsError, FsResult, MountOptions, SetAttr};
 use agentmount::journal::{Journal, JournalOptions};
 use serde_json::{Value, json};
 
@@ -393,16 +393,16 @@ impl Vfs {
 
     pub fn fsync(&self, fd: &Fd) -> FsResult<()> {
         self.caller();
-        self.core.flush(fd.fh, "fsync", None)
+        self.core.flush(fd.fh, Commit::Fsync)
     }
 
     /// close(2) of the last descriptor: the kernel's flush (whose errno close returns),
     /// then release (fuse.rs flushes once more, ignoring the result, and releases).
     pub fn close(&self, fd: Fd) -> FsResult<()> {
         self.caller();
-        let r = self.core.flush(fd.fh, "close", Some(self.owner));
+        let r = self.core.flush(fd.fh, Commit::Close { owner: self.owner });
         self.caller();
-        let _ = self.core.flush(fd.fh, "release", None);
+        let _ = self.core.flush(fd.fh, Commit::Release);
         self.core.release(fd.fh);
         r
     }
