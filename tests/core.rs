@@ -489,11 +489,11 @@ fn a_noreplace_rename_keeps_the_target_when_reading_it_fails(which: Which) {
     let dir = v.lookup("sessions").unwrap().ino;
     let (na, nb) = (format!("{a}.json"), format!("{b}.json"));
     f.count();
-    let r = v.core.rename(dir, &na, dir, &nb, true, false);
+    let r = v.core.rename(v.caller(), dir, &na, dir, &nb, true, false);
     assert_eq!(errno(&r), libc::EEXIST, "{:?}", f.calls());
     let before = s.dump();
     f.fail_at(1, Fault::Io);
-    let r = v.core.rename(dir, &na, dir, &nb, true, false);
+    let r = v.core.rename(v.caller(), dir, &na, dir, &nb, true, false);
     assert_eq!(
         f.fired(),
         Some((1, "get")),

@@ -17,7 +17,7 @@ use fuser::{
 
 use parking_lot::Mutex;
 
-use super::{Attr, Commit, Core, FileKind, FsError, OpenMode, SetAttr};
+use super::{Attr, Caller, Commit, Core, FileKind, FsError, OpenMode, SetAttr};
 
 /// `.status` `data_path.attachments` until the first open of an attachment tries
 /// passthrough (the kernel offers it; whether the daemon may use it is known only then).
@@ -106,6 +106,15 @@ fn to_attr(a: &Attr) -> FileAttr {
         rdev: 0,
         blksize: a.blksize,
         flags: 0,
+    }
+}
+
+/// Who a request comes from, as the kernel names it.
+fn caller_of(req: &Request) -> Caller {
+    Caller {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
     }
 }
 
@@ -234,8 +243,9 @@ impl Filesystem for AgentFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        crate::journal::set_caller(req.pid(), req.uid());
+        let caller = caller_of(req);
         match self.core.setattr(
+            caller,
             ino.0,
             fh.map(|f| f.0),
             SetAttr {
@@ -297,11 +307,11 @@ impl Filesystem for AgentFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        crate::journal::set_caller(req.pid(), req.uid());
+        let caller = caller_of(req);
         let Some(name) = self.utf8_name(parent, name, "unlink") else {
             return reply.error(Errno::EINVAL);
         };
-        match self.core.unlink(parent.0, name) {
+        match self.core.unlink(caller, parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -325,11 +335,11 @@ impl Filesystem for AgentFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        crate::journal::set_caller(req.pid(), req.uid());
+        let caller = caller_of(req);
         let Some(name) = self.utf8_name(parent, link_name, "symlink") else {
             return reply.error(Errno::EINVAL);
         };
-        match self.core.symlink(parent.0, name, target) {
+        match self.core.symlink(caller, parent.0, name, target) {
             Ok(a) => reply.entry_with_ttls(&a.ttl, &a.ttl, &to_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -345,7 +355,7 @@ impl Filesystem for AgentFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        crate::journal::set_caller(req.pid(), req.uid());
+        let caller = caller_of(req);
         let (Some(name), Some(newname)) = (
             self.utf8_name(parent, name, "rename"),
             self.utf8_name(newparent, newname, "rename"),
@@ -354,10 +364,15 @@ impl Filesystem for AgentFs {
         };
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        match self
-            .core
-            .rename(parent.0, name, newparent.0, newname, noreplace, exchange)
-        {
+        match self.core.rename(
+            caller,
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            noreplace,
+            exchange,
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -437,7 +452,7 @@ impl Filesystem for AgentFs {
 
     fn write(
         &self,
-        req: &Request,
+        _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -447,7 +462,6 @@ impl Filesystem for AgentFs {
         lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        crate::journal::set_caller(req.pid(), req.uid());
         match self.core.write(fh.0, offset, data, lock.map(|l| l.0)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
@@ -462,8 +476,11 @@ impl Filesystem for AgentFs {
         lock: LockOwner,
         reply: ReplyEmpty,
     ) {
-        crate::journal::set_caller(req.pid(), req.uid());
-        match self.core.flush(fh.0, Commit::Close { owner: lock.0 }) {
+        let caller = caller_of(req);
+        match self
+            .core
+            .flush(caller, fh.0, Commit::Close { owner: lock.0 })
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -479,9 +496,9 @@ impl Filesystem for AgentFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        crate::journal::set_caller(req.pid(), req.uid());
+        let caller = caller_of(req);
         // A last flush in case the kernel did not send one (its errors cannot reach close).
-        let _ = self.core.flush(fh.0, Commit::Release);
+        let _ = self.core.flush(caller, fh.0, Commit::Release);
         self.core.release(fh.0);
         self.passthrough.release(fh.0);
         reply.ok();
@@ -495,8 +512,8 @@ impl Filesystem for AgentFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        crate::journal::set_caller(req.pid(), req.uid());
-        match self.core.flush(fh.0, Commit::Fsync) {
+        let caller = caller_of(req);
+        match self.core.flush(caller, fh.0, Commit::Fsync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -704,7 +721,7 @@ impl Filesystem for AgentFs {
 
     fn create(
         &self,
-        req: &Request,
+        _req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -712,7 +729,6 @@ impl Filesystem for AgentFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        crate::journal::set_caller(req.pid(), req.uid());
         let Some(name) = self.utf8_name(parent, name, "create") else {
             return reply.error(Errno::EINVAL);
         };

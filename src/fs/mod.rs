@@ -290,6 +290,26 @@ pub struct DirEntry {
     pub attr: Option<Attr>,
 }
 
+/// Who made a request: the process and user the kernel names for it. Passed down with
+/// each operation that can change the store, so a journal line's pid and uid come from the
+/// request itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Caller {
+    /// The journal's name for a change this caller made through the mount.
+    pub fn source(self) -> crate::journal::Source {
+        crate::journal::Source::Mount {
+            pid: self.pid,
+            uid: self.uid,
+        }
+    }
+}
+
 /// What a setattr asks to change.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SetAttr {
@@ -524,9 +544,9 @@ impl Core {
     }
 
     /// Announces the current request's change to record `id` to the journal.
-    pub(super) fn expect_change(&self, kind: Kind, id: &str) {
+    pub(super) fn expect_change(&self, caller: Caller, kind: Kind, id: &str) {
         if let Some(j) = &self.journal {
-            j.expect(kind, id, crate::journal::caller());
+            j.expect(kind, id, caller.source());
         }
     }
 
@@ -536,12 +556,13 @@ impl Core {
     /// read-back from the store. A failed change reads back what is there.
     pub(super) fn change_record<T>(
         &self,
+        caller: Caller,
         kind: Kind,
         id: &str,
         change: impl FnOnce() -> crate::error::Result<T>,
         after: impl FnOnce(&T) -> Option<&RecordView>,
     ) -> FsResult<T> {
-        self.expect_change(kind, id);
+        self.expect_change(caller, kind, id);
         let r = change();
         match (&self.journal, &r) {
             (Some(j), Ok(v)) => {
@@ -566,9 +587,15 @@ impl Core {
     }
 
     /// An attachment event for the feed.
-    pub(super) fn attachment_changed(&self, hex: &str, op: &str, label: Option<&str>) {
+    pub(super) fn attachment_changed(
+        &self,
+        caller: Caller,
+        hex: &str,
+        op: &str,
+        label: Option<&str>,
+    ) {
         if let Some(j) = &self.journal {
-            j.attachment(hex, op, label, crate::journal::caller());
+            j.attachment(hex, op, label, caller.source());
         }
     }
 

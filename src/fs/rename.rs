@@ -4,9 +4,9 @@
 use super::*;
 
 impl Core {
-    pub fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+    pub fn unlink(&self, caller: Caller, parent: u64, name: &str) -> FsResult<()> {
         let path = self.path_of(parent, name);
-        let r = self.unlink_inner(parent, name);
+        let r = self.unlink_inner(caller, parent, name);
         if r.is_ok() {
             self.dir_changed(parent);
         }
@@ -16,14 +16,14 @@ impl Core {
         r
     }
 
-    pub(super) fn unlink_inner(&self, parent: u64, name: &str) -> FsResult<()> {
+    pub(super) fn unlink_inner(&self, caller: Caller, parent: u64, name: &str) -> FsResult<()> {
         let node = self.resolve(parent, name)?;
         self.writable()?;
         match &node {
             Node::Record(kind, id) => {
                 let had_pending = self.pending.lock().remove(&(*kind, id.clone())).is_some();
                 if self.store.get(*kind, id)?.is_some() {
-                    self.change_record(*kind, id, || self.store.remove(*kind, id), gone)?;
+                    self.change_record(caller, *kind, id, || self.store.remove(*kind, id), gone)?;
                 } else if !had_pending {
                     return Err(FsError::new(libc::ENOENT));
                 }
@@ -37,7 +37,7 @@ impl Core {
                 let hex = self.blob_of(&node)?.map(|id| to_hex(&id));
                 self.attach()?.unlabel(label)?;
                 if let Some(hex) = hex {
-                    self.attachment_changed(&hex, "update", None);
+                    self.attachment_changed(caller, &hex, "update", None);
                 }
             }
             Node::Ingest(n) => {
@@ -77,16 +77,28 @@ impl Core {
 
     /// `ln -s <hex> attachments/<label>` labels an existing blob (DESIGN §7), so `cp -a`
     /// of a backup restores labels. Any other symlink: EPERM.
-    pub fn symlink(&self, parent: u64, name: &str, target: &std::path::Path) -> FsResult<Attr> {
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &str,
+        target: &std::path::Path,
+    ) -> FsResult<Attr> {
         let path = self.path_of(parent, name);
-        let r = self.symlink_inner(parent, name, target);
+        let r = self.symlink_inner(caller, parent, name, target);
         if let Err(e) = &r {
             self.report(&path, "symlink", e);
         }
         r
     }
 
-    fn symlink_inner(&self, parent: u64, name: &str, target: &std::path::Path) -> FsResult<Attr> {
+    fn symlink_inner(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &str,
+        target: &std::path::Path,
+    ) -> FsResult<Attr> {
         check_name_len(name)?;
         let refuse = |why: String| Err(FsError::refuse(libc::EPERM, why));
         if parent != ATTACH_DIR || self.store.attachments().is_none() {
@@ -116,7 +128,7 @@ impl Core {
             ));
         }
         self.attach()?.relabel(&target, None, name)?;
-        self.attachment_changed(&target, "update", Some(name));
+        self.attachment_changed(caller, &target, "update", Some(name));
         self.dir_changed(parent);
         let node = Node::Label(name.to_string());
         let ino = self.inodes.ino(&node);
@@ -135,8 +147,10 @@ impl Core {
         }))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn rename(
         &self,
+        caller: Caller,
         parent: u64,
         name: &str,
         newparent: u64,
@@ -145,7 +159,9 @@ impl Core {
         exchange: bool,
     ) -> FsResult<()> {
         let path = self.path_of(parent, name);
-        let r = self.rename_inner(parent, name, newparent, newname, noreplace, exchange);
+        let r = self.rename_inner(
+            caller, parent, name, newparent, newname, noreplace, exchange,
+        );
         if r.is_ok() {
             self.dir_changed(parent);
             self.dir_changed(newparent);
@@ -160,8 +176,10 @@ impl Core {
         r
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn rename_inner(
         &self,
+        caller: Caller,
         parent: u64,
         name: &str,
         newparent: u64,
@@ -225,8 +243,8 @@ impl Core {
                             "the record is still being written: close it before renaming",
                         ));
                     }
-                    self.expect_change(kind, from);
-                    self.expect_change(kind, &to);
+                    self.expect_change(caller, kind, from);
+                    self.expect_change(caller, kind, &to);
                     let view = match self.store.rekey(kind, from, &to) {
                         Ok(v) => v,
                         Err(e) => {
@@ -236,7 +254,7 @@ impl Core {
                         }
                     };
                     if let Some(j) = &self.journal {
-                        j.renamed(kind, from, &to, &view, crate::journal::caller());
+                        j.renamed(kind, from, &to, &view, caller.source());
                     }
                     self.drop_scratch_target(&target);
                     Node::Record(kind, to)
@@ -250,7 +268,13 @@ impl Core {
                     // The bytes are durable in the scratch file before the record goes;
                     // if it cannot go, the scratch file is taken back.
                     let file = self.record_to_scratch(kind, newname, &bytes, || {
-                        self.change_record(kind, from, || self.store.remove(kind, from), gone)
+                        self.change_record(
+                            caller,
+                            kind,
+                            from,
+                            || self.store.remove(kind, from),
+                            gone,
+                        )
                     })?;
                     // The file that had the name on disk was replaced: its descriptors
                     // keep its bytes.
@@ -272,7 +296,13 @@ impl Core {
                         .ok_or_else(|| FsError::new(libc::ENOENT))?;
                     let data =
                         self.scratch_bytes(&mut file.lock(), self.store.max_record_bytes())?;
-                    self.change_record(kind, &to, || self.store.upsert(kind, &to, &data), stored)?;
+                    self.change_record(
+                        caller,
+                        kind,
+                        &to,
+                        || self.store.upsert(kind, &to, &data),
+                        stored,
+                    )?;
                     self.unlink_scratch(ino);
                     Node::Record(kind, to)
                 }
@@ -312,7 +342,7 @@ impl Core {
                     let hex = String::from_utf8_lossy(&self.readlink(self.inodes.ino(&node))?)
                         .into_owned();
                     self.attach()?.relabel(&hex, Some(old), newname)?;
-                    self.attachment_changed(&hex, "update", Some(newname));
+                    self.attachment_changed(caller, &hex, "update", Some(newname));
                 }
                 Node::Ingest(old) => {
                     // Never the table's lock and an ingest's at once (a commit takes them

@@ -4,16 +4,28 @@
 use super::*;
 
 impl Core {
-    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+    pub fn setattr(
+        &self,
+        caller: Caller,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+    ) -> FsResult<Attr> {
         let path = self.path_of_ino(ino);
-        let r = self.setattr_inner(ino, fh, set);
+        let r = self.setattr_inner(caller, ino, fh, set);
         if let Err(e) = &r {
             self.report(&path, "setattr", e);
         }
         r
     }
 
-    pub(super) fn setattr_inner(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+    pub(super) fn setattr_inner(
+        &self,
+        caller: Caller,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+    ) -> FsResult<Attr> {
         let SetAttr {
             mode,
             uid,
@@ -117,6 +129,7 @@ impl Core {
                         // Readers' pages hold this inode: the kernel tries the new one.
                         self.record_truncate(ino, *kind, id)?;
                         let r = self.change_record(
+                            caller,
                             *kind,
                             id,
                             || self.store.upsert(*kind, id, &bytes),

@@ -130,7 +130,7 @@ impl Core {
     /// fork + exec in another thread closes its close-on-exec copies) must not commit a
     /// buffer the writer is still filling. Its bytes are committed at the writer's close,
     /// or at release.
-    pub fn flush(&self, fh: u64, event: Commit) -> FsResult<()> {
+    pub fn flush(&self, caller: Caller, fh: u64, event: Commit) -> FsResult<()> {
         let op = event.name();
         let Some(h) = self.handle(fh) else {
             return Ok(());
@@ -154,7 +154,13 @@ impl Core {
                 let path = self.path_of_ino(ino);
                 let r = match self.inodes.node(ino) {
                     Some(Node::Record(kind, id)) => self
-                        .change_record(kind, &id, || self.store.upsert(kind, &id, data), stored)
+                        .change_record(
+                            caller,
+                            kind,
+                            &id,
+                            || self.store.upsert(kind, &id, data),
+                            stored,
+                        )
                         .map(|v| {
                             self.pending.lock().remove(&(kind, id));
                             self.last_size.lock().insert(ino, v.bytes.len() as u64);
@@ -203,7 +209,7 @@ impl Core {
                 if !commit {
                     return Ok(());
                 }
-                self.commit_ingest(&state, op)
+                self.commit_ingest(caller, &state, op)
             }
             Handle::Scratch { file, .. } if event == Commit::Fsync => {
                 let file = file.clone();
@@ -227,7 +233,7 @@ impl Core {
                         if let (Some(before), Some(after)) = (before, label_of())
                             && after != before
                         {
-                            self.attachment_changed(hex, "update", after.as_deref());
+                            self.attachment_changed(caller, hex, "update", after.as_deref());
                         }
                     }
                 }
@@ -288,7 +294,12 @@ impl Core {
     }
 
     /// Stores an ingest's bytes (its commit at close, fsync or release).
-    fn commit_ingest(&self, state: &Arc<Mutex<IngestState>>, op: &str) -> FsResult<()> {
+    fn commit_ingest(
+        &self,
+        caller: Caller,
+        state: &Arc<Mutex<IngestState>>,
+        op: &str,
+    ) -> FsResult<()> {
         let mut st = state.lock();
         if st.unlinked || st.ingest.is_none() {
             // Unlinked while open: its bytes go nowhere (they stay readable through its
@@ -330,7 +341,7 @@ impl Core {
         match stored {
             Ok(hex) => {
                 if st.expect.is_none() {
-                    self.attachment_changed(&hex, "create", Some(&name));
+                    self.attachment_changed(caller, &hex, "create", Some(&name));
                 }
                 st.done = Some(hex);
                 // The name is now a label symlink (or the blob): look it up again.

@@ -62,24 +62,6 @@ pub enum Source {
     Gc,
 }
 
-thread_local! {
-    static CALLER: std::cell::Cell<Option<(u32, u32)>> = const { std::cell::Cell::new(None) };
-}
-
-/// Sets the process the current FUSE request comes from (each request is served on one
-/// thread from start to end).
-pub fn set_caller(pid: u32, uid: u32) {
-    CALLER.with(|c| c.set(Some((pid, uid))));
-}
-
-/// The source of a change made by the current request.
-pub fn caller() -> Source {
-    match CALLER.with(|c| c.get()) {
-        Some((pid, uid)) => Source::Mount { pid, uid },
-        None => Source::Mount { pid: 0, uid: 0 },
-    }
-}
-
 /// Record times as persisted: (collection, id) -> (sha, mtime ns, ctime ns).
 type Prior = HashMap<(Kind, String), (String, i128, i128)>;
 

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use agentmount::backend::{Backend, Kind};
-use agentmount::fs::{Attr, Commit, Core, FsError, FsResult, MountOptions, SetAttr};
+use agentmount::fs::{Attr, Caller, Commit, Core, FsError, FsResult, MountOptions, SetAttr};
 use agentmount::journal::{Journal, JournalOptions};
 use serde_json::{Value, json};
 
@@ -327,9 +327,13 @@ impl Vfs {
         }
     }
 
-    /// The caller of the next request, as fuse.rs sets it from `req.pid()`/`req.uid()`.
-    fn caller(&self) {
-        agentmount::journal::set_caller(self.pid, self.uid);
+    /// The caller of a request, as fuse.rs makes it from `req.pid()`/`req.uid()`.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            pid: self.pid,
+            uid: self.uid,
+            gid: 0,
+        }
     }
 
     /// The directory holding `path` (each component looked up) and the last name.
@@ -374,7 +378,6 @@ impl Vfs {
                 Ok(Fd { fh, ino: a.ino })
             }
             Err(e) if e.errno == libc::ENOENT && flags & libc::O_CREAT != 0 => {
-                self.caller();
                 let (a, fh, _) = self.core.create(p, name, libc::S_IFREG | 0o644)?;
                 Ok(Fd { fh, ino: a.ino })
             }
@@ -383,7 +386,6 @@ impl Vfs {
     }
 
     pub fn write(&self, fd: &Fd, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.caller();
         self.core.write(fd.fh, offset, data, Some(self.owner))
     }
 
@@ -392,17 +394,16 @@ impl Vfs {
     }
 
     pub fn fsync(&self, fd: &Fd) -> FsResult<()> {
-        self.caller();
-        self.core.flush(fd.fh, Commit::Fsync)
+        self.core.flush(self.caller(), fd.fh, Commit::Fsync)
     }
 
     /// close(2) of the last descriptor: the kernel's flush (whose errno close returns),
     /// then release (fuse.rs flushes once more, ignoring the result, and releases).
     pub fn close(&self, fd: Fd) -> FsResult<()> {
-        self.caller();
-        let r = self.core.flush(fd.fh, Commit::Close { owner: self.owner });
-        self.caller();
-        let _ = self.core.flush(fd.fh, Commit::Release);
+        let r = self
+            .core
+            .flush(self.caller(), fd.fh, Commit::Close { owner: self.owner });
+        let _ = self.core.flush(self.caller(), fd.fh, Commit::Release);
         self.core.release(fd.fh);
         r
     }
@@ -450,15 +451,14 @@ impl Vfs {
             Err(e) if e.errno != libc::ENOENT => return Err(e),
             _ => {}
         }
-        self.caller();
-        self.core.rename(p, name, np, newname, false, false)
+        self.core
+            .rename(self.caller(), p, name, np, newname, false, false)
     }
 
     pub fn unlink(&self, path: &str) -> FsResult<()> {
         let (p, name) = self.parent(path)?;
         self.core.lookup(p, name)?;
-        self.caller();
-        self.core.unlink(p, name)
+        self.core.unlink(self.caller(), p, name)
     }
 
     pub fn symlink(&self, target: &str, path: &str) -> FsResult<()> {
@@ -468,8 +468,9 @@ impl Vfs {
             Err(e) if e.errno != libc::ENOENT => return Err(e),
             Err(_) => {}
         }
-        self.caller();
-        self.core.symlink(p, name, Path::new(target)).map(|_| ())
+        self.core
+            .symlink(self.caller(), p, name, Path::new(target))
+            .map(|_| ())
     }
 
     pub fn readlink(&self, path: &str) -> FsResult<String> {
@@ -493,8 +494,7 @@ impl Vfs {
     /// setattr by path (truncate(2), chmod(2), chown(2), utimes(2)).
     pub fn setattr(&self, path: &str, set: SetAttr) -> FsResult<Attr> {
         let a = self.lookup(path)?;
-        self.caller();
-        self.core.setattr(a.ino, None, set)
+        self.core.setattr(self.caller(), a.ino, None, set)
     }
 
     /// `.errors` as JSON values, oldest first.
