@@ -384,3 +384,136 @@ fn a_store_reached_through_the_users_own_symlink_still_mounts() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn the_journal_is_kept_only_in_a_directory_of_the_daemons_own() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    ensure_user();
+    let (_d, store, secret) = setup();
+    sh_ok(&format!("chown -R {USER} ."), &store);
+    // A state directory the store's writer made: never used.
+    let o = as_user(&format!("mkdir {}", store.join(".agentmount").display()));
+    assert!(o.status.success());
+    let m = Mount::new(&store, &[]);
+    let journal = json(&m.p(".status"))["journal"].to_string();
+    assert!(journal.contains("owned by uid"), "{journal}");
+    drop(m);
+
+    // Ours, then swapped by the store's writer while mounted: the mount keeps reading its
+    // own (held open), never what was planted in its place.
+    std::fs::remove_dir(store.join(".agentmount")).unwrap();
+    let m = Mount::new(&store, &["--allow-other"]);
+    let goal = m.p("goals/g-1a2b3c4d.json");
+    let before = std::fs::read(&goal).unwrap();
+    sh_ok(
+        "sed -i 's/\"inProgress\"/\"blocked\"/' goals/g-1a2b3c4d.json",
+        m.path(),
+    );
+    let v = sh_ok("ls .history/goals/g-1a2b3c4d", m.path());
+    let v = v.trim();
+    assert!(!v.is_empty());
+    let planted = format!(
+        "cd {} && mv .agentmount .old && mkdir -p .agentmount/history/goals/g-1a2b3c4d && ln -s {} .agentmount/history/goals/g-1a2b3c4d/{v}",
+        store.display(),
+        secret.display()
+    );
+    let o = as_user(&planted);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = as_user(&format!(
+        "cat {}/.history/goals/g-1a2b3c4d/{v}",
+        m.path().display()
+    ));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("root only"));
+    assert_eq!(o.stdout, before, "the version the mount kept");
+}
+
+#[test]
+fn gc_never_removes_through_a_shard_planted_as_a_symlink() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (d, store, _secret) = setup();
+    // Root's files elsewhere, named like a blob of the store.
+    let victim = d.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    let bytes = b"root's own bytes";
+    let hex = sha256_hex(bytes);
+    std::fs::write(victim.join(&hex), bytes).unwrap();
+    std::fs::write(victim.join(format!("{hex}.json")), b"{}").unwrap();
+    // The store's writer: a shard symlinked there and an old, uncommitted intent for it.
+    std::os::unix::fs::symlink(&victim, store.join("attachments/sha256").join(&hex[..2])).unwrap();
+    let manifest = store.join("attachments/manifest.json");
+    let mut doc = json(&manifest);
+    doc["intents"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "attachment_id": hex, "session_id": null, "canonical_uri": format!("sha256:{hex}"),
+            "intent_at_epoch_ms": 1000, "committed_at_epoch_ms": null,
+        }));
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    let m = Mount::new(&store, &[]);
+    let _ = std::fs::write(m.p(".gc"), b"run\n");
+    drop(m);
+    assert_eq!(std::fs::read(victim.join(&hex)).unwrap(), bytes);
+    assert!(victim.join(format!("{hex}.json")).exists());
+}
+
+#[test]
+fn a_database_row_whose_id_is_a_path_reaches_nothing_outside() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("arbiter.db");
+    let o = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/arbiter/make_db.py"
+        ))
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let escape = d.path().join("ESCAPE");
+    let evil = format!("../../../../../../../..{}", escape.display());
+    let insert = format!(
+        "INSERT INTO sessions SELECT '{evil}', agent_id, delegation_chain_snapshot, declared_intent, authorized_tools, time_limit_secs, call_budget, calls_made, rate_limit_per_minute, rate_window_start, rate_window_calls, rate_limit_window_secs, data_sensitivity_ceiling, created_at, status FROM sessions LIMIT 1"
+    );
+    let o = Command::new("sqlite3")
+        .arg(&db)
+        .arg(&insert)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = Mount::new(&db, &[]);
+    // The listing works for everyone, without the row.
+    let ls = sh_ok("ls sessions", m.path());
+    assert!(!ls.contains("ESCAPE"), "{ls}");
+    // A change to it keeps no history outside.
+    let o = Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(
+            "UPDATE sessions SET calls_made = calls_made + 1 WHERE session_id = '{evil}'"
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = sh("ls -l sessions .history/sessions 2>/dev/null", m.path());
+    drop(m);
+    assert!(!escape.exists(), "nothing created outside the store");
+}

@@ -180,10 +180,10 @@ impl Core {
                     .journal
                     .as_ref()
                     .ok_or_else(|| FsError::new(libc::ENOENT))?;
-                let md = std::fs::metadata(j.history_path(*k, id, v))
-                    .map_err(|_| FsError::new(libc::ENOENT))?;
-                let t = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                Ok(self.attr(ino, FileKind::File, md.len(), (t, t), 0o444, ttl))
+                let (len, t) = j
+                    .version_meta(*k, id, v)
+                    .ok_or_else(|| FsError::new(libc::ENOENT))?;
+                Ok(self.attr(ino, FileKind::File, len, (t, t), 0o444, ttl))
             }
             Node::Record(kind, id) => {
                 // An open handle being written shows its own length, as a file would.

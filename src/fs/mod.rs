@@ -515,7 +515,7 @@ impl Core {
                 }
             }
         };
-        let mask = a.map_or(0o7777, |a| a.mask | 0o7000);
+        let mask = a.map_or(0o777, |a| a.mask);
         match a {
             Some(a) if !self.opts.owner_given => (mask, a.uid, a.gid),
             _ => (mask, self.opts.uid, self.opts.gid),

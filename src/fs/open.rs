@@ -241,13 +241,8 @@ impl Core {
                     .journal
                     .as_ref()
                     .ok_or_else(|| FsError::new(libc::ENOENT))?;
-                let p = j.history_path(k, &id, &v);
-                let data: Arc<[u8]> = std::fs::read(&p)
-                    .map_err(|e| StoreError::io(format!("read {}", p.display()), e))?
-                    .into();
-                let mtime = std::fs::metadata(&p)
-                    .and_then(|m| m.modified())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                let (data, mtime) = j.read_version(k, &id, &v)?;
+                let data: Arc<[u8]> = data.into();
                 Ok((self.add_handle(Handle::Bytes { data, mtime }), direct))
             }
             Node::Root

@@ -74,6 +74,12 @@ impl Core {
                 let list = self.store.list(kind)?;
                 let mut seen = std::collections::HashSet::new();
                 for r in list.records {
+                    // A row another program gave an id that names no file here (`a/b`,
+                    // `..`, an uppercase UUID) is not listed: one such entry would fail the
+                    // whole listing (fsck reports it).
+                    if self.store.check_id(kind, &r.id).is_err() {
+                        continue;
+                    }
                     seen.insert(r.id.clone());
                     // Each version its own inode (see versions.rs).
                     let i = self.record_ino(kind, &r.id, &r, false);

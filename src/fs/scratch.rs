@@ -163,12 +163,8 @@ impl ScratchDir {
 
     fn open_dirs(&mut self, state_dir: &Path, kinds: &[Kind]) -> io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::DirBuilderExt;
         if !self.read_only && !state_dir.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(state_dir)?;
+            crate::store::untrusted::create_dir_all_mode(state_dir, 0o700)?;
         }
         let c = CString::new(state_dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -180,6 +176,25 @@ impl ScratchDir {
             )
         })?;
         let state = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Only a state directory of our own user that no one else can write (as the
+        // journal's): in one another user made, they could swap what we create in it.
+        {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::File::from(state.try_clone()?).metadata()?;
+            // SAFETY: geteuid cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if m.uid() != me || m.mode() & 0o022 != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is owned by uid {} with mode {:o}, not a directory of our own ({me})",
+                        state_dir.display(),
+                        m.uid(),
+                        m.mode() & 0o7777
+                    ),
+                ));
+            }
+        }
         let create = !self.read_only;
         let root = open_dir_at(state.as_raw_fd(), "scratch", create)?;
         for k in kinds {
@@ -308,7 +323,7 @@ impl ScratchDir {
         unsafe { libc::unlinkat(dir, c.as_ptr(), 0) };
         let f = Self::openat(dir, &c, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
             .map_err(|e| io_err("create", &path, e))?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
             .map_err(|e| io_err("chmod", &path, e))?;
         Ok(f)
     }
@@ -576,7 +591,7 @@ impl Core {
         let f = self.scratch_fd(s)?;
         let path = self.scratch_dir.path(s.kind, &s.name);
         if let Some(m) = mode {
-            f.set_permissions(std::fs::Permissions::from_mode(m & 0o7777))
+            f.set_permissions(std::fs::Permissions::from_mode(m & 0o777))
                 .map_err(|e| io_err("chmod", &path, e))?;
         }
         let mut t = std::fs::FileTimes::new();

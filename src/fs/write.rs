@@ -278,9 +278,12 @@ impl Core {
             self.record_closed(*ino, *for_write, *cached, *generation);
             // A record created here whose bytes never made it into the store goes away.
             if let Some(Node::Record(kind, id)) = self.inodes.node(*ino) {
+                // A handle busy in another request may be one of this record's: counted as
+                // open (a placeholder left a moment longer), never as closed (its bytes would
+                // then go nowhere).
                 let still_open = self.handles.lock().values().any(|o| {
                     o.try_lock()
-                        .is_some_and(|o| matches!(&*o, Handle::Record { ino: i, .. } if i == ino))
+                        .is_none_or(|o| matches!(&*o, Handle::Record { ino: i, .. } if i == ino))
                 });
                 let pending = self.pending.lock().contains_key(&(kind, id.clone()));
                 if pending && !still_open && self.store.get(kind, &id).ok().flatten().is_none() {

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::backend::{Backend, Kind, RecordView};
 use crate::error::{Result, StoreError};
-use crate::store::untrusted;
+use crate::store::untrusted::{self, Beneath};
 
 #[derive(Clone, Debug)]
 pub struct JournalOptions {
@@ -86,7 +86,7 @@ struct Inner {
 }
 
 pub struct Journal {
-    dir: PathBuf,
+    dir: Beneath,
     opts: JournalOptions,
     inner: Mutex<Inner>,
 }
@@ -99,15 +99,17 @@ fn sha(bytes: &[u8]) -> String {
 
 /// Replaces a file of the journal's: a temp file renamed over it (old or new, never torn;
 /// not fsynced: the journal may lose its newest state in a crash, the store never).
-fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let mut f = untrusted::create_new(&tmp, false, 0o600)
-        .map_err(|e| untrusted::store_error(&tmp, "create", e))?;
-    f.write_all(bytes)
-        .map_err(io(format!("write {}", tmp.display())))?;
+fn replace(dir: &Beneath, rel: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = format!("{rel}.tmp-{}", std::process::id());
+    let err = |what: &str, e| untrusted::store_error(&dir.path().join(&tmp), what, e);
+    let _ = dir.unlink(Path::new(&tmp));
+    let mut f = dir
+        .create_new(Path::new(&tmp), 0o600)
+        .map_err(|e| err("create", e))?;
+    f.write_all(bytes).map_err(|e| err("write", e))?;
     drop(f);
-    fs::rename(&tmp, path).map_err(io(format!("rename {}", tmp.display())))
+    dir.rename(Path::new(&tmp), Path::new(rel))
+        .map_err(|e| err("rename", e))
 }
 
 fn ns(t: SystemTime) -> i128 {
@@ -146,33 +148,40 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     move |e| StoreError::io(what, e)
 }
 
-/// Creates a directory of the journal's (0700), refusing a symlink on the way: the state
-/// directory sits in a store others can write.
-fn mkdir(p: &Path) -> Result<()> {
-    untrusted::create_dir_all_mode(p, 0o700).map_err(|e| untrusted::store_error(p, "create", e))
+/// Creates directories of the journal's (0700) below its directory.
+fn mkdir(dir: &Beneath, rel: &Path) -> Result<()> {
+    dir.mkdir_all(rel, 0o700)
+        .map_err(|e| untrusted::store_error(&dir.path().join(rel), "create", e))
 }
 
-/// Lists a journal directory (none through a symlink); empty when it cannot be read.
-fn list(dir: &Path) -> impl Iterator<Item = fs::DirEntry> {
-    untrusted::read_dir(dir).into_iter().flatten().flatten()
+/// Lists a journal directory; empty when it cannot be read.
+fn list(dir: &Beneath, rel: &Path) -> impl Iterator<Item = fs::DirEntry> {
+    dir.read_dir(rel).into_iter().flatten().flatten()
 }
+
+const FEED: &str = "changes.jsonl";
+const TIMES: &str = "times.jsonl";
 
 impl Journal {
     /// Opens (or starts) the journal in `dir` and reconciles it with the store: records
     /// that changed while nothing watched are recorded as external changes now.
+    ///
+    /// The directory sits in a store others can write: it is used only when it is ours
+    /// alone (see [`Beneath`]), and everything in it is reached through its descriptor.
     pub fn open(dir: PathBuf, opts: JournalOptions, store: &dyn Backend) -> Result<Journal> {
-        mkdir(&dir)?;
-        mkdir(&dir.join("history"))?;
+        let dir =
+            Beneath::open_private(&dir).map_err(|e| untrusted::store_error(&dir, "open", e))?;
+        mkdir(&dir, Path::new("history"))?;
         // Temp files of a process that crashed while replacing one of ours.
-        for e in list(&dir) {
+        for e in list(&dir, Path::new("")) {
             if e.file_name().to_string_lossy().contains(".tmp-") {
-                let _ = fs::remove_file(dir.join(e.file_name()));
+                let _ = dir.unlink(Path::new(&e.file_name()));
             }
         }
-        let feed_path = dir.join("changes.jsonl");
+        let feed_path = dir.path().join(FEED);
         // A line cut short by a crash is dropped: the feed ends at its last whole line.
         let mut lines = Vec::new();
-        if let Ok(f) = untrusted::open_read(&feed_path) {
+        if let Ok(f) = dir.open_read(Path::new(FEED)) {
             let mut r = BufReader::new(f.take(untrusted::MAX_STORE_FILE_BYTES));
             let mut buf = Vec::new();
             loop {
@@ -195,7 +204,8 @@ impl Journal {
             }
             n
         };
-        let feed = untrusted::open_write(&feed_path, true, 0o600)
+        let feed = dir
+            .open_append(Path::new(FEED), 0o600)
             .map_err(|e| untrusted::store_error(&feed_path, "open", e))?;
         let len = feed
             .metadata()
@@ -208,9 +218,10 @@ impl Journal {
                 out.extend(serde_json::to_vec(v).unwrap_or_default());
                 out.push(b'\n');
             }
-            replace(&feed_path, &out)?;
+            replace(&dir, FEED, &out)?;
         }
-        let feed = untrusted::open_write(&feed_path, true, 0o600)
+        let feed = dir
+            .open_append(Path::new(FEED), 0o600)
             .map_err(|e| untrusted::store_error(&feed_path, "open", e))?;
         let seq = lines.last().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
         let j = Journal {
@@ -236,14 +247,14 @@ impl Journal {
 
     fn load_history(&self) -> Result<()> {
         let mut inner = self.inner.lock();
-        let root = self.dir.join("history");
-        for c in list(&root) {
+        let root = Path::new("history");
+        for c in list(&self.dir, root) {
             let Some(kind) = kind_of(&c.file_name().to_string_lossy()) else {
                 continue;
             };
-            for r in list(&root.join(c.file_name())) {
+            for r in list(&self.dir, &root.join(c.file_name())) {
                 let id = r.file_name().to_string_lossy().into_owned();
-                let mut vs: Vec<String> = list(&root.join(c.file_name()).join(&id))
+                let mut vs: Vec<String> = list(&self.dir, &root.join(c.file_name()).join(&id))
                     .filter(|v| v.file_type().is_ok_and(|t| t.is_file()))
                     .map(|v| v.file_name().to_string_lossy().into_owned())
                     .filter(|v| !v.starts_with('.'))
@@ -270,8 +281,8 @@ impl Journal {
 
     /// The times snapshot: every record's hash and times, and the feed seq it is current to.
     fn load_times(&self) -> Result<Option<(u64, Prior)>> {
-        let p = self.dir.join("times.jsonl");
-        let Ok(f) = untrusted::open_read(&p) else {
+        let p = self.dir.path().join(TIMES);
+        let Ok(f) = self.dir.open_read(Path::new(TIMES)) else {
             return Ok(None);
         };
         let f = f.take(untrusted::MAX_STORE_FILE_BYTES);
@@ -315,7 +326,7 @@ impl Journal {
             out.push(b'\n');
         }
         drop(inner);
-        replace(&self.dir.join("times.jsonl"), &out)?;
+        replace(&self.dir, TIMES, &out)?;
         Ok(())
     }
 
@@ -485,7 +496,9 @@ impl Journal {
         self.save_times()?;
         let p = self.feed_path();
         let mut inner = self.inner.lock();
-        let data = untrusted::read_bounded(&p, untrusted::MAX_STORE_FILE_BYTES)
+        let data = self
+            .dir
+            .read_bounded(Path::new(FEED), untrusted::MAX_STORE_FILE_BYTES)
             .map_err(|e| untrusted::store_error(&p, "read", e))?
             .map(|(d, _)| d)
             .unwrap_or_default();
@@ -495,8 +508,10 @@ impl Journal {
             .collect();
         let drop_n = starts.len().saturating_sub(self.opts.changes_max);
         let from = starts.get(drop_n).copied().unwrap_or(data.len());
-        replace(&p, &data[from..])?;
-        inner.feed = untrusted::open_write(&p, true, 0o600)
+        replace(&self.dir, FEED, &data[from..])?;
+        inner.feed = self
+            .dir
+            .open_append(Path::new(FEED), 0o600)
             .map_err(|e| untrusted::store_error(&p, "open", e))?;
         inner.feed_lines = starts.len() - drop_n;
         tracing::info!(dropped = drop_n, "change feed rotated");
@@ -504,7 +519,7 @@ impl Journal {
     }
 
     pub fn feed_path(&self) -> PathBuf {
-        self.dir.join("changes.jsonl")
+        self.dir.path().join(FEED)
     }
 
     /// Announces a change the current request is about to make (so whoever sees it first
@@ -682,14 +697,28 @@ impl Journal {
             "{}-{seq:012}",
             chrono::Utc::now().format("%Y-%m-%dT%H-%M-%S%.6fZ")
         );
-        let dir = self.dir.join("history").join(kind.dir_name()).join(id);
-        let r = mkdir(&dir).and_then(|()| {
+        // An id is a name in our directory: one that is no file name (another backend's
+        // row named `../x`, say) keeps no history.
+        if !crate::store::collection::safe_record_id(id) {
+            tracing::warn!(
+                collection = kind.dir_name(),
+                id,
+                "an id that is no file name keeps no history"
+            );
+            return;
+        }
+        let dir = Path::new("history").join(kind.dir_name()).join(id);
+        let r = mkdir(&self.dir, &dir).and_then(|()| {
             let tmp = dir.join(format!(".{name}.tmp"));
-            let _ = fs::remove_file(&tmp);
-            untrusted::create_new(&tmp, false, 0o600)
+            let err = |what: &str, e| untrusted::store_error(&self.dir.path().join(&tmp), what, e);
+            let _ = self.dir.unlink(&tmp);
+            self.dir
+                .create_new(&tmp, 0o600)
                 .and_then(|mut f| f.write_all(bytes))
-                .map_err(|e| untrusted::store_error(&tmp, "write", e))?;
-            fs::rename(&tmp, dir.join(&name)).map_err(io(format!("rename {}", tmp.display())))
+                .map_err(|e| err("write", e))?;
+            self.dir
+                .rename(&tmp, &dir.join(&name))
+                .map_err(|e| err("rename", e))
         });
         if let Err(e) = r {
             tracing::warn!(error = %e, "cannot keep an earlier version");
@@ -723,9 +752,9 @@ impl Journal {
             }
         }
         for (k, i, n) in drop_files {
-            let d = self.dir.join("history").join(k.dir_name()).join(&i);
-            let _ = fs::remove_file(d.join(n));
-            let _ = fs::remove_dir(&d);
+            let d = Path::new("history").join(k.dir_name()).join(&i);
+            let _ = self.dir.unlink(&d.join(n));
+            let _ = self.dir.rmdir(&d);
         }
     }
 
@@ -777,12 +806,38 @@ impl Journal {
             .unwrap_or_default()
     }
 
-    pub fn history_path(&self, kind: Kind, id: &str, version: &str) -> PathBuf {
-        self.dir
-            .join("history")
+    fn version_rel(kind: Kind, id: &str, version: &str) -> PathBuf {
+        Path::new("history")
             .join(kind.dir_name())
             .join(id)
             .join(version)
+    }
+
+    /// An earlier version's bytes and mtime.
+    pub fn read_version(
+        &self,
+        kind: Kind,
+        id: &str,
+        version: &str,
+    ) -> Result<(Vec<u8>, SystemTime)> {
+        let rel = Self::version_rel(kind, id, version);
+        let err = |e| untrusted::store_error(&self.dir.path().join(&rel), "read", e);
+        let (data, m) = self
+            .dir
+            .read_bounded(&rel, untrusted::MAX_STORE_FILE_BYTES)
+            .map_err(err)?
+            .ok_or_else(|| StoreError::NotFound(format!("no version {version}")))?;
+        Ok((data, m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+    }
+
+    /// An earlier version's size and mtime (`None`: there is no such version file).
+    pub fn version_meta(&self, kind: Kind, id: &str, version: &str) -> Option<(u64, SystemTime)> {
+        let m = self
+            .dir
+            .lstat(&Self::version_rel(kind, id, version))
+            .ok()??;
+        m.is_file()
+            .then(|| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
     }
 
     /// The feed's current length in bytes (what `.changes` shows as its size).
@@ -798,7 +853,10 @@ impl Journal {
     /// Bytes of the feed from `offset`.
     pub fn read_changes(&self, offset: u64, size: usize) -> Result<Vec<u8>> {
         let inner = self.inner.lock();
-        let f = untrusted::open_read(&self.feed_path()).map_err(io("open the change feed"))?;
+        let f = self
+            .dir
+            .open_read(Path::new(FEED))
+            .map_err(io("open the change feed"))?;
         drop(inner);
         let mut buf = vec![0u8; size];
         let mut got = 0;
@@ -829,7 +887,7 @@ impl Journal {
     pub fn status(&self) -> Value {
         let inner = self.inner.lock();
         json!({
-            "dir": self.dir,
+            "dir": self.dir.path(),
             "seq": inner.seq,
             "feed_lines": inner.feed_lines,
             "changes_max": self.opts.changes_max,

@@ -59,21 +59,21 @@ pub fn pid_alive(pid: i32) -> bool {
 /// Removes temp files of ours in `dir` whose writing process is gone. Returns what it removed.
 pub fn remove_stray_temps(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let entries = match untrusted::read_dir(dir) {
-        Ok(e) => e,
+    // The directory held open: what is listed is what is removed from.
+    let d = match untrusted::open_dir(dir) {
+        Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) if untrusted::refusal(&e, dir).is_some() => {
-            return Err(fingerprint::open_error(dir, e));
-        }
-        Err(e) => return Err(StoreError::io(format!("read dir {}", dir.display()), e)),
+        Err(e) => return Err(untrusted::store_error(dir, "read dir", e)),
     };
+    let entries = fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd()))
+        .map_err(|e| StoreError::io(format!("read dir {}", dir.display()), e))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(pid) = temp_owner_pid(&name)
             && !pid_alive(pid)
         {
             let path = dir.join(&name);
-            match fs::remove_file(&path) {
+            match untrusted::unlink_in(&d, &name) {
                 Ok(()) => removed.push(path),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StoreError::io(format!("remove {}", path.display()), e)),

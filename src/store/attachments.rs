@@ -1,7 +1,7 @@
 //! Content-addressed attachments: `sha256/<hex[0..2]>/<hex>` holds the bytes and
 //! `<hex>.json` lash's AttachmentMeta sidecar. Labels (file names) come from the sidecars.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -168,6 +168,10 @@ pub struct Ingest {
     pub tee: Option<Box<dyn IngestTee>>,
     file: File,
     tmp: PathBuf,
+    /// The directory the temp file is in, held open (the store is untrusted: the temp file
+    /// is made, renamed and removed relative to it, never by a path that could be swapped).
+    dir: File,
+    tmp_name: String,
     hasher: StreamHasher,
     hashed: u64,
     len: u64,
@@ -297,13 +301,18 @@ impl StreamHasher {
 impl Ingest {
     pub fn create(attachments_dir: &Path) -> Result<Ingest> {
         atomic::ensure_dir(attachments_dir)?;
-        let tmp = attachments_dir.join(atomic::temp_name("ingest"));
-        let file = untrusted::create_new(&tmp, true, 0o666)
+        let tmp_name = atomic::temp_name("ingest");
+        let tmp = attachments_dir.join(&tmp_name);
+        let dir = untrusted::open_dir(attachments_dir)
+            .map_err(|e| untrusted::store_error(attachments_dir, "open", e))?;
+        let file = untrusted::create_in(&dir, &tmp_name, 0o666)
             .map_err(|e| untrusted::store_error(&tmp, "create", e))?;
         Ok(Ingest {
             tee: None,
             file,
             tmp,
+            dir,
+            tmp_name,
             hasher: StreamHasher::new(),
             hashed: 0,
             len: 0,
@@ -405,9 +414,13 @@ impl Ingest {
         let hasher = std::mem::replace(&mut self.hasher, StreamHasher::new());
         if !self.in_order || self.hashed != self.len {
             tracing::debug!(path = %self.tmp.display(), "writes arrived out of order; hashing in a second pass");
-            let f = File::open(&self.tmp)
-                .map_err(|e| StoreError::io(format!("open {}", self.tmp.display()), e))?;
-            let (hex, _) = super::hash::hash_reader(f)
+            // Our own descriptor, read from offset 0 (never the path, which others may
+            // have replaced by a FIFO or a symlink meanwhile).
+            let reader = Pread {
+                file: &self.file,
+                at: 0,
+            };
+            let (hex, _) = super::hash::hash_reader(reader)
                 .map_err(|e| StoreError::io(format!("read {}", self.tmp.display()), e))?;
             return Ok(hex);
         }
@@ -439,7 +452,45 @@ impl Ingest {
     }
 }
 
+/// Reads a file from an offset by pread, leaving its position alone.
+struct Pread<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl std::io::Read for Pread<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
 impl Ingest {
+    /// Moves the sealed temp file to `name` in directory `dest` (both held open): the
+    /// bytes land exactly there, whatever happened to the store's paths meanwhile.
+    pub fn rename_into(&self, dest: &File, name: &str) -> io::Result<()> {
+        let (f, t) = (
+            std::ffi::CString::new(self.tmp_name.as_str())
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+            std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        );
+        use std::os::fd::AsRawFd;
+        // SAFETY: NUL-terminated names relative to directory descriptors we hold.
+        let r = unsafe {
+            libc::renameat(
+                self.dir.as_raw_fd(),
+                f.as_ptr(),
+                dest.as_raw_fd(),
+                t.as_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The phases so far, with the total up to now.
     pub fn finish_phases(&self) -> IngestPhases {
         let mut p = self.phases.clone();
@@ -452,7 +503,7 @@ impl Drop for Ingest {
     fn drop(&mut self) {
         // An ingest abandoned before it finished leaves nothing behind; one that finished
         // had its temp file renamed into place or removed as a duplicate.
-        let _ = fs::remove_file(&self.tmp);
+        let _ = untrusted::unlink_in(&self.dir, &self.tmp_name);
     }
 }
 

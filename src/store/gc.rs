@@ -4,7 +4,6 @@
 //! are never touched (another program may own them).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -168,8 +167,25 @@ impl Store {
             let size = fingerprint::stat(&blob)?.map(|f| f.size).unwrap_or(0);
             if !opts.dry_run {
                 let mut failed = false;
+                // Removed through the shard directory's descriptor, opened with no symlink on
+                // its path: a shard planted as a symlink never sends a removal elsewhere.
+                let shard = blob.parent().unwrap_or(&self.layout.attachments);
+                let dir = match super::untrusted::open_dir(shard) {
+                    Ok(d) => Some(d),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => {
+                        let why = super::untrusted::store_error(shard, "open", e);
+                        report.errors.push(why.to_string());
+                        continue;
+                    }
+                };
                 for p in [self.attachments.sidecar_path(id), blob.clone()] {
-                    match fs::remove_file(&p) {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                    let r = match &dir {
+                        Some(d) => super::untrusted::unlink_in(d, name),
+                        None => Ok(()),
+                    };
+                    match r {
                         Ok(()) => {}
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => {

@@ -486,7 +486,10 @@ impl Store {
             }
             Change::Remove { id } => {
                 let path = self.layout.conversation_path(id);
-                fs::remove_file(&path).map_err(|e| match e.kind() {
+                let dir = untrusted::open_dir(&self.layout.conversations)
+                    .map_err(|e| untrusted::store_error(&self.layout.conversations, "open", e))?;
+                let name = format!("conversation-{id}.json");
+                untrusted::unlink_in(&dir, &name).map_err(|e| match e.kind() {
                     io::ErrorKind::NotFound => {
                         StoreError::NotFound(format!("no conversation {id}"))
                     }
@@ -513,6 +516,13 @@ impl Store {
                     self.layout.conversation_path(from),
                     self.layout.conversation_path(to),
                 );
+                let (src_name, dst_name) = (
+                    format!("conversation-{from}.json"),
+                    format!("conversation-{to}.json"),
+                );
+                let convs = &self.layout.conversations;
+                let dir = untrusted::open_dir(convs)
+                    .map_err(|e| untrusted::store_error(convs, "open", e))?;
                 if value.get("id").is_some() {
                     // The record names itself: write it under the new name, then drop the old.
                     let moved = collection::with_id(value, to);
@@ -520,10 +530,10 @@ impl Store {
                     self.conv_file(to).update(|_| {
                         Ok(Some((rec.bytes.to_vec(), ConvFile(Some(rec.clone())), ())))
                     })?;
-                    fs::remove_file(&src)
+                    untrusted::unlink_in(&dir, &src_name)
                         .map_err(|e| StoreError::io(format!("remove {}", src.display()), e))?;
                 } else {
-                    fs::rename(&src, &dst).map_err(|e| {
+                    untrusted::rename_in(&dir, &src_name, &dst_name).map_err(|e| {
                         StoreError::io(format!("rename {} -> {}", src.display(), dst.display()), e)
                     })?;
                 }
@@ -662,10 +672,15 @@ impl Store {
         // Identical bytes already there are kept (dedupe); anything else at that name (a
         // symlink or special file planted in the store) is replaced by the real bytes.
         if !fingerprint::stat(&dest)?.is_some_and(|f| f.is_regular()) {
-            fs::rename(&tmp, &dest).map_err(|e| {
+            // Into the shard's descriptor, opened with no symlink on its path: a shard
+            // swapped for a symlink meanwhile cannot receive our bytes elsewhere.
+            let dir = untrusted::open_dir(&shard)
+                .map_err(|e| untrusted::store_error(&shard, "open", e))?;
+            ingest.rename_into(&dir, &hex).map_err(|e| {
                 StoreError::io(format!("rename {} -> {}", tmp.display(), dest.display()), e)
             })?;
-            atomic::fsync_dir(&shard)?;
+            dir.sync_all()
+                .map_err(|e| StoreError::io(format!("fsync {}", shard.display()), e))?;
         }
         if let Some(fp) = fingerprint::stat(&dest)? {
             self.verified.lock().insert(hex.clone(), fp);

@@ -19,7 +19,7 @@ use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -172,6 +172,240 @@ fn legacy_open(c: &CString, flags: i32, mode: u32) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// `openat2(dir, rel, flags, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS)`:
+/// `rel` may not leave `dir` (no `..` above it, no absolute path, no symlink anywhere).
+fn openat2_beneath(dir: &File, rel: &Path, flags: i32, mode: u32) -> io::Result<File> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_BENEATH: u64 = 0x08;
+    let c = cstr(rel)?;
+    // openat2 refuses any flag O_PATH does not take (O_NOCTTY among them).
+    let extra = if flags & libc::O_PATH != 0 {
+        libc::O_CLOEXEC | libc::O_NOFOLLOW
+    } else {
+        libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY
+    };
+    let how = OpenHow {
+        flags: (flags | extra) as u64,
+        mode: mode as u64,
+        resolve: RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    loop {
+        // SAFETY: a NUL-terminated path relative to a directory descriptor we hold, and a
+        // properly sized open_how; the descriptor returned is owned by the File below.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor nobody else owns.
+            return Ok(unsafe { File::from_raw_fd(fd as i32) });
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// A directory of ours inside the store (agentmount's state: the journal), held open.
+/// Every path below it is resolved beneath this descriptor, so the directory renamed away
+/// or swapped while we run, a symlink, or a `..` in a name never reaches outside it; and
+/// it is used only when it is ours alone (owned by us, writable by no one else), so nobody
+/// else can plant anything in it.
+pub struct Beneath {
+    fd: File,
+    path: PathBuf,
+}
+
+impl Beneath {
+    /// Creates (0700) or opens `path`, refusing one that is not a directory owned by us
+    /// and closed to others.
+    pub fn open_private(path: &Path) -> io::Result<Beneath> {
+        create_dir_all_mode(path, 0o700)?;
+        let fd = open_dir(path)?;
+        let m = fd.metadata()?;
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if m.uid() != me || m.mode() & 0o022 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                Untrusted(format!(
+                    "{} is owned by uid {} with mode {:o}: agentmount keeps its state only in a directory of its own user ({me}) that no one else can write",
+                    path.display(),
+                    m.uid(),
+                    m.mode() & 0o7777
+                )),
+            ));
+        }
+        Ok(Beneath {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Where it is (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn at(&self, rel: &Path, flags: i32, mode: u32) -> io::Result<File> {
+        openat2_beneath(&self.fd, rel, flags, mode)
+    }
+
+    /// Opens a regular file below it for reading (never a FIFO or device).
+    pub fn open_read(&self, rel: &Path) -> io::Result<File> {
+        let f = self.at(rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+        let m = f.metadata()?;
+        if !m.is_file() {
+            return Err(wrong_type(
+                &self.path.join(rel),
+                &m.file_type(),
+                "a regular file",
+            ));
+        }
+        clear_nonblock(&f);
+        Ok(f)
+    }
+
+    /// A whole file below it, at most `max` bytes; `None` when it does not exist.
+    pub fn read_bounded(&self, rel: &Path, max: u64) -> io::Result<Option<(Vec<u8>, Metadata)>> {
+        let f = match self.open_read(rel) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let m = f.metadata()?;
+        let buf = read_file_bounded(&f, m.len(), max, &self.path.join(rel))?;
+        Ok(Some((buf, m)))
+    }
+
+    /// Opens (creating, `mode`) a file below it for appending: a regular file with one link.
+    pub fn open_append(&self, rel: &Path, mode: u32) -> io::Result<File> {
+        let f = self.at(
+            rel,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_NONBLOCK,
+            mode,
+        )?;
+        let m = f.metadata()?;
+        if !m.is_file() || m.nlink() != 1 {
+            return Err(wrong_type(
+                &self.path.join(rel),
+                &m.file_type(),
+                "a regular file with one link",
+            ));
+        }
+        clear_nonblock(&f);
+        Ok(f)
+    }
+
+    /// Creates a new file below it (it must not exist).
+    pub fn create_new(&self, rel: &Path, mode: u32) -> io::Result<File> {
+        self.at(rel, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode)
+    }
+
+    /// Metadata of what is at `rel` (a symlink is not followed); `None` when nothing is.
+    pub fn lstat(&self, rel: &Path) -> io::Result<Option<Metadata>> {
+        match self.at(rel, libc::O_PATH, 0) {
+            Ok(f) => f.metadata().map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // The last component is a symlink (O_PATH|O_NOFOLLOW would give it, but
+            // RESOLVE_NO_SYMLINKS refuses): something is there, and it is not ours.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(e),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the directories of `rel` below it (mode `mode`), each one made and then
+    /// opened relative to its parent's descriptor: no race can send it elsewhere.
+    pub fn mkdir_all(&self, rel: &Path, mode: u32) -> io::Result<()> {
+        let mut cur = self.fd.try_clone()?;
+        for c in rel.components() {
+            let Component::Normal(name) = c else {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            };
+            let n = CString::new(name.as_bytes())
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: a NUL-terminated name relative to a directory descriptor we hold.
+            let r = unsafe { libc::mkdirat(cur.as_raw_fd(), n.as_ptr(), mode as libc::mode_t) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(e);
+                }
+            }
+            cur = openat2_beneath(&cur, Path::new(name), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The directory holding `rel`, opened below us, and `rel`'s last name.
+    fn parent_of<'a>(&self, rel: &'a Path) -> io::Result<(File, &'a str)> {
+        let name = rel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let dir = match rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(p) => self.at(p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?,
+            None => self.fd.try_clone()?,
+        };
+        Ok((dir, name))
+    }
+
+    /// Renames `from` to `to`, both below it.
+    pub fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let (fd, fname) = self.parent_of(from)?;
+        let (td, tname) = self.parent_of(to)?;
+        let (f, t) = (
+            CString::new(fname).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+            CString::new(tname).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        );
+        // SAFETY: NUL-terminated names relative to directory descriptors we hold.
+        let r = unsafe { libc::renameat(fd.as_raw_fd(), f.as_ptr(), td.as_raw_fd(), t.as_ptr()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Removes the file `rel` (a symlink there is removed, never followed).
+    pub fn unlink(&self, rel: &Path) -> io::Result<()> {
+        let (d, name) = self.parent_of(rel)?;
+        unlink_in(&d, name)
+    }
+
+    /// Removes the empty directory `rel`.
+    pub fn rmdir(&self, rel: &Path) -> io::Result<()> {
+        let (d, name) = self.parent_of(rel)?;
+        let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a NUL-terminated name relative to a directory descriptor we hold.
+        if unsafe { libc::unlinkat(d.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Lists the directory `rel` below it ("" for itself).
+    pub fn read_dir(&self, rel: &Path) -> io::Result<fs::ReadDir> {
+        let d = if rel.as_os_str().is_empty() {
+            self.fd.try_clone()?
+        } else {
+            self.at(rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)?
+        };
+        fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd()))
+    }
+}
+
 /// lstat: `Ok(None)` when nothing is there.
 pub fn lstat(path: &Path) -> io::Result<Option<Metadata>> {
     match fs::symlink_metadata(path) {
@@ -214,8 +448,13 @@ pub fn open_write(path: &Path, append: bool, mode: u32) -> io::Result<File> {
         mode,
     )?;
     let m = f.metadata()?;
-    if !m.file_type().is_file() {
-        return Err(wrong_type(path, &m.file_type(), "a regular file"));
+    // One link: a hard link planted in the store to a file elsewhere is not written.
+    if !m.file_type().is_file() || m.nlink() != 1 {
+        return Err(wrong_type(
+            path,
+            &m.file_type(),
+            "a regular file with one link",
+        ));
     }
     clear_nonblock(&f);
     Ok(f)
@@ -295,31 +534,51 @@ pub fn create_dir_all(dir: &Path) -> io::Result<()> {
 }
 
 /// `create_dir_all` with the mode new directories get (`0o700` for private state).
+///
+/// Each directory is made (`mkdirat`) and then opened (`O_NOFOLLOW|O_DIRECTORY`) relative
+/// to its parent's descriptor, from the root down: no component may be a symlink, and no
+/// swap between a check and a use can send a `mkdir` elsewhere.
 pub fn create_dir_all_mode(dir: &Path, mode: u32) -> io::Result<()> {
-    let mut cur = PathBuf::new();
+    let start = if dir.is_absolute() { "/" } else { "." };
+    let mut cur = File::open(start)?;
+    let mut walked = PathBuf::from(start);
     for c in dir.components() {
-        cur.push(c);
-        if !matches!(c, Component::Normal(_)) {
-            continue;
+        let name = match c {
+            Component::Normal(n) => n,
+            Component::RootDir | Component::CurDir => continue,
+            Component::Prefix(_) | Component::ParentDir => {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+        };
+        walked.push(name);
+        let n = CString::new(name.as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a NUL-terminated name relative to a directory descriptor we hold.
+        if unsafe { libc::mkdirat(cur.as_raw_fd(), n.as_ptr(), mode as libc::mode_t) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
         }
-        match lstat(&cur)? {
-            Some(m) if m.file_type().is_dir() => {}
-            Some(m) => return Err(wrong_type(&cur, &m.file_type(), "a directory")),
-            None => match fs::DirBuilder::new().mode(mode).create(&cur) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    if let Some(m) = lstat(&cur)?
-                        && !m.file_type().is_dir()
-                    {
-                        return Err(wrong_type(&cur, &m.file_type(), "a directory"));
-                    }
-                }
-                Err(e) => return Err(e),
-            },
+        // SAFETY: as above; the new descriptor is owned by the File.
+        let fd = unsafe {
+            libc::openat(
+                cur.as_raw_fd(),
+                n.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(match lstat(&walked) {
+                Ok(Some(m)) if !m.is_dir() => wrong_type(&walked, &m.file_type(), "a directory"),
+                _ => e,
+            });
         }
+        // SAFETY: a fresh descriptor nobody else owns.
+        cur = unsafe { File::from_raw_fd(fd) };
     }
-    // The walk checked each component once; the open checks the whole path at once.
-    open_dir(dir).map(drop)
+    Ok(())
 }
 
 /// Reads a whole regular file, at most `max` bytes (more: EFBIG), with its metadata from
@@ -507,5 +766,45 @@ mod tests {
         assert!(read_bounded(&root.join("missing"), 10).unwrap().is_none());
         let e = read_bounded(&secret, 4).unwrap_err();
         assert!(refusal(&e, &secret).unwrap().contains("over the limit"));
+    }
+}
+
+#[cfg(test)]
+mod beneath_tests {
+    use super::*;
+
+    #[test]
+    fn beneath_keeps_everything_below_its_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let root = trusted_path(d.path());
+        let b = Beneath::open_private(&root.join("state")).unwrap();
+        b.mkdir_all(Path::new("history/goals/g-1"), 0o700).unwrap();
+        let mut f = b
+            .create_new(Path::new("history/goals/g-1/.v.tmp"), 0o600)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"v1").unwrap();
+        b.rename(
+            Path::new("history/goals/g-1/.v.tmp"),
+            Path::new("history/goals/g-1/v"),
+        )
+        .unwrap();
+        let (data, _) = b
+            .read_bounded(Path::new("history/goals/g-1/v"), 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(data, b"v1");
+        assert!(
+            b.lstat(Path::new("history/goals/g-1/v"))
+                .unwrap()
+                .unwrap()
+                .is_file()
+        );
+        assert!(b.mkdir_all(Path::new("../escape"), 0o700).is_err());
+        assert!(b.create_new(Path::new("../escape"), 0o600).is_err());
+        assert!(!root.join("escape").exists());
+        std::os::unix::fs::symlink("/etc/passwd", root.join("state/link")).unwrap();
+        assert!(b.open_read(Path::new("link")).is_err());
+        b.unlink(Path::new("history/goals/g-1/v")).unwrap();
+        b.rmdir(Path::new("history/goals/g-1")).unwrap();
     }
 }

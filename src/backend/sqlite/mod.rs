@@ -201,6 +201,20 @@ pub(crate) fn sql_error(what: &str, e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// A database others can write is untrusted input (SQLite's "defense against dark
+/// arts"): no memory-mapped I/O (a file truncated under a mapping is SIGBUS, which would
+/// kill the daemon), no SQL functions from the schema run with our rights, cells checked
+/// as they are read, and the defensive flag that forbids writes which corrupt on purpose.
+fn harden(conn: &Connection) -> Result<()> {
+    conn.query_row("PRAGMA mmap_size = 0", [], |_| Ok(()))
+        .map_err(|e| sql_error("set mmap_size", e))?;
+    conn.execute_batch("PRAGMA trusted_schema = OFF; PRAGMA cell_size_check = ON;")
+        .map_err(|e| sql_error("harden the connection", e))?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
+        .map_err(|e| sql_error("set SQLITE_DBCONFIG_DEFENSIVE", e))?;
+    Ok(())
+}
+
 /// The database and the files SQLite keeps beside it (`-wal`, `-shm`, `-journal`) must be
 /// regular files: SQLite would open a symlink or FIFO planted there and, as the daemon's
 /// user, write WAL frames wherever it points.
@@ -251,10 +265,7 @@ impl Sqlite {
             .map_err(|e| sql_error(&format!("open {}", path.display()), e))?;
         conn.busy_timeout(options.lock_timeout)
             .map_err(|e| sql_error("set the busy timeout", e))?;
-        // Pages through mmap: after another connection commits SQLite drops its page cache,
-        // and the reload then reads the file's pages from memory instead of a pread each.
-        conn.query_row("PRAGMA mmap_size = 268435456", [], |_| Ok(()))
-            .map_err(|e| sql_error("set mmap_size", e))?;
+        harden(&conn)?;
         let tables: Vec<String> = {
             let mut st = conn
                 .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
