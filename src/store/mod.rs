@@ -181,7 +181,8 @@ pub struct Store {
     conv_errors: Mutex<HashMap<String, String>>,
     pub manifest: Manifest,
     pub attachments: Attachments,
-    pub lock: WriterLock,
+    /// Shared with the manifest, whose background fold takes it.
+    pub lock: Arc<WriterLock>,
     pub stats: Arc<CacheStats>,
     gc_running: AtomicBool,
     last_gc: Mutex<Option<gc::GcReport>>,
@@ -200,14 +201,20 @@ impl Store {
     /// whose process is gone are removed (unless read-only).
     pub fn open(layout: Layout, options: Options) -> Result<Store> {
         let stats = Arc::new(CacheStats::default());
+        let lock = Arc::new(WriterLock::new(layout.lock.clone(), options.lock_timeout));
         let store = Store {
             sessions: CachedFile::new(layout.sessions.clone(), parse_sessions, stats.clone()),
             goals: CachedFile::new(layout.goals.clone(), parse_goals, stats.clone()),
             conversations: Mutex::new(HashMap::new()),
             conv_errors: Mutex::new(HashMap::new()),
-            manifest: Manifest::new(layout.manifest.clone(), stats.clone()),
+            manifest: Manifest::new(
+                layout.manifest.clone(),
+                stats.clone(),
+                lock.clone(),
+                options.read_only,
+            ),
             attachments: Attachments::new(layout.attachments.clone()),
-            lock: WriterLock::new(layout.lock.clone(), options.lock_timeout),
+            lock,
             stats,
             gc_running: AtomicBool::new(false),
             last_gc: Mutex::new(None),
