@@ -790,6 +790,22 @@ impl Manifest {
             return;
         }
         drop(st);
+        self.arm_idle_fold();
+    }
+
+    /// Folds a journal left by an earlier process (one killed, or a daemon that exited
+    /// right after a burst) a second from now, in the background.
+    pub fn fold_soon(&self) {
+        if self.inner.read_only {
+            return;
+        }
+        if fingerprint::stat(&self.inner.journal).is_ok_and(|fp| fp.is_some_and(|f| f.size > 0)) {
+            self.arm_idle_fold();
+        }
+    }
+
+    /// Starts (or restarts) the background fold's one-second clock.
+    fn arm_idle_fold(&self) {
         let mut idle = self.inner.idle.state.lock();
         idle.last_append = Some(Instant::now());
         if !idle.started {
@@ -862,6 +878,22 @@ fn idle_folder(inner: Weak<Inner>, idle: Arc<Idle>) {
         });
         if gone {
             return;
+        }
+    }
+}
+
+/// Gives a new journal the owner of the directory it is made in (best effort), as a
+/// replaced store file keeps its owner: a store the platform owns stays its own when a
+/// root daemon writes it, and the owner's own `agentmount gc` can still fold it.
+fn keep_owner_of(dir: &Path, f: &File, path: &Path) {
+    use std::os::fd::AsRawFd;
+    let (Ok(Some(d)), Ok(m)) = (untrusted::lstat(dir), f.metadata()) else {
+        return;
+    };
+    if (m.uid(), m.gid()) != (d.uid(), d.gid()) {
+        // SAFETY: fchown on a descriptor we own.
+        if unsafe { libc::fchown(f.as_raw_fd(), d.uid(), d.gid()) } != 0 {
+            tracing::debug!(path = %path.display(), error = %io::Error::last_os_error(), "cannot give the journal its directory's owner");
         }
     }
 }
@@ -1040,6 +1072,7 @@ impl Inner {
             if on_disk.is_none()
                 && let Some(dir) = self.journal.parent()
             {
+                keep_owner_of(dir, &f, &self.journal);
                 // The new file's name is durable before any entry in it counts.
                 atomic::fsync_dir(dir)?;
             }

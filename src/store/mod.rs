@@ -228,6 +228,7 @@ impl Store {
             for p in store.remove_stray_temps()? {
                 tracing::info!(path = %p.display(), "removed stray temp file left by a crashed writer");
             }
+            store.manifest.fold_soon();
         }
         Ok(store)
     }
