@@ -552,8 +552,10 @@ struct State {
     journal_bad: Option<String>,
     /// Bytes of the journal that hold whole entries.
     good_len: u64,
-    /// The journal's entries, which `manifest.json` does not have yet.
-    ops: Vec<Op>,
+    /// How many journal entries `manifest.json` does not have yet. (They are applied to
+    /// `doc` and not kept otherwise: whenever the manifest changes under us, the journal
+    /// is read again with it.)
+    pending: usize,
     /// The journal's entries are in `manifest.json` already (its fold mark matched): the
     /// next append empties it first.
     in_manifest: bool,
@@ -573,7 +575,7 @@ impl State {
     }
 
     fn fold_due(&self) -> bool {
-        self.ops.len() >= FOLD_MIN_ENTRIES.max(self.doc.rows.len() / 2)
+        self.pending >= FOLD_MIN_ENTRIES.max(self.doc.rows.len() / 2)
     }
 }
 
@@ -652,7 +654,7 @@ impl Manifest {
     pub fn pending(&self) -> Result<usize> {
         let mut st = self.inner.state.lock();
         self.inner.refresh(&mut st)?;
-        Ok(st.ops.len())
+        Ok(st.pending)
     }
 
     /// The parse error as of the last time the manifest was read (no read now).
@@ -831,7 +833,7 @@ impl Drop for Manifest {
             idle.stop = true;
             self.inner.idle.cv.notify_all();
         }
-        if self.inner.read_only || self.inner.state.lock().ops.is_empty() {
+        if self.inner.read_only || self.inner.state.lock().pending == 0 {
             return;
         }
         let r = self.inner.lock.acquire().and_then(|_lock| {
@@ -1027,16 +1029,12 @@ impl Inner {
                 st.base_fp = fp;
                 st.base_bad = None;
                 st.in_manifest = folded;
-                st.ops = if folded {
-                    Vec::new()
-                } else {
-                    jt.ops
-                        .into_iter()
-                        .filter(|o| !matches!(o, Op::Folded { .. }))
-                        .collect()
-                };
-                for op in &st.ops {
-                    doc.apply(op);
+                st.pending = 0;
+                if !folded {
+                    for op in jt.ops.iter().filter(|o| !matches!(o, Op::Folded { .. })) {
+                        doc.apply(op);
+                        st.pending += 1;
+                    }
                 }
                 st.doc = Arc::new(doc);
             }
@@ -1101,7 +1099,7 @@ impl Inner {
         }
         if st.in_manifest {
             st.in_manifest = false;
-            st.ops.clear();
+            st.pending = 0;
         }
         st.good_len = want;
         Ok(())
@@ -1128,7 +1126,7 @@ impl Inner {
                 st.journal_fp = Some(Fingerprint::of(&m));
                 st.good_len += line.len() as u64;
                 Arc::make_mut(&mut st.doc).apply(&op);
-                st.ops.push(op);
+                st.pending += 1;
                 Ok(())
             }
             Err(e) => {
@@ -1160,7 +1158,7 @@ impl Inner {
             }
         }
         for _ in 0..ATTEMPTS {
-            if st.ops.is_empty() && !changed {
+            if st.pending == 0 && !changed {
                 if st.in_manifest || st.good_len > 0 {
                     // Only a fold mark (or nothing new) is left: empty the journal.
                     self.journal_file(st)?;
@@ -1206,7 +1204,7 @@ impl Inner {
                 atomic::Replaced::Done(fp) => {
                     st.base_fp = Some(fp);
                     st.base_bad = None;
-                    st.ops.clear();
+                    st.pending = 0;
                     st.in_manifest = true;
                     // Everything is in the manifest now; the mark makes a crash here safe.
                     if let Err(e) = self.journal_file(st) {
