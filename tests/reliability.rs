@@ -281,6 +281,25 @@ fn kill_9_of_the_daemon_loses_no_acknowledged_write() {
                 eprintln!("acknowledged goal {id} lost or changed");
             }
         }
+        // The manifest with its journal: an intent for every acknowledged ingest.
+        let store = agentmount::store::Store::open(
+            agentmount::store::Layout::new(st.path()),
+            agentmount::store::Options {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let manifest = store.manifest.current().unwrap();
+        assert!(store.manifest.error().is_none());
+        for b in acked_blobs.lock().unwrap().iter() {
+            let hex = sha256_hex(b);
+            if manifest.find(&hex).is_none() {
+                torn += 1;
+                eprintln!("the intent of acknowledged attachment {hex} is lost");
+            }
+        }
+        drop((manifest, store));
         for b in acked_blobs.lock().unwrap().iter() {
             let hex = sha256_hex(b);
             if std::fs::read(
@@ -303,6 +322,39 @@ fn kill_9_of_the_daemon_loses_no_acknowledged_write() {
     drop(Mount::new(st.path(), &[]));
     let o = Command::new(BIN)
         .args(["fsck", "--repair", "--store"])
+        .arg(st.path())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "fsck: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // gc with no grace reclaims every acknowledged attachment (no record references
+    // them): it finds each one's intent. The fixture's referenced pixel stays.
+    let g = Command::new(BIN)
+        .args(["gc", "--grace", "0", "--store"])
+        .arg(st.path())
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let report: Value = serde_json::from_slice(&g.stdout).unwrap();
+    let reclaimed: std::collections::HashSet<&str> = report["reclaimed_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for b in acked_blobs.lock().unwrap().iter() {
+        let hex = sha256_hex(b);
+        if !reclaimed.contains(hex.as_str()) {
+            torn += 1;
+            eprintln!("gc did not reclaim acknowledged attachment {hex}: no intent");
+        }
+    }
+    assert!(st.path().join("attachments/sha256/b1").join(PIXEL).exists());
+    let o = Command::new(BIN)
+        .args(["fsck", "--store"])
         .arg(st.path())
         .output()
         .unwrap();

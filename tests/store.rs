@@ -446,7 +446,17 @@ fn attachments_ingest_dedupes_and_labels_come_from_sidecars() {
     assert_eq!(label(&l, "hello.txt"), Some(hex2.clone()));
     assert_eq!(label(&l, "again.png").as_deref(), Some(PIXEL));
     assert_eq!(label(&l, "notes.txt").as_deref(), Some(NOTES));
-    // Intents are written ahead and uncommitted until a record references them.
+    // Intents are written ahead and uncommitted until a record references them. They are
+    // journaled beside the manifest and folded into it (idle, at gc, at close, or here).
+    assert!(
+        !s2.manifest
+            .current()
+            .unwrap()
+            .find(&hex2)
+            .unwrap()
+            .committed()
+    );
+    s2.manifest.fold().unwrap();
     let m = json(&d.path().join("attachments/manifest.json"));
     let row = m["intents"]
         .as_array()
@@ -462,6 +472,15 @@ fn attachments_ingest_dedupes_and_labels_come_from_sidecars() {
         format!(r#"{{"compressed_context": "see sha256:{hex2}"}}"#).as_bytes(),
     )
     .unwrap();
+    assert!(
+        s2.manifest
+            .current()
+            .unwrap()
+            .find(&hex2)
+            .unwrap()
+            .committed()
+    );
+    s2.manifest.fold().unwrap();
     let m = json(&d.path().join("attachments/manifest.json"));
     let row = m["intents"]
         .as_array()
@@ -768,6 +787,26 @@ fn child_role() {
                 i += 1;
             }
         }
+        "ingester" => {
+            // Ingests forever, folding the manifest journal every 16, referencing every
+            // third blob from a conversation; says on stdout which ingests have returned.
+            let mut i = 0u64;
+            loop {
+                let hex = s
+                    .ingest_reader(format!("ingest {me} {i}").as_bytes(), None)
+                    .unwrap();
+                println!("blob {hex}");
+                if i.is_multiple_of(3) {
+                    let body = format!(r#"{{"compressed_context": "see sha256:{hex}"}}"#);
+                    s.upsert(Kind::Conversations, &format!("r{me}-{i}"), body.as_bytes())
+                        .unwrap();
+                }
+                if i % 16 == 15 {
+                    s.manifest.fold().unwrap();
+                }
+                i += 1;
+            }
+        }
         _ => {}
     }
 }
@@ -868,6 +907,153 @@ fn kill_9_at_random_moments_leaves_every_file_old_or_new() {
         acked.get("session").map(Vec::len).unwrap_or(0) > cycles,
         "the children made progress"
     );
+}
+
+/// Ingests append to the manifest's journal; every intent is in the merged view at once,
+/// in another handle's view, and in `manifest.json` once folded (at the threshold, by
+/// `fold`, at close), commits and forgets included.
+#[test]
+fn ingests_are_journaled_and_every_intent_reaches_the_manifest_when_folded() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let n = 2500; // over the 1024 entries at which a writer folds the journal itself
+    let hexes: Vec<String> = (0..n)
+        .map(|i| {
+            s.ingest_reader(format!("attachment {i}").as_bytes(), None)
+                .unwrap()
+        })
+        .collect();
+    let doc = s.manifest.current().unwrap();
+    assert_eq!(doc.rows.len(), n);
+    assert!(
+        hexes
+            .iter()
+            .all(|h| doc.find(h).is_some_and(|r| !r.committed()))
+    );
+    drop(doc);
+    let pending = s.manifest.pending().unwrap();
+    assert!(
+        pending > 0 && pending < 1024,
+        "folded at the threshold: {pending}"
+    );
+    let other = open(d.path());
+    assert_eq!(other.manifest.current().unwrap().rows.len(), n);
+    s.manifest.fold().unwrap();
+    assert_eq!(s.manifest.pending().unwrap(), 0);
+    let journal = d.path().join("attachments/manifest.journal");
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+    let ids = |m: &Value| -> Vec<String> {
+        let mut v: Vec<String> = m["intents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["attachment_id"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut want = hexes.clone();
+    want.sort();
+    let m = json(&d.path().join("attachments/manifest.json"));
+    assert_eq!(ids(&m), want, "every intent, once");
+    // A commit and a forget are journaled (the manifest file is not rewritten) ...
+    let before = std::fs::read(d.path().join("attachments/manifest.json")).unwrap();
+    let body = format!(r#"{{"compressed_context": "see sha256:{}"}}"#, hexes[0]);
+    s.upsert(Kind::Conversations, "c1", body.as_bytes())
+        .unwrap();
+    {
+        let _g = s.lock.acquire().unwrap();
+        s.manifest.forget(&[hexes[1].clone()].into()).unwrap();
+    }
+    assert_eq!(
+        std::fs::read(d.path().join("attachments/manifest.json")).unwrap(),
+        before
+    );
+    assert_eq!(s.manifest.pending().unwrap(), 2);
+    assert!(other.manifest.current().unwrap().find(&hexes[1]).is_none());
+    // ... and folded when the stores close.
+    drop(s);
+    drop(other);
+    let m = json(&d.path().join("attachments/manifest.json"));
+    want.retain(|h| h != &hexes[1]);
+    assert_eq!(ids(&m), want);
+    let row0 = m["intents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["attachment_id"] == hexes[0].as_str())
+        .unwrap();
+    assert!(row0["committed_at_epoch_ms"].is_i64());
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+    let s = open(d.path());
+    assert!(s.fsck().ok());
+}
+
+/// kill -9 of a process that ingests and folds the journal: the intent of every ingest
+/// that returned survives (gc with no grace then reclaims exactly the unreferenced ones,
+/// which it could not without their intents), and fsck is clean.
+#[test]
+fn kill_9_during_ingests_and_folds_keeps_every_acknowledged_intent() {
+    let cycles: usize = std::env::var("AGENTMOUNT_CRASH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let d = tempfile::tempdir().unwrap();
+    let mut total = 0;
+    for cycle in 0..cycles {
+        let mut child = spawn_child("ingester", d.path(), cycle);
+        let out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<String>>()
+        });
+        let ms = 40 + (cycle * 37) % 150;
+        std::thread::sleep(std::time::Duration::from_millis(ms as u64));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let acked: Vec<String> = reader
+            .join()
+            .unwrap()
+            .into_iter()
+            .filter_map(|l| l.strip_prefix("blob ").map(str::to_string))
+            .collect();
+        total += acked.len();
+        let s = open(d.path());
+        let doc = s.manifest.current().unwrap();
+        assert!(s.manifest.error().is_none(), "{:?}", s.manifest.error());
+        for hex in &acked {
+            assert!(
+                doc.find(hex).is_some(),
+                "cycle {cycle}: the intent of acknowledged ingest {hex} is lost"
+            );
+        }
+        drop(doc);
+        let r = s.fsck();
+        assert!(r.ok(), "fsck after crash {cycle}: {:?}", r.problems);
+        let refs = s.referenced_attachments().unwrap();
+        s.gc(&GcOptions {
+            grace_secs: 0,
+            dry_run: false,
+        })
+        .unwrap();
+        let doc = s.manifest.current().unwrap();
+        for hex in &acked {
+            let there = s.attachments.blob_path(hex).exists();
+            if refs.contains(hex) {
+                assert!(there, "referenced {hex} reclaimed");
+                assert!(doc.find(hex).is_some_and(|r| r.committed()));
+            } else {
+                assert!(!there, "{hex} kept: gc found no intent for it");
+                assert!(doc.find(hex).is_none());
+            }
+        }
+        let r = s.fsck();
+        assert!(r.ok(), "fsck after gc {cycle}: {:?}", r.problems);
+    }
+    println!("figures: manifest-crash cycles={cycles} acked-ingests={total} lost-intents=0");
+    assert!(total > cycles, "the children made progress");
 }
 
 // ---- a model check: two handles (two writers) against an in-memory reference ----

@@ -181,7 +181,8 @@ pub struct Store {
     conv_errors: Mutex<HashMap<String, String>>,
     pub manifest: Manifest,
     pub attachments: Attachments,
-    pub lock: WriterLock,
+    /// Shared with the manifest, whose background fold takes it.
+    pub lock: Arc<WriterLock>,
     pub stats: Arc<CacheStats>,
     gc_running: AtomicBool,
     last_gc: Mutex<Option<gc::GcReport>>,
@@ -202,14 +203,20 @@ impl Store {
         // The user's paths, resolved once: everything below them is checked as untrusted.
         let layout = layout.resolved();
         let stats = Arc::new(CacheStats::default());
+        let lock = Arc::new(WriterLock::new(layout.lock.clone(), options.lock_timeout));
         let store = Store {
             sessions: CachedFile::new(layout.sessions.clone(), parse_sessions, stats.clone()),
             goals: CachedFile::new(layout.goals.clone(), parse_goals, stats.clone()),
             conversations: Mutex::new(HashMap::new()),
             conv_errors: Mutex::new(HashMap::new()),
-            manifest: Manifest::new(layout.manifest.clone(), stats.clone()),
+            manifest: Manifest::new(
+                layout.manifest.clone(),
+                stats.clone(),
+                lock.clone(),
+                options.read_only,
+            ),
             attachments: Attachments::new(layout.attachments.clone()),
-            lock: WriterLock::new(layout.lock.clone(), options.lock_timeout),
+            lock,
             stats,
             gc_running: AtomicBool::new(false),
             last_gc: Mutex::new(None),
@@ -223,6 +230,7 @@ impl Store {
             for p in store.remove_stray_temps()? {
                 tracing::info!(path = %p.display(), "removed stray temp file left by a crashed writer");
             }
+            store.manifest.fold_soon();
         }
         Ok(store)
     }
