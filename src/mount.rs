@@ -676,6 +676,9 @@ fn serve(
     {
         tracing::warn!(error = %e, "cannot save record times");
     }
+    if !read_only && let Err(e) = store.shutdown() {
+        tracing::warn!(error = %e, "cannot write out the store's pending state at unmount");
+    }
     tracing::info!("unmounted; exiting");
     Ok(())
 }

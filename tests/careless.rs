@@ -298,3 +298,26 @@ fn unmount_returns_once_the_daemon_is_gone() {
         );
     }
 }
+
+#[test]
+fn an_unmount_writes_the_manifest_journal_out_for_the_platform() {
+    let st = fixture_copy();
+    let m = Mount::new(st.path(), &[]);
+    sh_ok("printf 'fresh bytes' > attachments/fresh.txt", m.path());
+    let hex = sh_ok(
+        "getfattr --only-values -n user.sha256 attachments/fresh.txt",
+        m.path(),
+    );
+    drop(m);
+    let manifest = std::fs::read_to_string(st.path().join("attachments/manifest.json")).unwrap();
+    assert!(
+        manifest.contains(hex.trim()),
+        "lash reads the intent from manifest.json"
+    );
+    let journal = st.path().join("attachments/manifest.journal");
+    assert!(
+        std::fs::read(&journal)
+            .map(|j| j.is_empty())
+            .unwrap_or(true)
+    );
+}

@@ -94,6 +94,10 @@ impl Backend for Store {
         )
     }
 
+    fn shutdown(&self) -> Result<()> {
+        self.manifest.fold()
+    }
+
     fn state_dir(&self) -> PathBuf {
         self.layout.root.join(".agentmount")
     }

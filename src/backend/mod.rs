@@ -159,6 +159,11 @@ pub trait Backend: Send + Sync {
     fn watch(self: Arc<Self>, sink: Arc<dyn ChangeSink>) -> Result<()>;
     /// What `.status` shows of the store: where it is, its caches, its errors.
     fn status(&self) -> serde_json::Value;
+    /// The mount is ending: write out what is kept for later (the manifest journal's
+    /// pending entries, for the platform's readers).
+    fn shutdown(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Content-addressed attachments: immutable bytes named by their SHA-256, a sidecar of
