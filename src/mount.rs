@@ -272,12 +272,7 @@ fn daemon_pids(mountpoint: &Path) -> Vec<u32> {
 
 /// Whether process `pid` is gone (or a zombie: it has exited, its parent not yet told).
 fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-        Err(_) => true,
-    }
+    !crate::store::atomic::pid_alive(pid as i32)
 }
 
 /// How long `unmount` waits for the daemon to exit after the kernel let the mount go.

@@ -53,7 +53,20 @@ pub fn pid_alive(pid: i32) -> bool {
     }
     // SAFETY: kill with signal 0 only checks for existence; it has no side effects.
     let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    // A killed writer nobody has reaped yet (a container whose init does not reap) is a
+    // zombie: it exists, but writes nothing any more.
+    exists && !is_zombie(pid)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')' (comm may contain one).
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .is_some_and(|state| state == "Z" || state == "X")
 }
 
 /// Removes temp files of ours in `dir` whose writing process is gone. Returns what it removed.
