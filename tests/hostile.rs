@@ -517,3 +517,80 @@ fn a_database_row_whose_id_is_a_path_reaches_nothing_outside() {
     drop(m);
     assert!(!escape.exists(), "nothing created outside the store");
 }
+
+#[test]
+fn bytes_planted_under_a_blobs_name_are_replaced_not_kept_by_dedupe() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (d, store, _secret) = setup();
+    let good = b"hello-poc\n";
+    let hex = sha256_hex(good);
+    let shard = store.join("attachments/sha256").join(&hex[..2]);
+    std::fs::create_dir_all(&shard).unwrap();
+    std::fs::write(shard.join(&hex), b"EVIL-BYTES").unwrap();
+    let src = d.path().join("good.txt");
+    std::fs::write(&src, good).unwrap();
+    let m = Mount::new(&store, &[]);
+    assert!(std::fs::read(m.p(&format!("attachments/{hex}"))).is_err());
+    sh_ok(
+        &format!("cp {} attachments/report.txt", src.display()),
+        m.path(),
+    );
+    assert_eq!(std::fs::read(m.p("attachments/report.txt")).unwrap(), good);
+    assert_eq!(
+        std::fs::read(m.p(&format!("attachments/{hex}"))).unwrap(),
+        good
+    );
+    assert_eq!(std::fs::read(shard.join(&hex)).unwrap(), good);
+}
+
+#[test]
+fn a_private_file_in_a_readable_store_stays_private() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    ensure_user();
+    let (_d, store, _secret) = setup();
+    let conv = store.join("sm/conversation-c-secret.json");
+    std::fs::write(&conv, br#"{"compressed_context": "TOP SECRET"}"#).unwrap();
+    std::fs::set_permissions(&conv, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let blob = store.join("attachments/sha256/05").join(NOTES);
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let m = Mount::new(&store, &["--allow-other"]);
+    let rec = m.p("conversations/c-secret.json");
+    assert_eq!(std::fs::metadata(&rec).unwrap().mode() & 0o777, 0o600);
+    let o = as_user(&format!("cat {}", rec.display()));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("TOP SECRET"));
+    let b = m.p(&format!("attachments/{NOTES}"));
+    assert_eq!(std::fs::metadata(&b).unwrap().mode() & 0o777, 0o400);
+    assert!(!as_user(&format!("cat {}", b.display())).status.success());
+    // Other records keep the collection's mode.
+    let other = m.p("conversations/login-flake.json");
+    assert_eq!(std::fs::metadata(&other).unwrap().mode() & 0o777, 0o644);
+}
+
+#[test]
+fn a_sparse_file_planted_as_a_blob_is_refused_without_reading_it() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (_d, store, _secret) = setup();
+    let hex = "ee".repeat(32);
+    let shard = store.join("attachments/sha256/ee");
+    std::fs::create_dir_all(&shard).unwrap();
+    let f = std::fs::File::create(shard.join(&hex)).unwrap();
+    f.set_len(20 << 30).unwrap();
+    let m = Mount::new(&store, &[]);
+    let t0 = Instant::now();
+    let e = std::fs::read(m.p(&format!("attachments/{hex}"))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "refused before it is read"
+    );
+    assert!(errors(&m).contains("is sparse"));
+}

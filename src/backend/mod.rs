@@ -69,6 +69,10 @@ pub struct RecordView {
     pub bytes: Arc<[u8]>,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// The permission bits of the store file the record lives in, when that file is its
+    /// own or its collection's (the mount never shows the record more open); `None` for
+    /// a row of a database.
+    pub mode: Option<u32>,
 }
 
 /// A listing of a collection; `error` is set when the store behind it cannot be read

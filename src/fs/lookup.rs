@@ -249,7 +249,7 @@ impl Core {
                     FileKind::File,
                     b.size,
                     (b.mtime, b.ctime),
-                    0o444,
+                    0o444 & versions::file_mask(b.mode),
                     self.opts.blob_ttl,
                 ))
             }
@@ -264,7 +264,7 @@ impl Core {
                     FileKind::File,
                     sc.size,
                     (sc.mtime, sc.ctime),
-                    0o444,
+                    0o444 & versions::file_mask(sc.mode),
                     ttl,
                 ))
             }

@@ -190,16 +190,17 @@ impl Core {
         let (node, attr) = match (&b.sidecar, sidecar) {
             (Some(sc), true) => (
                 Node::Sidecar(b.id),
-                (sc.size, sc.mtime, sc.ctime, self.opts.ttl),
+                (sc.size, sc.mtime, sc.ctime, self.opts.ttl, sc.mode),
             ),
             _ => (
                 Node::Blob(b.id),
-                (b.size, b.mtime, b.ctime, self.opts.blob_ttl),
+                (b.size, b.mtime, b.ctime, self.opts.blob_ttl, b.mode),
             ),
         };
         let ino = self.inodes.ino(&node);
-        let (size, m, c, ttl) = attr;
-        let mut a = self.attr(ino, FileKind::File, size, (m, c), 0o444, ttl);
+        let (size, m, c, ttl, mode) = attr;
+        let perm = 0o444 & versions::file_mask(mode);
+        let mut a = self.attr(ino, FileKind::File, size, (m, c), perm, ttl);
         if !sidecar {
             a.blksize = ATTACHMENT_BLKSIZE;
         }

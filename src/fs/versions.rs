@@ -34,6 +34,8 @@ pub(super) struct Version {
     pub bytes: Arc<[u8]>,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// The store file's permission bits (see `RecordView::mode`).
+    pub mode: Option<u32>,
 }
 
 /// What the kernel may hold of one record inode.
@@ -146,6 +148,12 @@ pub(super) enum DropAttrs {
 /// The generation of a direct-I/O reader whose snapshot may not be its inode's version.
 pub(super) const FOREIGN: u64 = u64::MAX;
 
+/// The bits a record may show given its store file's mode: read where the file gives
+/// read, write where it gives write, for each of owner, group and others.
+pub(super) fn file_mask(mode: u32) -> u16 {
+    (mode & 0o666) as u16
+}
+
 pub(super) fn same_bytes(a: &Arc<[u8]>, b: &Arc<[u8]>) -> bool {
     Arc::ptr_eq(a, b) || a[..] == b[..]
 }
@@ -179,6 +187,7 @@ impl Core {
             bytes: view.bytes.clone(),
             mtime,
             ctime,
+            mode: view.mode,
         }
     }
 
@@ -281,6 +290,7 @@ impl Core {
                     bytes: now.bytes.clone(),
                     mtime: times.0,
                     ctime: times.1,
+                    mode: now.mode,
                 };
                 self.version_attr(ino, &v, st_ino)
             }
@@ -296,6 +306,8 @@ impl Core {
 
     fn version_attr(&self, ino: u64, v: &Version, st_ino: u64) -> Attr {
         let perm = if self.opts.read_only { 0o444 } else { 0o644 };
+        // Never more open than the record's own store file (a private conversation file).
+        let perm = perm & v.mode.map_or(0o777, file_mask);
         let times = (v.mtime, v.ctime);
         let mut a = self.attr(
             ino,

@@ -201,7 +201,7 @@ fn keep_mode_and_owner(f: &File, old: Fingerprint, path: &Path) {
             tracing::debug!(path = %path.display(), error = %io::Error::last_os_error(), "cannot keep the replaced file's owner");
         }
     }
-    let perm = old.mode & 0o7777;
+    let perm = old.mode & 0o777;
     if now.mode() & 0o7777 != perm {
         // SAFETY: fchmod on a descriptor we own.
         let r = unsafe { libc::fchmod(f.as_raw_fd(), perm) };

@@ -491,6 +491,11 @@ impl Ingest {
         Ok(())
     }
 
+    /// The fingerprint of the temp file's inode, from our descriptor.
+    pub fn fingerprint(&self) -> io::Result<Fingerprint> {
+        self.file.metadata().map(|m| Fingerprint::of(&m))
+    }
+
     /// The phases so far, with the total up to now.
     pub fn finish_phases(&self) -> IngestPhases {
         let mut p = self.phases.clone();

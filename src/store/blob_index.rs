@@ -53,6 +53,8 @@ pub struct SidecarInfo {
     pub size: u64,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// The sidecar file's permission bits (the mount never shows it more open).
+    pub mode: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +63,8 @@ pub struct Blob {
     pub size: u64,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// The blob file's permission bits (the mount never shows it more open).
+    pub mode: u32,
     pub sidecar: Option<SidecarInfo>,
 }
 
@@ -506,7 +510,8 @@ impl BlobIndex {
             (Some(fp), Ok(i)) => {
                 let l = Arc::make_mut(listing);
                 let e = &mut Arc::make_mut(&mut l.shards[b as usize])[i];
-                (e.size, e.mtime, e.ctime) = (fp.size, fp.mtime(), fp.ctime());
+                (e.size, e.mtime, e.ctime, e.mode) =
+                    (fp.size, fp.mtime(), fp.ctime(), fp.mode & 0o777);
                 Ok(false)
             }
             (Some(fp), Err(i)) => {
@@ -519,6 +524,7 @@ impl BlobIndex {
                         size: fp.size,
                         mtime: fp.mtime(),
                         ctime: fp.ctime(),
+                        mode: fp.mode & 0o777,
                         sidecar,
                     },
                 );
@@ -623,6 +629,7 @@ fn scan_shard(dir: &Path, b: u8, media: &mut HashMap<Box<str>, Arc<str>>) -> Res
             size: fp.size,
             mtime: fp.mtime(),
             ctime: fp.ctime(),
+            mode: fp.mode & 0o777,
             sidecar,
         });
     }
@@ -680,6 +687,7 @@ fn read_sidecar(path: &Path, media: &mut HashMap<Box<str>, Arc<str>>) -> Option<
         size: fp.size,
         mtime: fp.mtime(),
         ctime: fp.ctime(),
+        mode: fp.mode & 0o777,
     })
 }
 

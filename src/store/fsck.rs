@@ -270,7 +270,12 @@ impl Store {
                     .push("manifest: a row without attachment_id".into());
                 continue;
             };
-            if !is_hex64(id) || self.attachments.blob_path(id).exists() {
+            if !is_hex64(id)
+                || super::fingerprint::stat(&self.attachments.blob_path(id))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|f| f.is_regular())
+            {
                 continue;
             }
             if row.committed() {

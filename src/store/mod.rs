@@ -150,6 +150,7 @@ fn view(id: &str, rec: &Record, fp: Option<Fingerprint>) -> RecordView {
         bytes: rec.bytes.clone(),
         mtime,
         ctime,
+        mode: fp.map(|f| f.mode & 0o777),
     }
 }
 
@@ -594,7 +595,9 @@ impl Store {
     /// new bytes are stored like any ingest, without a label; any other bytes: EPERM.
     pub fn finish_put(&self, mut ingest: Ingest, expect: &str) -> Result<()> {
         self.writable()?;
-        if fingerprint::stat(&self.attachments.blob_path(expect))?.is_some_and(|f| f.is_regular()) {
+        // Only bytes checked against their name count as "already there": a file planted
+        // under the name is replaced by the right bytes.
+        if self.check_blob(expect).is_ok() {
             let hex = ingest.digest()?;
             if hex != expect {
                 return Err(wrong_address(expect, &hex));
@@ -677,9 +680,10 @@ impl Store {
             .unwrap_or(&self.layout.attachments)
             .to_path_buf();
         atomic::ensure_dir(&shard)?;
-        // Identical bytes already there are kept (dedupe); anything else at that name (a
-        // symlink or special file planted in the store) is replaced by the real bytes.
-        if !fingerprint::stat(&dest)?.is_some_and(|f| f.is_regular()) {
+        // Identical bytes already there (checked against their name) are kept: dedupe.
+        // Anything else at that name (a symlink, a special file, other bytes planted in the
+        // store) is replaced by ours.
+        if self.check_blob(&hex).is_err() {
             // Into the shard's descriptor, opened with no symlink on its path: a shard
             // swapped for a symlink meanwhile cannot receive our bytes elsewhere.
             let dir = untrusted::open_dir(&shard)
@@ -689,9 +693,11 @@ impl Store {
             })?;
             dir.sync_all()
                 .map_err(|e| StoreError::io(format!("fsync {}", shard.display()), e))?;
-        }
-        if let Some(fp) = fingerprint::stat(&dest)? {
-            self.verified.lock().insert(hex.clone(), fp);
+            // What we hashed is the inode our descriptor holds: only that counts as
+            // checked (if another file took the temp name before the rename, it is not).
+            if let Ok(fp) = ingest.fingerprint() {
+                self.verified.lock().insert(hex.clone(), fp);
+            }
         }
         ingest.phases.rename_ms = ms(t);
         let t = std::time::Instant::now();
@@ -770,9 +776,7 @@ impl Store {
                     Some((old, mtime)) if old == bytes => {
                         // The label came back: the sidecar is the one it was, time included.
                         let t = std::fs::FileTimes::new().set_modified(mtime);
-                        if let Err(e) =
-                            untrusted::open_write(&path, false, 0o644).and_then(|f| f.set_times(t))
-                        {
+                        if let Err(e) = untrusted::open_read(&path).and_then(|f| f.set_times(t)) {
                             tracing::warn!(path = %path.display(), error = %e, "cannot restore the sidecar's mtime");
                         }
                     }
@@ -871,6 +875,20 @@ impl Store {
     /// file), whose bytes hash to its name the first time they are served (and again
     /// whenever its file changes).
     pub fn open_blob(&self, hex: &str) -> Result<fs::File> {
+        self.verify_blob(hex, true)
+    }
+
+    /// Whether blob `hex`'s file holds exactly the bytes its name says (hashing it unless
+    /// it was checked before and has not changed since).
+    fn check_blob(&self, hex: &str) -> Result<fs::File> {
+        self.verify_blob(hex, false)
+    }
+
+    /// `open_blob`; `capped`: a first hash waits for no other (a FUSE request must not
+    /// queue behind a huge blob): EAGAIN while two others are being checked.
+    fn verify_blob(&self, hex: &str, capped: bool) -> Result<fs::File> {
+        use std::os::unix::fs::MetadataExt;
+        static CHECKING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = self.attachments.blob_path(hex);
         let f =
             untrusted::open_read(&path).map_err(|e| untrusted::store_error(&path, "open", e))?;
@@ -880,6 +898,35 @@ impl Store {
         );
         if self.verified.lock().get(hex) == Some(&fp) {
             return Ok(f);
+        }
+        // A sparse file (holes: no bytes we ever wrote look like that) is refused before it
+        // is read: `truncate -s 1T` would otherwise cost a FUSE worker hours.
+        let m = f
+            .metadata()
+            .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?;
+        if m.len() > 1 << 20 && m.blocks() * 512 + (1 << 20) < m.len() {
+            let why = format!(
+                "{} is sparse ({} bytes, {} allocated): not attachment bytes, not served",
+                path.display(),
+                m.len(),
+                m.blocks() * 512
+            );
+            untrusted::skipped(&path, &why);
+            return Err(StoreError::Untrusted(why));
+        }
+        struct Slot;
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                CHECKING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+        let n = CHECKING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _slot = Slot;
+        if capped && n >= 2 {
+            return Err(StoreError::Again(format!(
+                "{} is checked against its name before it is first served, and two other attachments are being checked now: try again",
+                path.display()
+            )));
         }
         let (got, _) = hash::hash_reader(&f)
             .and_then(|h| io::Seek::seek(&mut &f, io::SeekFrom::Start(0)).map(|_| h))

@@ -657,6 +657,53 @@ pub fn trusted_path(path: &Path) -> PathBuf {
     }
 }
 
+/// Checks that `dir` is ours alone, and so is the way to it: `dir` owned by us and
+/// writable by no one else; every directory above it owned by us or root, and, where others
+/// may write it, sticky (so they cannot rename our entries away). A directory others could
+/// swap is never used to keep state a root daemon writes.
+pub fn check_private_path(dir: &Path) -> io::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let deny = |p: &Path, why: String| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            Untrusted(format!(
+                "{} {why}: agentmount keeps its state only where no other user can change it",
+                p.display()
+            )),
+        )
+    };
+    let m = fs::symlink_metadata(dir)?;
+    if !m.is_dir() {
+        return Err(wrong_type(dir, &m.file_type(), "a directory"));
+    }
+    if m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(deny(
+            dir,
+            format!(
+                "is owned by uid {} with mode {:o}",
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+        ));
+    }
+    let mut cur = dir.parent();
+    while let Some(p) = cur.filter(|p| !p.as_os_str().is_empty()) {
+        let m = fs::symlink_metadata(p)?;
+        if m.uid() != me && m.uid() != 0 {
+            return Err(deny(p, format!("is owned by uid {}", m.uid())));
+        }
+        if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+            return Err(deny(
+                p,
+                format!("is writable by others (mode {:o})", m.mode() & 0o7777),
+            ));
+        }
+        cur = p.parent();
+    }
+    Ok(())
+}
+
 /// Whether `m` is a file or directory owned by someone other than us and root (for
 /// messages: who could have planted it).
 pub fn owner_note(m: &Metadata) -> String {
@@ -806,5 +853,29 @@ mod beneath_tests {
         assert!(b.open_read(Path::new("link")).is_err());
         b.unlink(Path::new("history/goals/g-1/v")).unwrap();
         b.rmdir(Path::new("history/goals/g-1")).unwrap();
+    }
+
+    #[test]
+    fn state_is_kept_only_where_no_one_else_can_change_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let root = trusted_path(d.path());
+        let mine = root.join("mine");
+        create_dir_all_mode(&mine, 0o700).unwrap();
+        check_private_path(&mine).unwrap();
+        // A parent others may write, not sticky: they could rename ours away.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(check_private_path(&mine).is_err());
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o1777)).unwrap();
+        check_private_path(&mine).unwrap();
+        fs::set_permissions(&mine, fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(check_private_path(&mine).is_err());
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            fs::set_permissions(&mine, fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(&mine, Some(65534), None).unwrap();
+            assert!(check_private_path(&mine).is_err());
+        }
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
     }
 }

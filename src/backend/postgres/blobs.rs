@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -69,9 +69,9 @@ impl Blobs {
         // mount sharing this cache directory).
         if let Ok(rd) = fs::read_dir(dir.join("tmp")) {
             for e in rd.flatten() {
+                // Only our own temp names, of a writer that is gone.
                 let owner = crate::store::atomic::temp_owner_pid(&e.file_name().to_string_lossy());
-                let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                if !alive {
+                if owner.is_some_and(|pid| !crate::store::atomic::pid_alive(pid)) {
                     let _ = fs::remove_file(e.path());
                 }
             }
@@ -531,6 +531,7 @@ impl Postgres {
                     size: b.len() as u64,
                     mtime: changed,
                     ctime: changed,
+                    mode: 0o644,
                 }
             });
             blobs.push(Blob {
@@ -538,6 +539,7 @@ impl Postgres {
                 size: size.max(0) as u64,
                 mtime: created,
                 ctime: created,
+                mode: 0o644,
                 sidecar,
             });
         }

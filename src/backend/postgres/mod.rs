@@ -546,6 +546,7 @@ impl Postgres {
             bytes: body.into_bytes().into(),
             mtime: changed,
             ctime: changed,
+            mode: None,
         }
     }
 
@@ -769,19 +770,17 @@ pub(crate) fn prepared(tx: &mut Tx<'_>, stmts: &mut Stmts, sql: &'static str) ->
 
 /// Creates `dir` (and parents) for the mounting user alone (0700): it holds the journal,
 /// the log and the attachment cache of a store others may not be allowed to read.
+///
+/// It must be ours alone, and so must the way to it (`untrusted::check_private_path`): the
+/// cache is written, renamed and cleaned by path, so a directory another user could swap
+/// would let them steer a root daemon's writes and removals.
 pub(crate) fn private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if dir.is_dir() {
-        // One the user gave and made: its mode is theirs.
-        return Ok(());
+    use crate::store::untrusted;
+    if !dir.is_dir() {
+        untrusted::create_dir_all_mode(dir, 0o700)
+            .map_err(|e| untrusted::store_error(dir, "create", e))?;
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| StoreError::io(format!("chmod 0700 {}", dir.display()), e))
+    untrusted::check_private_path(dir).map_err(|e| untrusted::store_error(dir, "use", e))
 }
 
 /// The per-host directory agentmount keeps for a Postgres store mounted at `mountpoint`:
@@ -792,7 +791,15 @@ pub fn default_state_dir(url: &str, mountpoint: &Path) -> PathBuf {
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        .unwrap_or_else(|| {
+            // No home (a bare systemd unit): root's state where root keeps state; anyone
+            // else's in a directory of their own (refused if someone else made it first).
+            // SAFETY: geteuid cannot fail.
+            match unsafe { libc::geteuid() } {
+                0 => PathBuf::from("/var/lib"),
+                uid => PathBuf::from(format!("/tmp/agentmount-{uid}")),
+            }
+        });
     let mut h = crate::store::hash::Sha256::new();
     h.update(redact(url).as_bytes());
     h.update(b"\0");

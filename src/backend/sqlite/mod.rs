@@ -427,6 +427,7 @@ impl Sqlite {
                             bytes: bytes.into(),
                             mtime: now,
                             ctime: now,
+                            mode: None,
                         },
                         raw: raw.into(),
                         bad,
@@ -636,6 +637,7 @@ impl Sqlite {
                         bytes: bytes.into(),
                         mtime: now,
                         ctime: now,
+                        mode: None,
                     };
                     Some((
                         Arc::new(Row {
