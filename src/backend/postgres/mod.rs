@@ -13,7 +13,9 @@
 //!   (`.status` says since when and why); nothing is ever half-applied.
 
 mod blobs;
-pub use blobs::fsck;
+mod fsck;
+mod stream;
+pub use fsck::fsck;
 mod listen;
 pub mod schema;
 pub mod tls;
