@@ -148,6 +148,42 @@ impl Listing {
         })
     }
 
+    /// The labels this listing names a blob by that `now` does not name the same blob by
+    /// (gone, or naming another blob), sorted. Costs what changed between the two, not
+    /// the number of labels, when `now` was derived from this listing.
+    pub fn labels_moved(&self, now: &Listing) -> Vec<Arc<str>> {
+        let mut touched: Vec<&Arc<str>> = Vec::new();
+        self.cands.diff(&now.cands, |c| touched.push(&c.label));
+        touched.sort_unstable();
+        touched.dedup();
+        touched
+            .into_iter()
+            .filter(|l| self.label(l).is_some_and(|id| now.label(l) != Some(id)))
+            .cloned()
+            .collect()
+    }
+
+    /// The blobs in this listing that `now` lacks, in id order. Shards the two share are
+    /// skipped without a look at their blobs.
+    pub fn blobs_gone(&self, now: &Listing) -> Vec<BlobId> {
+        let mut out = Vec::new();
+        for (old, new) in self.shards.iter().zip(&now.shards) {
+            if Arc::ptr_eq(old, new) {
+                continue;
+            }
+            let mut j = 0;
+            for b in old.iter() {
+                while j < new.len() && new[j].id < b.id {
+                    j += 1;
+                }
+                if new.get(j).is_none_or(|n| n.id != b.id) {
+                    out.push(b.id);
+                }
+            }
+        }
+        out
+    }
+
     /// Every blob, in id order.
     pub fn blobs(&self) -> impl Iterator<Item = &Blob> {
         self.shards.iter().flat_map(|s| s.iter())
@@ -361,6 +397,45 @@ impl<T: Ord + Clone> Runs<T> {
             // A short run takes in the next one, so runs do not fragment.
             let next = self.runs.remove(k + 1);
             Arc::make_mut(&mut self.runs[k]).extend(next.iter().cloned());
+        }
+    }
+
+    /// Calls `f` with every value in exactly one of `self` and `now`, in order. Runs the
+    /// two share at the same place are skipped without a look at their values.
+    fn diff<'a>(&'a self, now: &'a Self, mut f: impl FnMut(&'a T)) {
+        let (a, b) = (&self.runs, &now.runs);
+        let (mut i, mut ii, mut j, mut jj) = (0, 0, 0, 0);
+        loop {
+            if ii == 0 && jj == 0 && i < a.len() && j < b.len() && Arc::ptr_eq(&a[i], &b[j]) {
+                i += 1;
+                j += 1;
+                continue;
+            }
+            let x = a.get(i).map(|r| &r[ii]);
+            let y = b.get(j).map(|r| &r[jj]);
+            let ord = match (x, y) {
+                (None, None) => break,
+                (Some(x), Some(y)) => x.cmp(y),
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+            };
+            match ord {
+                Ordering::Less => f(&a[i][ii]),
+                Ordering::Greater => f(&b[j][jj]),
+                Ordering::Equal => {}
+            }
+            if ord != Ordering::Greater {
+                ii += 1;
+                if ii == a[i].len() {
+                    (i, ii) = (i + 1, 0);
+                }
+            }
+            if ord != Ordering::Less {
+                jj += 1;
+                if jj == b[j].len() {
+                    (j, jj) = (j + 1, 0);
+                }
+            }
         }
     }
 }
@@ -978,6 +1053,15 @@ mod tests {
         }
     }
 
+    /// What `labels_moved` must say, the way the watcher used to work it out.
+    fn moved_naive(old: &Listing, now: &Listing) -> Vec<Arc<str>> {
+        old.labels()
+            .iter()
+            .filter(|(l, id)| now.label(l) != Some(id))
+            .map(|(l, _)| l.clone())
+            .collect()
+    }
+
     fn same_labels(l: &Listing, full: &Listing) {
         assert_eq!(l.labels(), full.labels());
         for k in 0..7 {
@@ -1002,7 +1086,8 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(300))]
 
         /// Labels kept blob by blob are exactly the labels a full rebuild gives, after
-        /// every change; and earlier snapshots are left as they were.
+        /// every change; earlier snapshots are left as they were; and the watcher's
+        /// differences (labels moved, blobs gone) are what comparing every entry gives.
         #[test]
         fn incremental_labels_match_a_full_rebuild(
             start in proptest::collection::vec((id(), sc()), 0..40),
@@ -1022,6 +1107,15 @@ mod tests {
                 same_labels(&l, &full);
                 prop_assert_eq!(l.len(), full.len());
                 prop_assert_eq!(before.labels(), &before_labels);
+                let mut diff = Vec::new();
+                before.cands.diff(&l.cands, |c| diff.push(c.clone()));
+                let (a, b): (BTreeSet<Cand>, BTreeSet<Cand>) =
+                    (before.cands.iter().cloned().collect(), l.cands.iter().cloned().collect());
+                prop_assert_eq!(diff, a.symmetric_difference(&b).cloned().collect::<Vec<_>>());
+                prop_assert_eq!(before.labels_moved(&l), moved_naive(&before, &l));
+                let gone: Vec<BlobId> =
+                    before.blobs().filter(|b| l.get(&b.id).is_none()).map(|b| b.id).collect();
+                prop_assert_eq!(before.blobs_gone(&l), gone);
             }
         }
     }
