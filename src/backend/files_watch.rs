@@ -286,21 +286,16 @@ impl Watcher {
                 let old = std::mem::replace(&mut self.attachments, l.clone());
                 match t {
                     Target::Blob(id) => self.blob_changed(&l, id, out),
+                    // The blobs that went: only the shards that changed are compared.
                     _ => {
-                        for b in old.blobs() {
-                            if l.get(&b.id).is_none() {
-                                self.blob_changed(&l, b.id, out);
-                            }
+                        for id in old.blobs_gone(&l) {
+                            self.blob_changed(&l, id, out);
                         }
                     }
                 }
-                // Labels move only when a sidecar changes: compare them only then.
-                if !Arc::ptr_eq(old.labels(), l.labels()) {
-                    for (label, id) in old.labels().iter() {
-                        if l.label(label) != Some(id) {
-                            out.push(StoreEvent::LabelGone(label.to_string()));
-                        }
-                    }
+                // Only the labels of candidates that changed are compared.
+                for label in old.labels_moved(&l) {
+                    out.push(StoreEvent::LabelGone(label.to_string()));
                 }
             }
             Target::Dirs => {}
