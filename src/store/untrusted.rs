@@ -115,7 +115,17 @@ fn cstr(path: &Path) -> io::Result<CString> {
 
 /// `openat2(AT_FDCWD, path, flags, RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS)`.
 fn openat2(path: &Path, flags: i32, mode: u32) -> io::Result<File> {
-    let c = cstr(path)?;
+    let resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    match openat2_raw(libc::AT_FDCWD, path, flags, mode, resolve) {
+        // Kernels before 5.6: the last component is still O_NOFOLLOW.
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => legacy_open(&cstr(path)?, flags, mode),
+        r => r,
+    }
+}
+
+/// The openat2(2) call itself: `flags` with O_CLOEXEC|O_NOFOLLOW (and O_NOCTTY, which
+/// O_PATH does not take), retried on EINTR and EAGAIN (a rename raced the walk).
+fn openat2_raw(dirfd: i32, path: &Path, flags: i32, mode: u32, resolve: u64) -> io::Result<File> {
     // struct open_how of <linux/openat2.h> (libc's is non-exhaustive).
     #[repr(C)]
     struct OpenHow {
@@ -123,18 +133,25 @@ fn openat2(path: &Path, flags: i32, mode: u32) -> io::Result<File> {
         mode: u64,
         resolve: u64,
     }
+    let c = cstr(path)?;
+    let extra = if flags & libc::O_PATH != 0 {
+        libc::O_CLOEXEC | libc::O_NOFOLLOW
+    } else {
+        libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY
+    };
     let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY) as u64,
+        flags: (flags | extra) as u64,
         mode: mode as u64,
-        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+        resolve,
     };
     loop {
-        // SAFETY: `c` is a NUL-terminated path and `how` a properly sized open_how that
-        // outlive the call; the returned descriptor is owned by the File below.
+        // SAFETY: `c` is a NUL-terminated path (relative to `dirfd`, a descriptor the
+        // caller holds, or AT_FDCWD) and `how` a properly sized open_how; both outlive
+        // the call, and the descriptor returned is owned by the File below.
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_openat2,
-                libc::AT_FDCWD,
+                dirfd,
                 c.as_ptr(),
                 &how as *const OpenHow,
                 std::mem::size_of::<OpenHow>(),
@@ -146,11 +163,7 @@ fn openat2(path: &Path, flags: i32, mode: u32) -> io::Result<File> {
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            // openat2 retries itself when a rename races the walk; say so plainly.
-            Some(libc::EAGAIN) => continue,
-            // Kernels before 5.6: the last component is still O_NOFOLLOW.
-            Some(libc::ENOSYS) => return legacy_open(&c, flags, mode),
+            Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
             _ => return Err(e),
         }
     }
@@ -175,47 +188,9 @@ fn legacy_open(c: &CString, flags: i32, mode: u32) -> io::Result<File> {
 /// `openat2(dir, rel, flags, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS)`:
 /// `rel` may not leave `dir` (no `..` above it, no absolute path, no symlink anywhere).
 fn openat2_beneath(dir: &File, rel: &Path, flags: i32, mode: u32) -> io::Result<File> {
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
     const RESOLVE_BENEATH: u64 = 0x08;
-    let c = cstr(rel)?;
-    // openat2 refuses any flag O_PATH does not take (O_NOCTTY among them).
-    let extra = if flags & libc::O_PATH != 0 {
-        libc::O_CLOEXEC | libc::O_NOFOLLOW
-    } else {
-        libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY
-    };
-    let how = OpenHow {
-        flags: (flags | extra) as u64,
-        mode: mode as u64,
-        resolve: RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
-    };
-    loop {
-        // SAFETY: a NUL-terminated path relative to a directory descriptor we hold, and a
-        // properly sized open_how; the descriptor returned is owned by the File below.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                c.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: a fresh descriptor nobody else owns.
-            return Ok(unsafe { File::from_raw_fd(fd as i32) });
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
-            _ => return Err(e),
-        }
-    }
+    let resolve = RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    openat2_raw(dir.as_raw_fd(), rel, flags, mode, resolve)
 }
 
 /// A directory of ours inside the store (agentmount's state: the journal), held open.
