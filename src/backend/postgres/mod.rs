@@ -14,7 +14,6 @@
 
 mod blobs;
 mod fsck;
-mod stream;
 pub use fsck::fsck;
 mod listen;
 pub mod schema;
