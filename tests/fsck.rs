@@ -298,15 +298,7 @@ fn stray_temps_in_every_directory_are_problems_until_repaired() {
 fn fsck_of_an_arbiter_database_names_hidden_rows_and_ids_above_2_53() {
     let d = tempfile::tempdir().unwrap();
     let db = d.path().join("arbiter.db");
-    let o = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/arbiter/make_db.py"
-        ))
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    make_arbiter_db(&db);
     let (code, out) = fsck(&db, false);
     assert_eq!(code, 0, "{out}");
     let sql = |q: &str| {

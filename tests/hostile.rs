@@ -479,15 +479,7 @@ fn a_database_row_whose_id_is_a_path_reaches_nothing_outside() {
     }
     let d = tempfile::tempdir().unwrap();
     let db = d.path().join("arbiter.db");
-    let o = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/arbiter/make_db.py"
-        ))
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    make_arbiter_db(&db);
     let escape = d.path().join("ESCAPE");
     let evil = format!("../../../../../../../..{}", escape.display());
     let insert = format!(

@@ -284,15 +284,7 @@ fn times_feed_and_history_survive_a_remount_and_rsync_sends_only_what_changed() 
 fn the_journal_works_the_same_on_arbiters_database() {
     let tmp = tempfile::tempdir().unwrap();
     let db = tmp.path().join("a.db");
-    let o = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/arbiter/make_db.py"
-        ))
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    make_arbiter_db(&db);
     let m = Mount::new(&db, &[]);
     let id = "5e000000-0000-4000-8000-000000000001";
     let t0 = mtime(&m.p(&format!("sessions/{id}.json")));

@@ -178,23 +178,10 @@ impl ScratchDir {
         let state = unsafe { OwnedFd::from_raw_fd(fd) };
         // Only a state directory of our own user that no one else can write (as the
         // journal's): in one another user made, they could swap what we create in it.
-        {
-            use std::os::unix::fs::MetadataExt;
-            let m = std::fs::File::from(state.try_clone()?).metadata()?;
-            // SAFETY: geteuid cannot fail.
-            let me = unsafe { libc::geteuid() };
-            if m.uid() != me || m.mode() & 0o022 != 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "{} is owned by uid {} with mode {:o}, not a directory of our own ({me})",
-                        state_dir.display(),
-                        m.uid(),
-                        m.mode() & 0o7777
-                    ),
-                ));
-            }
-        }
+        crate::store::untrusted::ours_alone(
+            state_dir,
+            &std::fs::File::from(state.try_clone()?).metadata()?,
+        )?;
         let create = !self.read_only;
         let root = open_dir_at(state.as_raw_fd(), "scratch", create)?;
         for k in kinds {

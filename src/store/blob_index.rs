@@ -776,7 +776,7 @@ impl BlobIndex {
             Some(fp) if !fp.is_regular() => {
                 let p = dir.join(hex);
                 if let Ok(m) = fs::symlink_metadata(&p) {
-                    untrusted::skipped(&p, &not_here(&p, &m.file_type()));
+                    untrusted::skip_entry(&p, &m.file_type());
                 }
                 None
             }
@@ -837,7 +837,7 @@ fn shard_names(cas: &Path) -> Result<BTreeSet<u8>> {
                 match e.file_type() {
                     Ok(t) if t.is_dir() => {}
                     Ok(t) => {
-                        untrusted::skipped(&cas.join(&n), &not_here(&cas.join(&n), &t));
+                        untrusted::skip_entry(&cas.join(&n), &t);
                         continue;
                     }
                     Err(_) => continue,
@@ -861,14 +861,6 @@ fn shard_names(cas: &Path) -> Result<BTreeSet<u8>> {
     }
 }
 
-fn not_here(path: &Path, t: &fs::FileType) -> String {
-    format!(
-        "{} is {}: skipped, never followed or opened (the store is untrusted input)",
-        path.display(),
-        untrusted::describe(t)
-    )
-}
-
 /// Every blob in one shard directory (names whose first byte is not the shard's are not
 /// reachable by the layout and are left out), sorted by id.
 fn scan_shard(dir: &Path, b: u8, media: &mut HashMap<Box<str>, Arc<str>>) -> Result<Vec<Blob>> {
@@ -885,10 +877,7 @@ fn scan_shard(dir: &Path, b: u8, media: &mut HashMap<Box<str>, Arc<str>>) -> Res
         };
         let Ok(meta) = e.metadata() else { continue };
         if !meta.is_file() {
-            untrusted::skipped(
-                &dir.join(&name),
-                &not_here(&dir.join(&name), &meta.file_type()),
-            );
+            untrusted::skip_entry(&dir.join(&name), &meta.file_type());
             continue;
         }
         let fp = Fingerprint::of(&meta);

@@ -358,14 +358,9 @@ impl Store {
                         // (and reported), never opened.
                         match e.file_type() {
                             Ok(t) if t.is_file() => ids.push(id.to_string()),
-                            Ok(t) => untrusted::skipped(
-                                &dir.join(&name),
-                                &format!(
-                                    "{} is {}, not a regular file: not followed or opened (the store is untrusted input)",
-                                    dir.join(&name).display(),
-                                    untrusted::describe(&t)
-                                ),
-                            ),
+                            Ok(t) => {
+                                untrusted::skip_entry(&dir.join(&name), &t);
+                            }
                             Err(_) => {}
                         }
                     }
@@ -892,18 +887,15 @@ impl Store {
         let path = self.attachments.blob_path(hex);
         let f =
             untrusted::open_read(&path).map_err(|e| untrusted::store_error(&path, "open", e))?;
-        let fp = Fingerprint::of(
-            &f.metadata()
-                .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?,
-        );
+        let m = f
+            .metadata()
+            .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?;
+        let fp = Fingerprint::of(&m);
         if self.verified.lock().get(hex) == Some(&fp) {
             return Ok(f);
         }
         // A sparse file (holes: no bytes we ever wrote look like that) is refused before it
         // is read: `truncate -s 1T` would otherwise cost a FUSE worker hours.
-        let m = f
-            .metadata()
-            .map_err(|e| StoreError::io(format!("fstat {}", path.display()), e))?;
         if m.len() > 1 << 20 && m.blocks() * 512 + (1 << 20) < m.len() {
             let why = format!(
                 "{} is sparse ({} bytes, {} allocated): not attachment bytes, not served",

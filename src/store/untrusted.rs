@@ -69,6 +69,37 @@ fn wrong_type(path: &Path, ft: &fs::FileType, wanted: &str) -> io::Error {
     )
 }
 
+/// Refuses a directory that is not ours alone: owned by another user, or writable by
+/// group or others (they could swap what we create in it).
+pub fn ours_alone(path: &Path, m: &Metadata) -> io::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() == me && m.mode() & 0o022 == 0 {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        Untrusted(format!(
+            "{} is owned by uid {} with mode {:o}: agentmount keeps its state only where no other user ({me} is ours) can change it",
+            path.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )),
+    ))
+}
+
+/// Records that a store entry of type `ft` was skipped (never followed or opened) and
+/// returns the reason.
+pub fn skip_entry(path: &Path, ft: &fs::FileType) -> String {
+    let why = format!(
+        "{} is {}, not a regular file: skipped, never followed or opened (the store is untrusted input)",
+        path.display(),
+        describe(ft)
+    );
+    skipped(path, &why);
+    why
+}
+
 /// The reason an untrusted-entry refusal carries (its Display is the whole message).
 #[derive(Debug)]
 pub struct Untrusted(pub String);
@@ -209,20 +240,7 @@ impl Beneath {
     pub fn open_private(path: &Path) -> io::Result<Beneath> {
         create_dir_all_mode(path, 0o700)?;
         let fd = open_dir(path)?;
-        let m = fd.metadata()?;
-        // SAFETY: geteuid cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if m.uid() != me || m.mode() & 0o022 != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                Untrusted(format!(
-                    "{} is owned by uid {} with mode {:o}: agentmount keeps its state only in a directory of its own user ({me}) that no one else can write",
-                    path.display(),
-                    m.uid(),
-                    m.mode() & 0o7777
-                )),
-            ));
-        }
+        ours_alone(path, &fd.metadata()?)?;
         Ok(Beneath {
             fd,
             path: path.to_path_buf(),
@@ -241,16 +259,7 @@ impl Beneath {
     /// Opens a regular file below it for reading (never a FIFO or device).
     pub fn open_read(&self, rel: &Path) -> io::Result<File> {
         let f = self.at(rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
-        let m = f.metadata()?;
-        if !m.is_file() {
-            return Err(wrong_type(
-                &self.path.join(rel),
-                &m.file_type(),
-                "a regular file",
-            ));
-        }
-        clear_nonblock(&f);
-        Ok(f)
+        regular(f, &self.path.join(rel), false)
     }
 
     /// A whole file below it, at most `max` bytes; `None` when it does not exist.
@@ -272,16 +281,7 @@ impl Beneath {
             libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_NONBLOCK,
             mode,
         )?;
-        let m = f.metadata()?;
-        if !m.is_file() || m.nlink() != 1 {
-            return Err(wrong_type(
-                &self.path.join(rel),
-                &m.file_type(),
-                "a regular file with one link",
-            ));
-        }
-        clear_nonblock(&f);
-        Ok(f)
+        regular(f, &self.path.join(rel), true)
     }
 
     /// Creates a new file below it (it must not exist).
@@ -400,12 +400,7 @@ pub fn open_read(path: &Path) -> io::Result<File> {
         return Err(wrong_type(path, &m.file_type(), "a regular file"));
     }
     let f = openat2(path, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
-    let m = f.metadata()?;
-    if !m.file_type().is_file() {
-        return Err(wrong_type(path, &m.file_type(), "a regular file"));
-    }
-    clear_nonblock(&f);
-    Ok(f)
+    regular(f, path, false)
 }
 
 /// Opens (creating, mode `mode`, if absent) a regular file of ours for appending or
@@ -422,17 +417,8 @@ pub fn open_write(path: &Path, append: bool, mode: u32) -> io::Result<File> {
         libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLOCK | extra,
         mode,
     )?;
-    let m = f.metadata()?;
     // One link: a hard link planted in the store to a file elsewhere is not written.
-    if !m.file_type().is_file() || m.nlink() != 1 {
-        return Err(wrong_type(
-            path,
-            &m.file_type(),
-            "a regular file with one link",
-        ));
-    }
-    clear_nonblock(&f);
-    Ok(f)
+    regular(f, path, true)
 }
 
 /// Creates a new file (it must not exist): `O_CREAT|O_EXCL`, no symlink on the path.
@@ -592,6 +578,22 @@ fn too_big(path: &Path, size: u64, max: u64) -> io::Error {
     )
 }
 
+/// After an `O_NONBLOCK` open: the file must be a regular file (with one link, when we
+/// write to it), then it is made blocking again.
+fn regular(f: File, path: &Path, one_link: bool) -> io::Result<File> {
+    let m = f.metadata()?;
+    if !m.is_file() || (one_link && m.nlink() != 1) {
+        let wanted = if one_link {
+            "a regular file with one link"
+        } else {
+            "a regular file"
+        };
+        return Err(wrong_type(path, &m.file_type(), wanted));
+    }
+    clear_nonblock(&f);
+    Ok(f)
+}
+
 fn clear_nonblock(f: &File) {
     // SAFETY: fcntl on a descriptor we own; only the status flags change.
     unsafe {
@@ -652,16 +654,7 @@ pub fn check_private_path(dir: &Path) -> io::Result<()> {
     if !m.is_dir() {
         return Err(wrong_type(dir, &m.file_type(), "a directory"));
     }
-    if m.uid() != me || m.mode() & 0o022 != 0 {
-        return Err(deny(
-            dir,
-            format!(
-                "is owned by uid {} with mode {:o}",
-                m.uid(),
-                m.mode() & 0o7777
-            ),
-        ));
-    }
+    ours_alone(dir, &m)?;
     let mut cur = dir.parent();
     while let Some(p) = cur.filter(|p| !p.as_os_str().is_empty()) {
         let m = fs::symlink_metadata(p)?;

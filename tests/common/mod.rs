@@ -147,6 +147,19 @@ impl Drop for Mount {
     }
 }
 
+/// An arbiter database made as arbiter-storage makes one (examples/arbiter/make_db.py).
+pub fn make_arbiter_db(db: &Path) {
+    let o = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/arbiter/make_db.py"
+        ))
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 pub fn sh(script: &str, cwd: &Path) -> std::process::Output {
     Command::new("bash")
         .arg("-c")
